@@ -1,0 +1,644 @@
+"""The vector index: build, tune, save, load and search a FAISS index of unit vectors by inner product.
+
+    index, params = build_index(vectors, ids, IndexConfig())           # (n, d) float32 unit rows, (n,) int64 ids
+    scores, found = search(index, params, queries, k=10, vectors_for_ids=store.vectors_for_ids)
+
+Index types (`IndexType`; `choose_index_type` resolves `auto`):
+    flat    exact search (IndexFlatIP)
+    hnsw    graph search (IndexHNSWFlat, M links per node); CPU only
+    ivf     inverted lists holding the full vectors (IndexIVFFlat)
+    ivfpq   inverted lists holding product-quantised codes (IndexIVFPQ): d*4 bytes -> pq_m bytes per vector
+Every index is an IndexIDMap2 around its base index, filled with add_with_ids: ids are the caller's and
+reconstruct(id) works (ENVIRONMENT.md, pitfalls).
+
+The contract of `search` and `exact_search` (what "exact" means here):
+    score   the inner product computed in float64 from the float32 vectors, rounded to float32
+    order   descending score; equal float32 scores (ties, e.g. duplicate images) by ascending id
+    k > n   columns beyond n hold id -1 and score -inf
+So flat search equals numpy brute force, `(q64 @ x64.T).astype(float32)` ranked by (-score, id), exactly.
+Approximate types fetch k * rerank_factor candidates and re-rank them exactly (the modality gap makes
+compressed scores unreliable for text queries, clip-retrieval#76): their scores are exact, their ids may
+miss true neighbours; `build_index` tunes nprobe / efSearch until recall@10 >= recall_target.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from indexes.atomic import write_atomic
+
+logger = logging.getLogger(__name__)
+
+GPU_MAX_K = 2048            # faiss GPU kernels select at most 2048 results per query and probe at most 2048 lists
+NORM_TOLERANCE = 1e-3       # allowed | ||x|| - 1 |: catches unnormalised input, accepts fp16-rounded unit vectors
+TUNE_K = 10                 # tuning measures recall@10
+TUNE_NOISE = 0.5            # norm of the gaussian perturbation of tuning queries: cosine to their source ~0.9
+FLAT_MARGIN = 16            # flat search fetches k + margin candidates before its exact re-rank
+MIN_POINTS_PER_CENTROID = 39  # faiss k-means wants >= 39 training points per centroid (it warns below)
+_ALL_IDS_VALID = np.iinfo(np.int64).max  # sort key of padding: after every real id
+
+VectorLookup = Callable[[np.ndarray], np.ndarray]  # ids (m,) int64 -> their vectors (m, d) float32
+
+
+class IndexType(str, enum.Enum):
+    AUTO = "auto"
+    FLAT = "flat"
+    HNSW = "hnsw"
+    IVF = "ivf"
+    IVFPQ = "ivfpq"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    index_type: IndexType = IndexType.AUTO  # auto: choose_index_type(n, d, config)
+    recall_target: float = 0.95             # recall@10 vs exact search that tuning must reach (with re-ranking)
+    # auto: exact search up to this many vectors. Measured on 2 CPU cores at d=768 (IndexFlatIP): one query
+    # takes 15 ms at 100k, 28 ms at 200k, 78 ms at 500k; batches run ~750 queries/s at 200k. Below 200k exact
+    # search stays interactive on a laptop CPU (and is ~1 ms on a GPU), while IVF would add k-means training
+    # and a recall loss for little gain.
+    flat_max_vectors: int = 200_000
+    memory_budget_bytes: int = 8 << 30      # auto: if full float32 vectors (n*d*4 bytes) exceed this, use IVF-PQ
+    hnsw_m: int = 32                        # HNSW links per node (Malkov & Yashunin 2018; 32 suits d >= 256)
+    hnsw_ef_construction: int = 200         # HNSW candidate list while building (the paper's 100..400 range)
+    # IVF lists. None: round(4*sqrt(n)) (faiss wiki guideline: 4..16*sqrt(n)), clipped to
+    # [1, n_train // 39] so that k-means has its 39 training points per centroid.
+    ivf_nlist: int | None = None
+    pq_m: int | None = None                 # IVF-PQ sub-quantizers (bytes per code); None: largest divisor of d <= d//4
+    train_sample: int = 100_000             # at most this many vectors (a seeded sample) train IVF / PQ
+    tune_queries: int = 500                 # database vectors, perturbed, used as queries when tuning
+    rerank_factor: int = 4                  # approximate types fetch k*rerank_factor candidates, then re-rank exactly
+    seed: int = 0                           # seeds the training sample, the tuning queries and k-means
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "index_type", IndexType(self.index_type))
+        except ValueError:
+            raise ValueError(
+                f"unknown index_type {self.index_type!r}: use one of {', '.join(t.value for t in IndexType)}"
+            ) from None
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
+        for name in ("memory_budget_bytes", "hnsw_m", "hnsw_ef_construction", "train_sample", "tune_queries",
+                     "rerank_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.flat_max_vectors < 0:
+            raise ValueError(f"flat_max_vectors must be >= 0, got {self.flat_max_vectors}")
+        for name in ("ivf_nlist", "pq_m"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None (automatic) or >= 1, got {getattr(self, name)}")
+
+
+_PARAM_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """How to search a built index; stored beside it (the manifest) so a loaded index searches as tuned."""
+
+    index_type: str                 # resolved type: flat | hnsw | ivf | ivfpq (never auto)
+    nprobe: int | None              # ivf, ivfpq: inverted lists visited per query
+    ef_search: int | None           # hnsw: size of the candidate list of the graph walk
+    measured_recall: float | None   # recall@10 vs exact measured while tuning, with re-ranking (None: flat)
+    rerank_factor: int = 4          # approximate types fetch k*rerank_factor candidates (the factor tuned with)
+
+    def __post_init__(self):
+        if self.index_type not in _PARAM_TYPES:
+            raise ValueError(f"SearchParams.index_type must be one of {_PARAM_TYPES}, got {self.index_type!r}")
+        if self.index_type in ("ivf", "ivfpq") and (self.nprobe is None or self.nprobe < 1):
+            raise ValueError(f"{self.index_type} needs nprobe >= 1, got {self.nprobe}")
+        if self.index_type == "hnsw" and (self.ef_search is None or self.ef_search < 1):
+            raise ValueError(f"hnsw needs ef_search >= 1, got {self.ef_search}")
+        if self.rerank_factor < 1:
+            raise ValueError(f"rerank_factor must be >= 1, got {self.rerank_factor}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchParams:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SearchParams keys {sorted(unknown)} (known: {sorted(known)}): "
+                             "the index was written by a newer version; rebuild it or upgrade")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# choosing and building
+
+
+def choose_index_type(n: int, d: int, config: IndexConfig) -> IndexType:
+    """The index type for n vectors of dimension d: an explicit type as given; `auto`:
+    IVF-PQ if full vectors (n*d*4 bytes, the same for flat, HNSW and IVF) exceed the memory budget,
+    else flat up to `flat_max_vectors`, else IVF. HNSW is never automatic: its build is slow on few
+    CPU cores, it keeps a graph on top of the vectors and it has no GPU implementation."""
+    if config.index_type != IndexType.AUTO:
+        return config.index_type
+    if n * d * 4 > config.memory_budget_bytes:
+        return IndexType.IVFPQ
+    if n <= config.flat_max_vectors:
+        return IndexType.FLAT
+    return IndexType.IVF
+
+
+def _nlist(n: int, n_train: int, config: IndexConfig) -> int:
+    """IVF list count (see IndexConfig.ivf_nlist)."""
+    if config.ivf_nlist is not None:
+        if config.ivf_nlist > n_train:
+            raise ValueError(f"ivf_nlist={config.ivf_nlist} needs at least as many training vectors, got {n_train}: "
+                             f"set ivf_nlist <= {n_train // MIN_POINTS_PER_CENTROID or 1} or None (automatic)")
+        return config.ivf_nlist
+    return int(np.clip(round(4 * math.sqrt(n)), 1, max(1, n_train // MIN_POINTS_PER_CENTROID)))
+
+
+def _pq_m(d: int, config: IndexConfig) -> int:
+    """Sub-quantizer count: must divide d; default the largest divisor of d that is <= d // 4."""
+    if config.pq_m is not None:
+        if d % config.pq_m:
+            divisors = [m for m in range(1, d + 1) if d % m == 0]
+            raise ValueError(f"pq_m={config.pq_m} does not divide d={d}: choose one of {divisors}")
+        return config.pq_m
+    return max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
+
+
+def _pq_nbits(n_train: int) -> int:
+    """Bits per sub-quantizer code: 8 (256 centroids per sub-space); fewer only when there are fewer than 256
+    training vectors, which happens only for a tiny database trained on all of itself."""
+    if n_train < 2:
+        raise ValueError(f"IVF-PQ needs at least 2 vectors to train its codebooks, got {n_train}: use index_type flat")
+    return min(8, int(math.log2(n_train)))
+
+
+def _base_index(kind: IndexType, d: int, n: int, n_train: int, config: IndexConfig) -> faiss.Index:
+    """An empty, untrained base index of the given type."""
+    if kind == IndexType.FLAT:
+        return faiss.IndexFlatIP(d)
+    if kind == IndexType.HNSW:
+        base = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = config.hnsw_ef_construction
+        return base
+    nlist = _nlist(n, n_train, config)
+    quantizer = faiss.IndexFlatIP(d)
+    if kind == IndexType.IVF:
+        base = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        m, nbits = _pq_m(d, config), _pq_nbits(n_train)
+        base = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        base.pq.cp.seed = config.seed
+        if n_train < MIN_POINTS_PER_CENTROID * (1 << nbits):  # small set trained on all of itself: no k-means warning
+            base.pq.cp.min_points_per_centroid = 1
+    base.cp.seed = config.seed
+    if n_train < MIN_POINTS_PER_CENTROID * nlist:
+        base.cp.min_points_per_centroid = 1
+    return base
+
+
+def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Validate the database; returns ids as int64."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
+        raise ValueError(f"vectors must be a 2-D numpy array (n, d), got {type(vectors).__name__} "
+                         f"of shape {getattr(vectors, 'shape', None)}")
+    if vectors.dtype != np.float32:
+        raise ValueError(f"vectors must be float32, got {vectors.dtype}: pass vectors.astype(np.float32)")
+    n, d = vectors.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"cannot index {n} vectors of dimension {d}: there must be at least one vector of d >= 1")
+    for a in range(0, n, 65536):  # chunks: no (n, d) temporaries for large n
+        chunk = vectors[a : a + 65536]
+        finite = np.isfinite(chunk).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"vector row {a + int(np.argmin(finite))} contains NaN or inf: drop or fix it")
+        norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            row = a + int(np.argmax(bad))
+            raise ValueError(f"vectors must be L2-normalised (inner product = cosine); row {row} has norm "
+                             f"{norms[row - a]:.6f}: pass vectors / np.linalg.norm(vectors, axis=1, keepdims=True)")
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or len(ids) != n:
+        raise ValueError(f"ids must be a 1-D array with one id per vector: got shape {ids.shape} for {n} vectors")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers (int64), got {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"ids must be >= 0 (-1 marks 'no result' in search output), got {ids.min()}")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != n:
+        raise ValueError(f"ids must be unique; repeated: {uniq[counts > 1][:5].tolist()}"
+                         f"{' ...' if (counts > 1).sum() > 5 else ''}")
+    return ids
+
+
+def build_index(
+    vectors: np.ndarray, ids: np.ndarray, config: IndexConfig = IndexConfig()
+) -> tuple[faiss.Index, SearchParams]:
+    """Build an IndexIDMap2 over `vectors` (n, d) float32 unit rows with `ids` (n,) int64, and tune it.
+
+    Approximate types are tuned to the smallest nprobe / efSearch (doubling from 1 / k*rerank_factor, at
+    most 2048, the GPU cap) whose recall@10 against exact search reaches `config.recall_target`, measured
+    with the re-ranking `search` applies, on `tune_queries` database vectors perturbed by seeded gaussian
+    noise (so a query is not trivially its own neighbour). If even the cap misses the target, a warning says
+    so and the measured recall is recorded.
+    """
+    # 1. check inputs
+    ids = _check_vectors(vectors, ids)
+    vectors = np.ascontiguousarray(vectors)
+    n, d = vectors.shape
+    kind = choose_index_type(n, d, config)
+    rng = np.random.default_rng(config.seed)
+
+    # 2. seeded training sample (IVF types)
+    n_train = min(n, config.train_sample)
+    train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+
+    # 3. build, train, add
+    base = _base_index(kind, d, n, n_train, config)
+    if not base.is_trained:
+        base.train(vectors[train_rows])
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(vectors, ids)
+    if kind == IndexType.IVF:
+        base.make_direct_map()  # reconstruct(id) reads vectors back for re-ranking without vectors_for_ids
+    logger.debug("built %s over %d x %d", kind.value, n, d)
+
+    # 4. tune nprobe / efSearch
+    params = _tune(index, kind, vectors, ids, config, rng)
+    apply_search_params(index, params)
+    return index, params
+
+
+def _tune(index, kind: IndexType, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig,
+          rng: np.random.Generator) -> SearchParams:
+    if kind == IndexType.FLAT:
+        return SearchParams("flat", None, None, None, config.rerank_factor)
+    n, d = vectors.shape
+    k = min(TUNE_K, n)
+
+    # 1. queries: sampled database vectors, perturbed and renormalised; exact ground truth
+    rows = rng.choice(n, size=min(config.tune_queries, n), replace=False)
+    queries = vectors[rows] + rng.standard_normal((len(rows), d)).astype(np.float32) * (TUNE_NOISE / math.sqrt(d))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, true_ids = exact_search(vectors, ids, queries, k)
+    lookup = _id_lookup(vectors, ids)
+
+    def params_for(value: int, recall: float | None) -> SearchParams:
+        if kind == IndexType.HNSW:
+            return SearchParams(kind.value, None, value, recall, config.rerank_factor)
+        return SearchParams(kind.value, value, None, recall, config.rerank_factor)
+
+    # 2. doubling search: the first value reaching the target
+    if kind == IndexType.HNSW:
+        value, cap = min(k * config.rerank_factor, GPU_MAX_K), GPU_MAX_K  # efSearch below the fetch count acts as it
+    else:
+        value, cap = 1, min(faiss.extract_index_ivf(index).nlist, GPU_MAX_K)
+    while True:
+        _, found = search(index, params_for(value, None), queries, k, vectors_for_ids=lookup)
+        recall = recall_at_k(found, true_ids, k)
+        logger.debug("tuning %s: %s=%d recall@%d=%.4f", kind.value, "efSearch" if kind == IndexType.HNSW
+                     else "nprobe", value, k, recall)
+        if recall >= config.recall_target or value >= cap:
+            break
+        value = min(2 * value, cap)
+    if recall < config.recall_target:
+        warnings.warn(
+            f"{kind.value} reaches recall@{k}={recall:.3f} at the largest setting ({value}), below the target "
+            f"{config.recall_target}: raise rerank_factor, use index_type ivf (or flat), or for ivfpq a larger pq_m",
+            stacklevel=3,
+        )
+    return params_for(value, round(float(recall), 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the index's type, parameters and device
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise ValueError(f"expected an IndexIDMap2 made by build_index / load_index, got {type(index).__name__}")
+    return faiss.downcast_index(index.index)
+
+
+def _index_kind(index: faiss.Index) -> str:
+    """flat | hnsw | ivf | ivfpq, from the base index's class (CPU or GPU)."""
+    name = type(_inner(index)).__name__
+    for prefix, kind in (("IndexFlat", "flat"), ("GpuIndexFlat", "flat"), ("IndexHNSW", "hnsw"),
+                         ("IndexIVFPQ", "ivfpq"), ("GpuIndexIVFPQ", "ivfpq"),
+                         ("IndexIVFFlat", "ivf"), ("GpuIndexIVFFlat", "ivf")):
+        if name.startswith(prefix):
+            return kind
+    raise ValueError(f"unsupported base index {name}: build indexes with build_index")
+
+
+def _is_gpu(index: faiss.Index) -> bool:
+    return type(_inner(index)).__name__.startswith("Gpu")
+
+
+def _check_params(index: faiss.Index, params: SearchParams) -> str:
+    if not isinstance(params, SearchParams):
+        raise ValueError(f"params must be SearchParams (from build_index or SearchParams.from_dict), got {params!r}")
+    kind = _index_kind(index)
+    if kind != params.index_type:
+        raise ValueError(f"search parameters are for a {params.index_type} index but this index is {kind}: "
+                         "use the SearchParams returned with this index (they are stored beside it)")
+    if _is_gpu(index) and (params.nprobe or 0) > GPU_MAX_K:
+        raise ValueError(f"nprobe={params.nprobe} exceeds faiss GPU's limit {GPU_MAX_K}: rebuild the index "
+                         "(tuning caps nprobe at 2048) or search on the CPU")
+    return kind
+
+
+def apply_search_params(index: faiss.Index, params: SearchParams) -> None:
+    """Set nprobe / efSearch on `index` (through its IndexIDMap2, CPU or GPU) so that plain
+    `index.search` uses them. `search` passes them per call anyway."""
+    kind = _check_params(index, params)
+    inner = _inner(index)
+    if kind in ("ivf", "ivfpq"):
+        inner.nprobe = params.nprobe
+    elif kind == "hnsw":
+        inner.hnsw.efSearch = params.ef_search
+
+
+def _faiss_params(params: SearchParams) -> faiss.SearchParameters | None:
+    if params.index_type in ("ivf", "ivfpq"):
+        return faiss.SearchParametersIVF(nprobe=params.nprobe)
+    if params.index_type == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=params.ef_search)
+    return None
+
+
+_GPU_RESOURCES = None  # one StandardGpuResources for the process: it must outlive every GPU index
+
+
+def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """The index on GPU 0 when faiss has GPU support and sees a GPU and the type runs there (flat, ivf,
+    ivfpq); otherwise `index` itself. HNSW has no GPU implementation and stays on the CPU."""
+    global _GPU_RESOURCES
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        logger.debug("faiss has no GPU support or sees no GPU: the index stays on the CPU")
+        return index
+    kind = _index_kind(index)
+    if kind == "hnsw":
+        logger.debug("HNSW has no faiss GPU implementation: the index stays on the CPU")
+        return index
+    if _is_gpu(index):
+        return index
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    try:
+        gpu_index = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
+    except RuntimeError as e:  # e.g. an IVF-PQ code size the GPU kernels do not implement
+        logger.warning("faiss GPU cannot hold this %s index (%s); searching on the CPU", kind,
+                       str(e).strip().splitlines()[-1])
+        return index
+    logger.debug("moved the %s index to GPU 0", kind)
+    return gpu_index
+
+
+# ---------------------------------------------------------------------------------------------------------
+# search
+
+
+def _exact_scores(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(nq, d), (u, d), (nq, m) rows into vectors -> (nq, m) float32: float64 inner products, rounded.
+    Identical vectors get bit-identical scores (same summation order), so duplicates tie exactly."""
+    nq, m = rows.shape
+    out = np.empty((nq, m), np.float32)
+    v64 = vectors.astype(np.float64)
+    q64 = queries.astype(np.float64)
+    step = max(1, (1 << 22) // max(1, m * vectors.shape[1]))  # ~32 MB of gathered float64 rows per chunk
+    for a in range(0, nq, step):
+        out[a : a + step] = np.einsum("cmd,cd->cm", v64[rows[a : a + step]], q64[a : a + step])
+    return out
+
+
+def _rerank(queries: np.ndarray, cand: np.ndarray, lookup: VectorLookup, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (nq, m) ids (-1: none) -> the best k by exact score, ties by id: (scores, ids) (nq, k)."""
+    nq, m = cand.shape
+    d = queries.shape[1]
+    valid = cand >= 0
+    uniq = np.unique(cand[valid])                                      # (u,)
+    vecs = np.asarray(lookup(uniq), dtype=np.float32) if len(uniq) else np.zeros((0, d), np.float32)
+    if vecs.shape != (len(uniq), d):
+        raise ValueError(f"vectors_for_ids returned shape {vecs.shape} for {len(uniq)} ids; it must return "
+                         f"the (m, {d}) vectors of the ids it is given, in that order")
+    if not len(uniq):
+        return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    rows = np.searchsorted(uniq, np.where(valid, cand, uniq[0]))         # (nq, m) rows into vecs
+    scores = _exact_scores(queries, vecs, rows)
+    scores[~valid] = -np.inf
+    order = np.lexsort((np.where(valid, cand, _ALL_IDS_VALID), -scores), axis=1)[:, :k]  # (nq, k)
+    top_ids = np.take_along_axis(cand, order, axis=1)
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    if top_ids.shape[1] < k:  # fewer candidates than k
+        pad = k - top_ids.shape[1]
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return top_scores, top_ids
+
+
+def _exact_top_k(queries: np.ndarray, k: int, n: int, fetch: Callable, lookup: VectorLookup,
+                 max_fetch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (k <= n) from a float32 candidate search `fetch(queries, kk) -> (scores, ids)`.
+
+    float32 scores differ from exact ones by at most err = (d+2)*eps32*||q||*||x||. A row is settled once
+    its k-th exact score exceeds the kk-th float32 score + err: nothing outside the candidates can reach
+    it. Unsettled rows (near-ties at the boundary, e.g. many duplicates) fetch 4x more, up to all n.
+    """
+    nq, d = queries.shape
+    err = (d + 2) * np.finfo(np.float32).eps * np.linalg.norm(queries, axis=1) * (1 + NORM_TOLERANCE)  # (nq,)
+    scores, found = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+    todo = np.arange(nq)
+    kk = min(n, max(2 * k, k + FLAT_MARGIN), max_fetch)
+    while todo.size:
+        approx, cand = fetch(queries[todo], kk)
+        s, i = _rerank(queries[todo], cand, lookup, k)
+        settled = (kk >= n) | (cand[:, -1] < 0) | (approx[:, -1] + err[todo] < s[:, -1])
+        if kk >= max_fetch and not settled.all():  # only on GPU (k capped at 2048) with > 2048 near-ties
+            warnings.warn(f"{int((~settled).sum())} queries have more than {kk} near-tied results; their "
+                          f"exact order beyond the {kk} fetched is not guaranteed (faiss GPU limit)", stacklevel=3)
+            settled[:] = True
+        scores[todo[settled]], found[todo[settled]] = s[settled], i[settled]
+        todo = todo[~settled]
+        kk = min(n, 4 * kk, max_fetch)
+    return scores, found
+
+
+def _check_queries(queries: np.ndarray, d: int) -> np.ndarray:
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != d:
+        raise ValueError(f"queries must have shape (nq, {d}) for this index, got {queries.shape}")
+    if not np.issubdtype(queries.dtype, np.floating):
+        raise ValueError(f"queries must be floating point, got {queries.dtype}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if not np.isfinite(queries).all():
+        raise ValueError("queries contain NaN or inf")
+    return queries
+
+
+def _padded(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    nq, have = ids.shape
+    out_s, out_i = np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    out_s[:, :have], out_i[:, :have] = scores, ids
+    return out_s, out_i
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def search(
+    index: faiss.Index,
+    params: SearchParams,
+    queries: np.ndarray,
+    k: int,
+    vectors_for_ids: VectorLookup | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each query (nq, d): (scores (nq, k) float32, ids (nq, k) int64), exact scores, sorted by
+    descending score then ascending id; -1 / -inf pad when k > n (see the module docstring).
+
+    flat: exact (equal to numpy brute force). Approximate types: fetch min(k*rerank_factor, n) candidates,
+    re-rank them exactly. `vectors_for_ids(ids) -> (m, d) float32` gives the vectors; without it they are
+    read back from the index (flat, hnsw, ivf store them; ivfpq keeps only codes and needs it).
+    """
+    # 1. check inputs
+    kind = _check_params(index, params)
+    k = _check_k(k)
+    queries = _check_queries(queries, index.d)
+    n, nq = index.ntotal, len(queries)
+    k_eff = min(k, n)                                          # faiss is asked for at most n results
+    if k_eff == 0 or nq == 0:
+        return _padded(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), k)
+    max_fetch = min(n, GPU_MAX_K) if _is_gpu(index) else n
+    if k_eff > max_fetch:
+        raise ValueError(f"k={k} exceeds faiss GPU's limit of {GPU_MAX_K} results: ask for fewer, or search "
+                         "the CPU index (without to_gpu_if_available)")
+
+    # 2. where exact vectors come from
+    lookup = vectors_for_ids if vectors_for_ids is not None else _reader(index, kind)
+    faiss_params = _faiss_params(params)
+
+    def fetch(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(q, kk, params=faiss_params)        # (len(q), kk) each, -1 padded
+
+    # 3. candidates and exact re-ranking
+    if kind == "flat":
+        scores, ids = _exact_top_k(queries, k_eff, n, fetch, lookup, max_fetch)
+    else:
+        _, cand = fetch(queries, min(max_fetch, k_eff * params.rerank_factor))
+        scores, ids = _rerank(queries, cand, lookup, k_eff)
+    return _padded(scores, ids, k)
+
+
+def _reader(index: faiss.Index, kind: str) -> VectorLookup:
+    """Read exact vectors back from an index that stores them (IndexIDMap2.reconstruct)."""
+    if kind == "ivfpq":
+        raise ValueError("an ivfpq index keeps compressed codes only: pass vectors_for_ids (e.g. "
+                         "IndexStore.vectors_for_ids) so results are re-ranked exactly, as when it was tuned")
+
+    def read(ids: np.ndarray) -> np.ndarray:
+        try:
+            return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        except RuntimeError as e:
+            raise ValueError(f"cannot read vectors back from this {kind} index ({str(e).strip().splitlines()[-1]}): "
+                             "pass vectors_for_ids") from None
+
+    return read
+
+
+def _id_lookup(vectors: np.ndarray, ids: np.ndarray) -> VectorLookup:
+    """ids -> rows of `vectors`, for arrays held in memory."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(ids) - 1)
+        missing = sorted_ids[pos] != wanted
+        if missing.any():
+            raise KeyError(f"ids not in the database: {np.asarray(wanted)[missing][:5].tolist()}")
+        return vectors[order[pos]]
+
+    return lookup
+
+
+def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k over `vectors` (n, d) float32 with `ids` (n,): the ground truth. Same contract as
+    `search` (exact float64 scores, ties by ascending id, -1 / -inf padding). Candidates come from
+    faiss.knn in float32, then are re-ranked exactly; near-ties at the k-th place fetch more."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise ValueError(f"vectors must be a float32 (n, d) array, got {getattr(vectors, 'dtype', type(vectors))} "
+                         f"{getattr(vectors, 'shape', '')}")
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.shape != (len(vectors),):
+        raise ValueError(f"ids must have shape ({len(vectors)},), got {ids.shape}")
+    k = _check_k(k)
+    queries = _check_queries(queries, vectors.shape[1])
+    vectors = np.ascontiguousarray(vectors)
+    n = len(vectors)
+    k_eff = min(k, n)
+    if k_eff == 0 or len(queries) == 0:
+        return _padded(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+
+    def fetch(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, rows = faiss.knn(q, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, np.where(rows >= 0, ids[rows], -1)
+
+    scores, found = _exact_top_k(queries, k_eff, n, fetch, _id_lookup(vectors, ids), max_fetch=n)
+    return _padded(scores, found, k)
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |found[:k] & true[:k]| / |true[:k]|, ignoring -1 padding (nq, >=k) arrays."""
+    found = np.asarray(found_ids, dtype=np.int64)[:, :k]
+    true = np.asarray(true_ids, dtype=np.int64)[:, :k]
+    if found.shape[0] != true.shape[0]:
+        raise ValueError(f"found_ids has {found.shape[0]} rows, true_ids {true.shape[0]}")
+    # distinct negative sentinels for padding, so padding never matches; ids are unique within a row
+    found = np.where(found >= 0, found, -2 - np.arange(found.shape[1]))
+    true_valid = true >= 0
+    true = np.where(true_valid, true, -2 - found.shape[1] - np.arange(true.shape[1]))
+    both = np.sort(np.concatenate([found, true], axis=1), axis=1)
+    hits = (both[:, 1:] == both[:, :-1]).sum(axis=1)
+    denom = true_valid.sum(axis=1)
+    if (denom == 0).any():
+        raise ValueError("true_ids has a row without any id")
+    return float(np.mean(hits / denom))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files
+
+
+def save_index(index: faiss.Index, path: Path) -> None:
+    """Write `index` (a GPU index is copied to the CPU first) to `path` atomically: a temporary file in
+    the same folder, fsync, os.replace. A crash leaves the old file or the new one, never a torn one."""
+    cpu_index = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
+    write_atomic(Path(path), lambda tmp: faiss.write_index(cpu_index, str(tmp)))
+
+
+def load_index(path: Path) -> faiss.Index:
+    """Read an index written by `save_index`; a clear error if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no FAISS index file at {path}: build it with build_index "
+                                "(the CLI's `index`, or `reindex` from stored embeddings)")
+    try:
+        index = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError, OverflowError) as e:
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable FAISS index (corrupt or truncated: {detail}); rebuild it, "
+                         "e.g. `personal-retrieval reindex --index-dir DIR` rebuilds from the stored embeddings") from None
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise ValueError(f"{path} holds a {type(index).__name__}, not an IndexIDMap2 written by save_index: rebuild it")
+    return index

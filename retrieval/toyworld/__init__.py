@@ -1,0 +1,37 @@
+"""The toy world: a synthetic stand-in for PerVL-DeepFashion2 in which the whole pipeline runs for real.
+
+Procedurally rendered people wearing garments in contexts, captions from a grammar, concepts that only images
+tell apart, and a benchmark split written in PerVL's file formats.
+
+| module      | what it defines                                                        |
+| ----------- | ---------------------------------------------------------------------- |
+| config      | WorldConfig (vocabularies, jitter, split sizes) and named presets      |
+| garments    | silhouettes per category, unnamed Details, detail colours              |
+| concepts    | Concept, draw_concepts (groups sharing their words: hard negatives)    |
+| scene       | Scene, sample_scene                                                    |
+| contexts    | background painters, one per context                                   |
+| render      | render_scene                                                           |
+| captions    | caption (training), context_caption (evaluation), short/detailed       |
+| pairs       | sample_training_pair for CLIP / diffusion training                     |
+| split       | plan_split, write_split (PerVL formats)                                |
+| sheet       | contact_sheet, to look at the world                                    |
+
+Tests: tests/test_toyworld.py (the reader of the written split: tests/test_pervl_data.py).
+"""
+
+from retrieval.toyworld.captions import caption, context_caption, detailed_caption, garment_phrase, short_caption
+from retrieval.toyworld.concepts import Concept, draw_concepts
+from retrieval.toyworld.config import PRESETS, WorldConfig, world_config
+from retrieval.toyworld.garments import GARMENTS, Details, sample_details
+from retrieval.toyworld.pairs import n_word_combinations, sample_training_pair
+from retrieval.toyworld.render import render_scene
+from retrieval.toyworld.scene import Scene, sample_scene
+from retrieval.toyworld.sheet import contact_sheet, scene_label
+from retrieval.toyworld.split import SplitPaths, SplitPlan, plan_split, write_split
+
+__all__ = [
+    "Concept", "Details", "GARMENTS", "PRESETS", "Scene", "SplitPaths", "SplitPlan", "WorldConfig",
+    "caption", "contact_sheet", "context_caption", "detailed_caption", "draw_concepts", "garment_phrase",
+    "n_word_combinations", "plan_split", "render_scene", "sample_details", "sample_scene", "sample_training_pair",
+    "scene_label", "short_caption", "world_config", "write_split",
+]

@@ -1,0 +1,142 @@
+"""Captions from a small grammar. They name words only (context, pose, category, colour, pattern), never
+identity: no concept id, no trim, no emblem, no detail colour.
+
+- `caption`: training captions, mostly the whole description ("a person wearing a red striped dress standing
+  in front of a brick wall."), sometimes part of it, so every word is also seen on its own;
+- `context_caption`: PerVL-style evaluation captions that describe the person's context and pose but never the
+  garment, and always say "person" (where a query inserts the concept);
+- `short_caption` / `detailed_caption`: the shortened_ / detailed_ variants of an evaluation caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.toyworld.scene import Scene
+
+
+@dataclass(frozen=True)
+class ContextWords:
+    places: tuple[str, ...]                     # prepositional phrases: "in front of a brick wall"
+    noun: str                                   # the context as a subject: "a brick wall"
+    plural: bool                                # noun takes "are"
+    detailed: str                               # a longer place phrase, for detailed captions
+
+
+# No phrase here may contain a category, colour, pattern or emblem word (tests check it).
+CONTEXT_WORDS: dict[str, ContextWords] = {
+    "brick wall": ContextWords(("in front of a brick wall", "by a brick wall"), "a brick wall", False,
+                               "in front of a brick wall with pale mortar, above a paved path"),
+    "cabinets": ContextWords(("in front of kitchen cabinets", "in a kitchen by the cabinets"), "kitchen cabinets", True,
+                             "in front of kitchen cabinets with small knobs under a dark countertop"),
+    "railing": ContextWords(("by a railing with a building behind", "at a railing in front of a building"),
+                            "a railing and a building", True, "by a metal railing, with a tall building full of windows behind"),
+    "trees": ContextWords(("under some trees", "in a park among trees"), "leafy trees", True,
+                          "under leafy trees with thick trunks beside a park path"),
+    "beach": ContextWords(("on a beach", "on the sand by the sea"), "the sea", False,
+                          "on a sandy beach, with the sea and a clear sky behind"),
+    "couch": ContextWords(("in front of a couch", "by a couch in a living room"), "a couch", False,
+                          "in front of a large couch with cushions, on a rug"),
+    "marble floor": ContextWords(("on a marble floor", "on a polished marble floor"), "a hall with a marble floor", False,
+                                 "on a polished marble floor with veins, in a hall with pale walls"),
+    "shelves": ContextWords(("in front of shelves full of goods", "by store shelves"), "shelves full of goods", True,
+                            "in front of wooden shelves stacked with colourful boxes"),
+    "water": ContextWords(("by the water", "next to a lake"), "a lake", False,
+                          "next to a lake with rippling water and a distant shore"),
+    "grass": ContextWords(("on the grass", "on a lawn"), "a wide lawn", False,
+                          "on a wide lawn, with a row of trees and the sky behind"),
+    "curtains": ContextWords(("in front of curtains", "before heavy curtains"), "heavy curtains", True,
+                             "in front of heavy curtains with deep folds hanging from a rod"),
+    "shop window": ContextWords(("in front of a shop window", "by a store display window"), "a shop window", False,
+                                "in front of a glass shop window with metal frames and reflections"),
+    "street": ContextWords(("on a street", "on a sidewalk by the road"), "a city street", False,
+                           "on a sidewalk by a road with a dashed line, buildings in the distance"),
+    "tiled wall": ContextWords(("in front of a tiled wall", "by a wall of tiles"), "a tiled wall", False,
+                               "in front of a wall covered in small glossy tiles"),
+}
+
+
+@dataclass(frozen=True)
+class PoseWords:
+    ing: str                                    # "a person {ing} ..."
+    verb: str                                   # "the person {verb} ..."
+    person: str                                 # "... is behind {person}"
+
+
+POSE_WORDS: dict[str, PoseWords] = {
+    "standing": PoseWords("standing", "stands", "a standing person"),
+    "walking": PoseWords("walking", "walks", "a walking person"),
+    "arms raised": PoseWords("standing with raised arms", "raises both arms", "a person with raised arms"),
+    "hands on hips": PoseWords("posing with hands on hips", "poses with hands on hips", "a person with hands on hips"),
+}
+
+PLURAL_CATEGORIES = frozenset({"trousers", "shorts"})
+
+# Training templates and their weights. {g}: garment phrase with its article, {pose}: PoseWords.ing,
+# {place}: one of ContextWords.places. Weighted towards full descriptions.
+CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
+    ("a person wearing {g} {pose} {place}.", 0.3),
+    ("a photo of a person in {g} {place}.", 0.2),
+    ("a person in {g} {pose} {place}.", 0.15),
+    ("{g} on a person {place}.", 0.1),
+    ("a person wearing {g}.", 0.1),
+    ("a photo of {g}.", 0.05),
+    ("a person {pose} {place}.", 0.1),
+)
+# How much of the garment a training caption names: (colour, pattern) kept, with weights.
+GARMENT_PARTS: tuple[tuple[tuple[bool, bool], float], ...] = (
+    ((True, True), 0.8), ((True, False), 0.1), ((False, True), 0.05), ((False, False), 0.05),
+)
+CONTEXT_TEMPLATES: tuple[str, ...] = (
+    "a person {pose} {place}.",
+    "the person {verb} {place}.",
+    "{noun} {be} behind {person}.",
+)
+
+
+def garment_phrase(category: str, colour: str | None, pattern: str | None) -> str:
+    """'a red striped dress', 'a plain orange top' -> 'a plain orange top', 'striped trousers', 'a dress'."""
+    if pattern == "plain":
+        words = ["plain", colour] if colour else ["plain"]
+    else:
+        words = [w for w in (colour, pattern) if w]
+    phrase = " ".join([*words, category])
+    if category in PLURAL_CATEGORIES:
+        return phrase
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _choice(rng: np.random.Generator, weighted):
+    weights = np.array([w for _, w in weighted], dtype=float)
+    return weighted[int(rng.choice(len(weighted), p=weights / weights.sum()))][0]
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A training caption of the scene's words (never its concept or details)."""
+    template = _choice(rng, CAPTION_TEMPLATES)
+    with_colour, with_pattern = _choice(rng, GARMENT_PARTS)
+    places = CONTEXT_WORDS[scene.context].places
+    place = places[int(rng.integers(len(places)))]
+    g = garment_phrase(scene.category, scene.colour if with_colour else None, scene.pattern if with_pattern else None)
+    return template.format(g=g, pose=POSE_WORDS[scene.pose].ing, place=place)
+
+
+def context_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A PerVL-style evaluation caption: the person's context and pose, never the garment; always says 'person'."""
+    words, pose = CONTEXT_WORDS[scene.context], POSE_WORDS[scene.pose]
+    template = CONTEXT_TEMPLATES[int(rng.integers(len(CONTEXT_TEMPLATES)))]
+    place = words.places[int(rng.integers(len(words.places)))]
+    return template.format(pose=pose.ing, verb=pose.verb, place=place, noun=words.noun,
+                           be="are" if words.plural else "is", person=pose.person)
+
+
+def short_caption(scene: Scene) -> str:
+    """The shortened_ variant: where the person is, nothing else."""
+    return f"a person {CONTEXT_WORDS[scene.context].places[0]}."
+
+
+def detailed_caption(scene: Scene) -> str:
+    """The detailed_ variant: pose and a fuller description of the context."""
+    return f"a person {POSE_WORDS[scene.pose].ing} {CONTEXT_WORDS[scene.context].detailed}."

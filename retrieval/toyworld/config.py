@@ -1,0 +1,127 @@
+"""The toy world's configuration: image size, seed, vocabularies, jitter ranges and how benchmark splits are drawn.
+
+The toy world stands in for PerVL-DeepFashion2 (Cohen et al., ECCV 2022) where nothing pretrained or real can
+be had: a person stands in a context (background) wearing one garment described by three words (category,
+colour, pattern); a *concept* is one specific garment whose look also holds details no word names (a
+contrasting band, an emblem), so only images tell concepts with the same words apart.
+
+Every vocabulary is a tuple in the config, so a different config is a different world (and a different seed
+draws different concepts). Context, category, pattern, pose and emblem names must be ones the renderer knows
+(`retrieval.toyworld.render`); colours are free (name, RGB) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RGB = tuple[int, int, int]
+
+# Colour words and the RGB they paint: ten hues far apart, so a 64 px crop names each unambiguously.
+# Grey is deliberately absent: the figure's plain under-clothes are grey, the one colour no caption names.
+COLOURS: tuple[tuple[str, RGB], ...] = (
+    ("red", (205, 25, 30)),
+    ("orange", (250, 135, 15)),
+    ("yellow", (250, 220, 30)),
+    ("green", (30, 150, 50)),
+    ("blue", (30, 75, 210)),
+    ("purple", (125, 40, 165)),
+    ("pink", (250, 135, 195)),
+    ("white", (248, 248, 244)),
+    ("black", (22, 22, 26)),
+    ("brown", (120, 70, 30)),
+)
+
+CONTEXTS: tuple[str, ...] = (
+    "brick wall", "cabinets", "railing", "trees", "beach", "couch", "marble floor",
+    "shelves", "water", "grass", "curtains", "shop window", "street", "tiled wall",
+)
+CATEGORIES: tuple[str, ...] = ("dress", "skirt", "top", "sweater", "vest", "coat", "trousers", "shorts")
+PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checked")
+POSES: tuple[str, ...] = ("standing", "walking", "arms raised", "hands on hips")
+EMBLEMS: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    # ----- images
+    image_size: int = 64                        # side of the square RGB images, px
+    supersample: int = 2                        # drawn at this multiple of image_size, then box-downsampled (anti-aliasing)
+    seed: int = 0                               # draws the benchmark concepts and their scenes
+
+    # ----- vocabularies: words the captions use (emblems are never named)
+    contexts: tuple[str, ...] = CONTEXTS        # backgrounds; PerVL captions describe these
+    categories: tuple[str, ...] = CATEGORIES    # garment categories, each with its own silhouette
+    colours: tuple[tuple[str, RGB], ...] = COLOURS  # (colour word, RGB) of the garment's main colour
+    patterns: tuple[str, ...] = PATTERNS        # garment patterns; "plain" is solid
+    poses: tuple[str, ...] = POSES              # the figure's pose; context captions name it
+    emblems: tuple[str, ...] = EMBLEMS          # unnamed detail: shape printed on a concept's garment
+
+    # ----- jitter of every scene (uniform ranges)
+    person_height: tuple[float, float] = (0.84, 0.95)  # figure height / image height
+    person_x: tuple[float, float] = (0.3, 0.7)  # figure centre / image width
+    brightness: tuple[float, float] = (0.85, 1.12)  # background brightness factor
+    context_shift: float = 0.25                 # background crop offset, up to this fraction of the image
+
+    # ----- random (non-concept) scenes, as in training pairs
+    detail_probability: float = 0.5             # chance that a random garment has a trim band; the same for an emblem
+
+    # ----- benchmark split (PerVL-DeepFashion2 test: 50 concepts, 10-21 shots, 1-5 evaluation images each)
+    n_concepts: int = 50                        # concepts per split
+    group_sizes: tuple[int, int] = (2, 3)       # concepts sharing one (category, colour, pattern) triple: min, max
+    shots: tuple[int, int] = (5, 10)            # few-shot images per concept: min, max
+    eval_per_concept: int = 4                   # evaluation images per concept, one per context
+    jpeg_quality: int = 95                      # quality of the written .jpg images
+
+    def __post_init__(self):
+        # the renderer and the caption grammar own the names they can draw and say
+        from retrieval.toyworld.captions import CONTEXT_WORDS, POSE_WORDS
+        from retrieval.toyworld.render import known_names
+
+        known = known_names()
+        known["contexts"] &= set(CONTEXT_WORDS)
+        known["poses"] &= set(POSE_WORDS)
+        for field_name, names in known.items():
+            unknown = [n for n in getattr(self, field_name) if n not in names]
+            if unknown:
+                raise ValueError(f"WorldConfig.{field_name}: {unknown} cannot be both drawn and captioned; known: {sorted(names)}")
+        for field_name in ("contexts", "categories", "patterns", "poses", "emblems"):
+            values = getattr(self, field_name)
+            if len(set(values)) != len(values) or not values:
+                raise ValueError(f"WorldConfig.{field_name} must be non-empty without repeats, got {values}")
+        if len({name for name, _ in self.colours}) != len(self.colours) or len(self.colours) < 3:
+            raise ValueError("WorldConfig.colours needs >= 3 distinct colour names (a detail colour must differ from the main one)")
+        if self.image_size < 16 or self.supersample < 1:
+            raise ValueError(f"image_size must be >= 16 and supersample >= 1, got {self.image_size}, {self.supersample}")
+        if len(self.contexts) <= self.eval_per_concept:
+            raise ValueError(
+                f"{len(self.contexts)} contexts leave none for few-shot images when each concept is evaluated in "
+                f"{self.eval_per_concept}; lower eval_per_concept or add contexts"
+            )
+        if not 2 <= self.group_sizes[0] <= self.group_sizes[1]:
+            raise ValueError(f"group_sizes must be (min, max) with 2 <= min <= max (hard negatives), got {self.group_sizes}")
+        if self.n_concepts < self.group_sizes[0]:
+            raise ValueError(f"n_concepts={self.n_concepts} is below the smallest group size {self.group_sizes[0]}")
+        if not 1 <= self.shots[0] <= self.shots[1]:
+            raise ValueError(f"shots must be (min, max) with 1 <= min <= max, got {self.shots}")
+
+    @property
+    def colour_rgb(self) -> dict[str, RGB]:
+        return dict(self.colours)
+
+    @property
+    def colour_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.colours)
+
+
+# Named presets are data. `tiny` is the test twin: a split of 6 concepts renders in well under a second.
+PRESETS: dict[str, dict] = {
+    "pervl": {},
+    "tiny": {"n_concepts": 6, "shots": (2, 3), "eval_per_concept": 2},
+}
+
+
+def world_config(preset: str = "pervl", **overrides) -> WorldConfig:
+    """A named preset with optional field overrides: world_config("tiny", seed=3)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown toy-world preset {preset!r}; known: {sorted(PRESETS)}")
+    return WorldConfig(**{**PRESETS[preset], **overrides})

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models built in milliseconds on the CPU, and generated galleries.
+
+Fast tests never download anything: HF_HUB_OFFLINE is forced so a test that would reach the hub fails
+at once instead of retrying for a minute.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    """The `tiny-random` CLIP (real tokenizer, 49408-row vocabulary, width 32) on the CPU in fp32."""
+    from retrieval.encoders import ClipEncoder
+
+    return ClipEncoder.from_spec("tiny-random", device="cpu", precision="fp32")
+
+
+def write_gallery(root: Path, n: int, seed: int = 0, size: int = 48, subdirs: int = 3) -> list[str]:
+    """Write N distinct random-colour images (jpg and png, in a few sub-folders); returns their relative paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        rel = Path(f"d{i % subdirs}") / f"img{i:04d}.{'png' if i % 2 else 'jpg'}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, 3)
+        noise = rng.integers(-40, 40, (size, size, 3))
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(root / rel)
+        paths.append(rel.as_posix())
+    return sorted(paths)
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    root = tmp_path / "gallery"
+    root.mkdir()
+    write_gallery(root, 24)
+    return root

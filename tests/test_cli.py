@@ -1,0 +1,95 @@
+"""The CLI end to end, in-process with typer's CliRunner (and once as a subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+FAST = ["--model", "tiny-random", "--device", "cpu", "--workers", "0", "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture
+def indexed(gallery, tmp_path):
+    idx = tmp_path / "idx"
+    r = runner.invoke(app, ["index", str(gallery), "--index-dir", str(idx), *FAST])
+    assert r.exit_code == 0, r.output
+    return idx
+
+
+@pytest.mark.parametrize("command", ["index", "reindex", "query", "info"])
+def test_every_command_has_help(command):
+    r = runner.invoke(app, [command, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output and len(r.output) > 200
+
+
+def test_index_prints_a_summary(gallery, tmp_path):
+    r = runner.invoke(app, ["index", str(gallery), "--index-dir", str(tmp_path / "i"), *FAST])
+    assert r.exit_code == 0, r.output
+    assert "indexed 24 new or changed images" in r.output and "skipped 0 files" in r.output
+
+
+def test_query_table_json_and_html(indexed, tmp_path):
+    r = runner.invoke(app, ["query", "a red dress", "--index-dir", str(indexed), "--k", "3"])
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.output.splitlines() if not line.startswith("#")]
+    assert [row[0] for row in rows] == ["1", "2", "3"] and all(row[2].endswith((".jpg", ".png")) for row in rows)
+
+    r = runner.invoke(app, ["query", "a red dress", "--index-dir", str(indexed), "--k", "5", "--json"])
+    obj = json.loads(r.stdout)
+    assert obj["query"] == "a red dress" and obj["model"] == "tiny-random"
+    assert [h["rank"] for h in obj["results"]] == [1, 2, 3, 4, 5]
+    assert obj["results"] == sorted(obj["results"], key=lambda h: -h["score"])
+
+    page = tmp_path / "r.html"
+    q = tmp_path / "q.txt"
+    q.write_text("a <script>alert(1)</script> dress\n\nsecond query\n")
+    r = runner.invoke(app, ["query", "--queries", str(q), "--index-dir", str(indexed), "--k", "2", "--html", str(page), "--json"])
+    assert r.exit_code == 0, r.output
+    assert len([line for line in r.stdout.splitlines() if line.startswith("{")]) == 2
+    text = page.read_text()
+    assert "<script>alert" not in text and "&lt;script&gt;" in text
+    assert text.count("data:image/jpeg;base64,") == 4
+
+
+def test_info(indexed):
+    r = runner.invoke(app, ["info", "--index-dir", str(indexed)])
+    assert r.exit_code == 0 and '"model": "tiny-random"' in r.output and "images: 24" in r.output
+
+
+def test_reindex(indexed):
+    r = runner.invoke(app, ["reindex", "--index-dir", str(indexed), "--index-type", "ivf"])
+    assert r.exit_code == 0, r.output
+    assert '"index_type": "ivf"' in r.output
+
+
+def test_errors_are_messages_not_tracebacks(indexed, tmp_path):
+    cases = [
+        (["query", "x", "--index-dir", str(tmp_path / "nothing")], "no index in"),
+        (["query", "x", "--index-dir", str(indexed), "--model", "ViT-B-32/openai"], "built with --model tiny-random"),
+        (["query", "--index-dir", str(indexed)], "give a query"),
+        (["info", "--index-dir", str(tmp_path / "nothing")], "no index in"),
+        (["index", str(REPO / "README.md")], "is a file"),
+        (["index", str(tmp_path), "--index-dir", str(tmp_path / "j"), "--model", "Nope-1/openai", "--no-progress"],
+         "unknown open_clip architecture"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+
+
+def test_python_cli_and_console_script_are_one_app():
+    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "index" in out.stdout and "query" in out.stdout
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"personal-retrieval": "cli:app"}

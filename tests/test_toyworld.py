@@ -1,0 +1,235 @@
+"""The toy world: determinism, captions that name words only, concepts that only images tell apart, and a
+benchmark split that PerVL's reader reads back."""
+
+import dataclasses
+import re
+from collections import Counter
+from itertools import combinations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.pervl_data import missing_images, read_split
+from retrieval.toyworld import (
+    WorldConfig, caption, context_caption, n_word_combinations, plan_split, render_scene, sample_scene,
+    sample_training_pair, world_config, write_split,
+)
+from retrieval.toyworld.captions import CONTEXT_WORDS, detailed_caption, short_caption
+from retrieval.toyworld.garments import EMBLEM_SPOTS, GARMENTS, Details
+
+CONFIG = WorldConfig()
+TINY = world_config("tiny")
+GARMENT_WORDS = set(CONFIG.categories) | set(CONFIG.colour_names) | set(CONFIG.patterns)
+DETAIL_WORDS = set(CONFIG.emblems) | set(EMBLEM_SPOTS) | {"trim", "hem", "collar", "cuffs", "waist", "belt", "emblem"}
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def changed_pixels(a: Image.Image, b: Image.Image, threshold: int = 40) -> int:
+    return int((np.abs(pixels(a) - pixels(b)).max(axis=-1) > threshold).sum())
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    rng = np.random.default_rng(0)
+    return [sample_scene(rng, CONFIG) for _ in range(400)]
+
+
+# ----- rendering
+
+
+def test_render_size_and_mode(scenes):
+    image = render_scene(scenes[0], CONFIG)
+    assert image.mode == "RGB" and image.size == (64, 64)
+    small = WorldConfig(image_size=32, supersample=1)
+    assert render_scene(scenes[0], small).size == (32, 32)
+
+
+def test_render_is_deterministic_given_the_scene(scenes):
+    assert np.array_equal(pixels(render_scene(scenes[1], CONFIG)), pixels(render_scene(scenes[1], CONFIG)))
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs():
+    def pairs(seed):
+        rng = np.random.default_rng(seed)
+        return [sample_training_pair(rng, CONFIG) for _ in range(6)]
+
+    a, b, c = pairs(7), pairs(7), pairs(8)
+    assert all(np.array_equal(pixels(x), pixels(y)) and s == t for (x, s), (y, t) in zip(a, b))
+    assert [s for _, s in a] != [s for _, s in c]
+    assert not all(np.array_equal(pixels(x), pixels(y)) for (x, _), (y, _) in zip(a, c))
+
+
+def test_contexts_differ_from_each_other(scenes):
+    """Every pair of backgrounds differs clearly at 64 px (mean absolute difference, same figure)."""
+    base = scenes[0]
+    images = {c: pixels(render_scene(dataclasses.replace(base, context=c), CONFIG)) for c in CONFIG.contexts}
+    for a, b in combinations(CONFIG.contexts, 2):
+        assert np.abs(images[a] - images[b]).mean() > 25, (a, b)
+
+
+def test_categories_have_distinct_silhouettes(scenes):
+    base = dataclasses.replace(scenes[0], pattern="plain", details=Details())
+    images = {c: render_scene(dataclasses.replace(base, category=c), CONFIG) for c in CONFIG.categories}
+    for a, b in combinations(CONFIG.categories, 2):
+        assert changed_pixels(images[a], images[b]) >= 20, (a, b)
+
+
+def test_unnamed_details_change_pixels():
+    """Concepts with the same words, drawn into the same scene, render differently."""
+    plan = plan_split(CONFIG, "test")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for a, b in combinations(plan.concepts, 2):
+        if a.words != b.words:
+            continue
+        scene = sample_scene(rng, CONFIG, concept=a)
+        other = dataclasses.replace(scene, details=b.details, concept=b.pair_id)
+        assert changed_pixels(render_scene(scene, CONFIG), render_scene(other, CONFIG)) >= 15, (a, b)
+        checked += 1
+    assert checked >= 25
+
+
+# ----- captions
+
+
+def test_captions_name_the_words_and_nothing_else(scenes):
+    rng = np.random.default_rng(1)
+    for scene in scenes:
+        text = caption(scene, rng)
+        found = words(text)
+        assert found & GARMENT_WORDS <= set(scene.words), (text, scene.words)
+        assert not found & DETAIL_WORDS, text
+        assert not re.search(r"\d", text), text
+        assert "person" in found or scene.category in found
+
+
+def test_context_captions_never_name_the_garment(scenes):
+    rng = np.random.default_rng(2)
+    for scene in scenes:
+        for text in (context_caption(scene, rng), short_caption(scene), detailed_caption(scene)):
+            found = words(text)
+            assert "person" in found, text
+            assert not found & (GARMENT_WORDS | DETAIL_WORDS), text
+    for phrases in CONTEXT_WORDS.values():
+        for text in (*phrases.places, phrases.noun, phrases.detailed):
+            assert not words(text) & (GARMENT_WORDS | DETAIL_WORDS), text
+
+
+def test_training_pairs_cover_every_factor():
+    rng = np.random.default_rng(3)
+    drawn = [sample_scene(rng, CONFIG) for _ in range(1500)]
+    vocabularies = {"context": CONFIG.contexts, "category": CONFIG.categories, "colour": CONFIG.colour_names,
+                    "pattern": CONFIG.patterns, "pose": CONFIG.poses}
+    for field, vocabulary in vocabularies.items():
+        assert {getattr(s, field) for s in drawn} == set(vocabulary), field
+    assert {s.details.trim for s in drawn} >= {None, "hem", "collar", "cuffs", "waist"}
+    assert {s.details.emblem for s in drawn} == {None, *CONFIG.emblems}
+    assert n_word_combinations(CONFIG) == 14 * 8 * 10 * 4 * 4
+
+
+# ----- concepts
+
+
+def test_each_concepts_words_are_shared_and_details_differ():
+    plan = plan_split(CONFIG, "test")
+    assert len(plan.concepts) == 50 and len({c.pair_id for c in plan.concepts}) == 50
+    counts = Counter(c.words for c in plan.concepts)
+    assert min(counts.values()) >= 2
+    for a, b in combinations(plan.concepts, 2):
+        if a.words == b.words:
+            assert a.details.differences(b.details) >= 2
+    for c in plan.concepts:
+        assert c.details.trim is not None or c.details.emblem is not None
+        assert c.details.trim is None or c.details.trim in GARMENTS[c.category].trims
+
+
+def test_config_rejects_unknown_names_and_too_few_contexts():
+    with pytest.raises(ValueError, match="volcano"):
+        WorldConfig(contexts=("brick wall", "volcano"))
+    with pytest.raises(ValueError, match="eval_per_concept"):
+        WorldConfig(contexts=CONFIG.contexts[:4], eval_per_concept=4)
+    with pytest.raises(KeyError, match="tiny"):
+        world_config("huge")
+
+
+# ----- the written split
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("toyworld") / "split", TINY, "test")
+
+
+def test_written_split_reads_back(tiny_split):
+    split = read_split(tiny_split.annotations, "test")
+    plan = plan_split(TINY, "test")
+    assert split.pair_ids == [c.pair_id for c in plan.concepts]
+    assert len(split.fsl_train) == TINY.n_concepts == 6
+    assert all(TINY.shots[0] <= len(names) <= TINY.shots[1] for names in split.fsl_train.values())
+    assert len(split.queries) == TINY.n_concepts * TINY.eval_per_concept
+    assert split.categories == {c.pair_id: c.category for c in plan.concepts}
+    assert missing_images(split, tiny_split.images) == []
+    assert all(re.fullmatch(r"\d{6}\.jpg", n) for names in split.fsl_train.values() for n in names)
+    assert split.queries["caption"].str.contains("person").all()
+    for variant in ("short", "detailed"):
+        assert read_split(tiny_split.annotations, "test", variant).queries["image_name"].tolist() == split.queries["image_name"].tolist()
+    image = Image.open(tiny_split.images / "train/image" / split.fsl_train[split.pair_ids[0]][0])
+    assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_fsl_file_has_the_real_layout(tiny_split):
+    text = tiny_split.fsl_train.read_text()
+    assert text.startswith("codes_infer/1:\n") and text.endswith(".jpg\n") and not text.endswith("\n\n")
+    blocks = text[:-1].split("\n\n")
+    assert len(blocks) == TINY.n_concepts
+    assert all(line == line.strip() and line for block in blocks for line in block.split("\n"))
+
+
+def test_evaluation_contexts_are_new_and_hold_hard_negatives(tiny_split):
+    import pandas as pd
+
+    scenes = pd.read_csv(tiny_split.scenes, dtype=str, keep_default_na=False)
+    for pair_id, rows in scenes.groupby("pair_id"):
+        shots = set(rows.loc[rows.role == "few-shot", "context"])
+        evals = rows.loc[rows.role == "evaluation", "context"]
+        assert len(evals) == TINY.eval_per_concept and len(set(evals)) == len(evals)
+        assert not shots & set(evals), pair_id
+    queries = scenes[scenes.role == "evaluation"]
+    for _, q in queries.iterrows():  # same words, same context, another concept
+        rivals = queries[(queries.category == q.category) & (queries.colour == q.colour) & (queries.pattern == q.pattern)
+                         & (queries.context == q.context) & (queries.pair_id != q.pair_id)]
+        assert len(rivals) >= 1, q.image_name
+
+
+def test_write_split_is_deterministic(tiny_split, tmp_path):
+    again = write_split(tmp_path / "again", TINY, "test")
+    for name in ("fsl_train", "captions", "categories", "short_captions", "detailed_captions", "scenes"):
+        assert getattr(again, name).read_bytes() == getattr(tiny_split, name).read_bytes(), name
+    images = sorted(p.name for p in (tiny_split.images / "train/image").iterdir())
+    assert images == sorted(p.name for p in (again.images / "train/image").iterdir())
+    for name in images:
+        a, b = (Image.open(p.images / "train/image" / name) for p in (tiny_split, again))
+        assert np.array_equal(pixels(a), pixels(b)), name
+    other = write_split(tmp_path / "other", dataclasses.replace(TINY, seed=1), "test")
+    assert other.captions.read_bytes() != tiny_split.captions.read_bytes()
+
+
+def test_both_splits_share_one_folder_but_not_two_worlds(tmp_path):
+    write_split(tmp_path, TINY, "test")
+    write_split(tmp_path, TINY, "validation")
+    test, validation = read_split(tmp_path / "annotations", "test"), read_split(tmp_path / "annotations", "validation")
+    assert not set(test.pair_ids) & set(validation.pair_ids)
+    assert not set(test.queries["image_name"]) & set(validation.queries["image_name"])
+    assert missing_images(validation, tmp_path / "images") == []
+    with pytest.raises(ValueError, match="another config"):
+        write_split(tmp_path, dataclasses.replace(TINY, seed=1), "test")
+    with pytest.raises(ValueError, match="unknown split"):
+        plan_split(TINY, "train")
