@@ -44,7 +44,7 @@ TUNE_K = 10                 # tuning measures recall@10
 TUNE_NOISE = 0.5            # norm of the gaussian perturbation of tuning queries: cosine to their source ~0.9
 FLAT_MARGIN = 16            # flat search fetches k + margin candidates before its exact re-rank
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means wants >= 39 training points per centroid (it warns below)
-_ALL_IDS_VALID = np.iinfo(np.int64).max  # sort key of padding: after every real id
+_PAD_SORT_KEY = np.iinfo(np.int64).max  # sort key of padding (-1 ids): after every real id
 
 VectorLookup = Callable[[np.ndarray], np.ndarray]  # ids (m,) int64 -> their vectors (m, d) float32
 
@@ -59,6 +59,8 @@ class IndexType(str, enum.Enum):
 
 @dataclass(frozen=True)
 class IndexConfig:
+    """How to build an index: its type (or `auto`), the recall it is tuned to, and each type's sizes."""
+
     index_type: IndexType = IndexType.AUTO  # auto: choose_index_type(n, d, config)
     recall_target: float = 0.95             # recall@10 vs exact search that tuning must reach (with re-ranking)
     # auto: exact search up to this many vectors. Measured on 2 CPU cores at d=768 (IndexFlatIP): one query
@@ -67,8 +69,8 @@ class IndexConfig:
     # and a recall loss for little gain.
     flat_max_vectors: int = 200_000
     memory_budget_bytes: int = 8 << 30      # auto: if full float32 vectors (n*d*4 bytes) exceed this, use IVF-PQ
-    hnsw_m: int = 32                        # HNSW links per node (Malkov & Yashunin 2018; 32 suits d >= 256)
-    hnsw_ef_construction: int = 200         # HNSW candidate list while building (the paper's 100..400 range)
+    hnsw_m: int = 32                        # HNSW links per node (Malkov & Yashunin 2018); high-dimensional data wants 32+
+    hnsw_ef_construction: int = 200         # HNSW candidate list while inserting: larger = better graph, slower build
     # IVF lists. None: round(4*sqrt(n)) (faiss wiki guideline: 4..16*sqrt(n)), clipped to
     # [1, n_train // 39] so that k-means has its 39 training points per centroid.
     ivf_nlist: int | None = None
@@ -316,7 +318,7 @@ def _tune(index, kind: IndexType, vectors: np.ndarray, ids: np.ndarray, config: 
             f"{config.recall_target}: raise rerank_factor, use index_type ivf (or flat), or for ivfpq a larger pq_m",
             stacklevel=3,
         )
-    return params_for(value, round(float(recall), 4))
+    return params_for(value, round(float(recall), 6))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,11 +415,11 @@ def _exact_scores(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray) ->
     Identical vectors get bit-identical scores (same summation order), so duplicates tie exactly."""
     nq, m = rows.shape
     out = np.empty((nq, m), np.float32)
-    v64 = vectors.astype(np.float64)
     q64 = queries.astype(np.float64)
     step = max(1, (1 << 22) // max(1, m * vectors.shape[1]))  # ~32 MB of gathered float64 rows per chunk
     for a in range(0, nq, step):
-        out[a : a + step] = np.einsum("cmd,cd->cm", v64[rows[a : a + step]], q64[a : a + step])
+        gathered = vectors[rows[a : a + step]].astype(np.float64)  # (c, m, d)
+        out[a : a + step] = np.einsum("cmd,cd->cm", gathered, q64[a : a + step])
     return out
 
 
@@ -436,7 +438,7 @@ def _rerank(queries: np.ndarray, cand: np.ndarray, lookup: VectorLookup, k: int)
     rows = np.searchsorted(uniq, np.where(valid, cand, uniq[0]))         # (nq, m) rows into vecs
     scores = _exact_scores(queries, vecs, rows)
     scores[~valid] = -np.inf
-    order = np.lexsort((np.where(valid, cand, _ALL_IDS_VALID), -scores), axis=1)[:, :k]  # (nq, k)
+    order = np.lexsort((np.where(valid, cand, _PAD_SORT_KEY), -scores), axis=1)[:, :k]  # (nq, k)
     top_ids = np.take_along_axis(cand, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1)
     if top_ids.shape[1] < k:  # fewer candidates than k

@@ -173,18 +173,31 @@ class ClipEncoder:
                                 torch.stack(vals).to(emb))
         return emb
 
-    def text_transformer(self, embeddings: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_transformer(
+        self, embeddings: torch.Tensor, eot: torch.Tensor, skip_last_layers: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the text tower on input embeddings (B, L, width).
 
         Returns (hidden, features): hidden (B, L, width) the final-layer-normed states of every position
         (diffusion conditioning), features (B, dim) the projected, UNnormalised feature pooled at `eot`.
+        `skip_last_layers` > 0 stops that many transformer blocks early, then applies ln_final: Stable
+        Diffusion 2.x conditions on the penultimate layer (skip 1). The features then come from those states too.
         """
         m = self.model
         if not hasattr(m, "transformer") or not hasattr(m, "ln_final"):
             raise ModelLoadError(f"{self.spec}: custom-token prompts need open_clip's built-in text transformer")
+        n_blocks = len(m.transformer.resblocks)
+        if not 0 <= skip_last_layers < n_blocks:
+            raise ValueError(f"skip_last_layers must be in [0, {n_blocks - 1}] for this {n_blocks}-block text tower, got {skip_last_layers}")
         dtype = m.transformer.get_cast_dtype()
         x = embeddings.to(dtype) + m.positional_embedding.to(dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        if skip_last_layers == 0:
+            x = m.transformer(x, attn_mask=m.attn_mask)
+        else:
+            x = x if m.transformer.batch_first else x.transpose(0, 1)
+            for block in m.transformer.resblocks[: n_blocks - skip_last_layers]:
+                x = block(x, attn_mask=m.attn_mask)
+            x = x if m.transformer.batch_first else x.transpose(0, 1)
         hidden = m.ln_final(x)  # (B, L, width)
         if m.text_pool_type in ("argmax", "eos"):
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot.to(hidden.device)]
@@ -199,12 +212,16 @@ class ClipEncoder:
         return hidden, feats
 
     def text_features(
-        self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None, pad_id: int = 0
+        self,
+        texts: Sequence[str],
+        vectors: Mapping[str, torch.Tensor] | None = None,
+        pad_id: int = 0,
+        skip_last_layers: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, PromptTokens]:
         """Differentiable: (hidden (B, L, width), normalised features (B, dim), tokens)."""
         vectors = dict(vectors or {})
         tokens = self.tokenize(texts, {k: v.shape[0] for k, v in vectors.items()}, pad_id=pad_id)
-        hidden, feats = self.text_transformer(self.input_embeddings(tokens, vectors), tokens.eot)
+        hidden, feats = self.text_transformer(self.input_embeddings(tokens, vectors), tokens.eot, skip_last_layers)
         return hidden, F.normalize(feats.float(), dim=-1), tokens
 
     @torch.no_grad()
@@ -219,11 +236,16 @@ class ClipEncoder:
 
     @torch.no_grad()
     def text_hidden_states(
-        self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None, pad_id: int = 0
+        self,
+        texts: Sequence[str],
+        vectors: Mapping[str, torch.Tensor] | None = None,
+        pad_id: int = 0,
+        skip_last_layers: int = 0,
     ) -> torch.Tensor:
         """Per-position final hidden states (B, L, width), float32: what a diffusion UNet attends to.
-        Use pad_id = end-of-text (49407) for Stable Diffusion 1.x's padding convention."""
-        return self.text_features(texts, vectors, pad_id=pad_id)[0].float()
+        Use pad_id = end-of-text (49407) for Stable Diffusion 1.x's padding convention, and
+        skip_last_layers=1 for Stable Diffusion 2.x's penultimate layer."""
+        return self.text_features(texts, vectors, pad_id=pad_id, skip_last_layers=skip_last_layers)[0].float()
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

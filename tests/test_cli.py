@@ -23,7 +23,7 @@ def indexed(gallery, tmp_path):
     return idx
 
 
-@pytest.mark.parametrize("command", ["index", "reindex", "query", "info"])
+@pytest.mark.parametrize("command", ["index", "reindex", "query", "info", "demo"])
 def test_every_command_has_help(command):
     r = runner.invoke(app, [command, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output and len(r.output) > 200
@@ -93,3 +93,14 @@ def test_python_cli_and_console_script_are_one_app():
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"personal-retrieval": "cli:app"}
+
+
+def test_demo_runs_end_to_end_and_reruns_incrementally(tmp_path):
+    args = ["demo", "--out", str(tmp_path / "demo"), "--model", "tiny-random", "--device", "cpu", "--no-progress"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "indexed 591 new or changed images" in r.output and r.output.count("# a person wearing") == 4
+    page = (tmp_path / "demo" / "results.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 4 * 5
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "indexed 0 new or changed images" in r.output and "kept 591 unchanged" in r.output

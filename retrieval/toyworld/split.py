@@ -20,6 +20,7 @@ the same contexts, so the gallery holds hard negatives: same words, same place, 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from indexes.atomic import write_atomic
 from retrieval.toyworld.captions import context_caption, detailed_caption, short_caption
 from retrieval.toyworld.concepts import Concept, draw_concepts
 from retrieval.toyworld.config import WorldConfig
@@ -160,10 +162,15 @@ def write_split(out_dir: str | Path, config: WorldConfig, split: str = "test") -
     image_dir.mkdir(parents=True, exist_ok=True)
     paths.annotations.mkdir(parents=True, exist_ok=True)
 
-    # 2. images
+    # 2. images; an identical file already there is left alone (its mtime too), so that an index of this
+    #    folder sees nothing changed when the same world is written again
     fsl_images = [im for images in plan.fsl.values() for im in images]
     for im in fsl_images + plan.queries:
-        render_scene(im.scene, config).save(image_dir / im.name, quality=config.jpeg_quality)
+        buf = io.BytesIO()
+        render_scene(im.scene, config).save(buf, format="JPEG", quality=config.jpeg_quality)
+        target = image_dir / im.name
+        if not (target.is_file() and target.read_bytes() == buf.getvalue()):
+            write_atomic(target, lambda p, data=buf.getvalue(): p.write_bytes(data))
 
     # 3. few-shot lists: blocks separated by one blank line, newline at the end (as test_fsl_train.txt)
     blocks = ["\n".join([f"codes_infer/{pair_id}:", *(im.name for im in images)]) for pair_id, images in plan.fsl.items()]
