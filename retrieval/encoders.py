@@ -83,6 +83,12 @@ class ClipEncoder:
         return self.model.token_embedding.weight.shape[1]
 
     @property
+    def image_size(self) -> int:
+        """Shorter side of the encoder's input images (pixels)."""
+        size = self.model.visual.image_size
+        return min(size) if isinstance(size, (tuple, list)) else int(size)
+
+    @property
     def context_length(self) -> int:
         return self.model.positional_embedding.shape[0]
 

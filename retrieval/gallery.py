@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from retrieval.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
+from retrieval.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image_and_size
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ class GalleryDataset(torch.utils.data.Dataset):
         files: Sequence[GalleryFile],
         transform: Callable[[Image.Image], torch.Tensor],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_size: int | None = None,  # the encoder's input size: JPEGs decode at a reduced scale down to it
     ):
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
@@ -128,13 +129,16 @@ class GalleryDataset(torch.utils.data.Dataset):
         self.files = list(files)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> DecodedItem:
         try:
-            image = load_image(os.path.join(self.root, self.files[i].path), max_pixels=self.max_pixels)
+            image, (width, height) = load_image_and_size(
+                os.path.join(self.root, self.files[i].path), max_pixels=self.max_pixels, min_size=self.min_size
+            )
         except BadImage as e:
             return _bad(i, e.reason)
         try:
@@ -144,7 +148,7 @@ class GalleryDataset(torch.utils.data.Dataset):
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 3:
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             return _bad(i, f"preprocess failed (expected a (C, H, W) tensor, got {got})")
-        return DecodedItem(index=i, pixels=pixels, width=image.width, height=image.height, reason="")
+        return DecodedItem(index=i, pixels=pixels, width=width, height=height, reason="")
 
 
 def _bad(index: int, reason: str) -> DecodedItem:

@@ -73,8 +73,19 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> Image.Image:
+    """Open, fully decode and convert PATH to an upright 8-bit RGB image (see the module docstring)."""
+    return load_image_and_size(path, max_pixels, min_size)[0]
+
+
+def load_image_and_size(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """Open, fully decode and convert PATH to an upright 8-bit RGB image (see the module docstring).
+
+    Returns (image, (width, height)): the size is the file's full upright size. With `min_size`, a JPEG is
+    decoded at a reduced DCT scale (1/2, 1/4 or 1/8, Pillow's draft mode) that keeps both sides >= min_size:
+    a 12-megapixel photo meant for a 224-px encoder then decodes several times faster.
 
     Raises BadImage(reason) for any file that cannot be used, never another exception for a bad file
     (RuntimeError only if PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set, ValueError for max_pixels < 1).
@@ -108,13 +119,16 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                     raise BadImage(f"truncated or corrupt (header gives a {width} x {height} image)")
                 if width * height > max_pixels:
                     raise BadImage(f"too many pixels ({width} x {height} > {max_pixels})")
-                # 3. the pixels
+                # 3. the pixels (at a reduced scale when a smaller image is all the caller needs)
+                if min_size and im.format == "JPEG":
+                    im.draft(im.mode, (min_size, min_size))
                 try:
                     im.load()
                 except MemoryError as e:
                     raise BadImage(f"out of memory (decoding {width} x {height} {im.mode})") from e
                 # 4. orientation; the result is a new image, independent of the file closed below
                 upright = ImageOps.exif_transpose(im)
+                full_size = (height, width) if upright.size != im.size else (width, height)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -130,7 +144,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
     # 5. colour
     try:
-        return to_rgb(upright)
+        return to_rgb(upright), full_size
     except MemoryError as e:
         raise BadImage(f"out of memory (converting {upright.width} x {upright.height} {upright.mode} to RGB)") from e
 

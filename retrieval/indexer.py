@@ -121,7 +121,7 @@ def embed_shards(
         start += n
         ends.append(len(batches))  # shard s is complete after batch number ends[s]
     workers = default_workers() if config.workers < 0 else config.workers
-    dataset = GalleryDataset(root, files, encoder.preprocess, max_pixels=config.max_pixels)
+    dataset = GalleryDataset(root, files, encoder.preprocess, max_pixels=config.max_pixels, min_size=encoder.image_size)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,

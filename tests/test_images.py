@@ -205,3 +205,30 @@ def test_file_handles_are_closed_and_result_is_independent(bad_dir, tmp_path):
     im = load_image(copy)
     copy.unlink()  # nothing may still read the file
     assert np.asarray(im).shape == (10, 12, 3)
+
+
+def test_jpeg_draft_decoding_keeps_the_full_size_and_enough_pixels(tmp_path):
+    """min_size: a large JPEG decodes at a reduced DCT scale, never below min_size, and reports its full size."""
+    from retrieval.images import load_image_and_size
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.jpg", quality=90)
+    small, size = load_image_and_size(tmp_path / "big.jpg", min_size=224)
+    assert size == (1600, 1200) and small.mode == "RGB"
+    assert min(small.size) >= 224 and small.size == (400, 300)  # 1/4 scale: 1/8 would give 150 < 224
+    full, size_full = load_image_and_size(tmp_path / "big.jpg")
+    assert full.size == size_full == (1600, 1200)
+    big.save(tmp_path / "big.png")  # not a JPEG: no draft decoding
+    assert load_image_and_size(tmp_path / "big.png", min_size=224)[0].size == (1600, 1200)
+
+
+def test_draft_decoding_reports_the_upright_size_of_an_exif_rotated_jpeg(tmp_path):
+    from retrieval.images import load_image_and_size
+
+    im = Image.new("RGB", (1600, 1200), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(tmp_path / "r.jpg", exif=exif)
+    upright, size = load_image_and_size(tmp_path / "r.jpg", min_size=224)
+    assert size == (1200, 1600) and upright.size == (300, 400)
