@@ -163,7 +163,7 @@ def info(index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="The index folde
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's world, index and report."),
-    model: str = typer.Option("tiny-random", help=MODEL_HELP),
+    model: str = typer.Option("toyworld", help=MODEL_HELP + " Default: the synthetic world's own small CLIP."),
     k: int = typer.Option(5, min=1, help="Results per query."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -180,13 +180,184 @@ def demo(
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(result.summary.format())
-    for r, rank in zip(result.results, result.target_ranks):
-        typer.echo(f"# {r.query}")
+    for r, rank, target, concept in zip(result.results, result.target_ranks, result.targets, result.concepts):
+        typer.echo(f"# {r.query}   (answer: {target}, concept {concept})")
         for h in r.hits:
             typer.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
         typer.echo(f"  -> the image this caption describes is at rank {rank}" if rank else
                    f"  -> the image this caption describes is not in the top {k}")
+    typer.echo(
+        "Queries with the same words name look-alike concepts (same garment words, other unnamed details): words\n"
+        "alone cannot tell them apart. Custom tokens learned from a few photos of each concept are meant to."
+    )
     typer.echo(f"report: {result.html}")
+
+
+# ----- custom tokens (tokens/): learn, visualise, manage
+class MethodOpt(str, Enum):
+    ours = "ours"
+    ti = "ti"
+    pt = "pt"
+    batex = "batex"
+
+
+TOKEN_MODEL_HELP = (
+    "CLIP model SPEC whose embedding space the tokens live in (see `index --help`); `toyworld` is the synthetic "
+    "world's CLIP, `tiny-random` a download-free smoke test. Tokens remember it: one made for another model is refused."
+)
+DIFFUSION_HELP = (
+    "Diffusion model SPEC: a hub repo id, a local diffusers folder, or a preset (sd14, sd15, sd21, toyworld, "
+    "tiny-random). auto: the one paired with --model (ViT-L-14-quickgelu/openai -> sd14 = CompVis/stable-diffusion-v1-4, "
+    "ViT-H-14/laion2b_s32b_b79k -> sd21, toyworld -> toyworld, tiny-random -> tiny-random)."
+)
+TOKENS_DIR_HELP = "The token store: a folder of <name>.safetensors files (created on first use)."
+DEFAULT_TOKENS_DIR = Path("custom_tokens")
+
+
+@app.command("learn-token")
+def learn_token_command(
+    name: str = typer.Argument(..., help="The token's name (letters, digits, . _ -); in prompts it is * or <NAME>."),
+    images: Path = typer.Option(..., help="Folder of the concept's images (at least 3 usable; unreadable ones are skipped)."),
+    parent: str = typer.Option(..., help="The concept's parent word, e.g. dress (several words: their mean initialises the token)."),
+    method: MethodOpt = typer.Option(
+        MethodOpt.ours, help="ours: diffusion + classification loss, token in an attribute subspace (Perera et al.); "
+        "ti: textual inversion (diffusion loss); pt: prompt tuning (classification loss); batex: BaTex basis coefficients."
+    ),
+    steps: Optional[int] = typer.Option(None, min=0, help="Optimiser steps (default: 20000; batex 500)."),
+    vectors: Optional[int] = typer.Option(None, min=1, help="Vectors per token (default 10; with --init-caption: one per caption token)."),
+    init_caption: Optional[str] = typer.Option(
+        None, help="Start from a caption, one vector per caption token (\"a red tea kettle with gold leaf\"), or auto: "
+        "a caption ranked from the attribute vocabulary by CLIP against the images. Default: the parent word."
+    ),
+    negatives: Optional[Path] = typer.Option(
+        None, help="Folder of negative images of the parent (ours, pt). Default: sampled from the diffusion model for "
+        "\"image of a <parent>\" and cached in --tokens-dir."
+    ),
+    n_negatives: int = typer.Option(16, min=1, help="Negatives to sample when no --negatives folder is given."),
+    negative_steps: int = typer.Option(50, min=1, help="DDIM steps when sampling negatives."),
+    model: str = typer.Option("ViT-L-14-quickgelu/openai", help=TOKEN_MODEL_HELP),
+    diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
+    seed: int = typer.Option(0, help="Seeds the image, prompt, noise and timestep draws (and sampled negatives)."),
+    overwrite: bool = typer.Option(False, help="Replace a token of the same name."),
+    device: str = typer.Option("auto", help="auto (GPU if present, with mixed precision), cpu, cuda, cuda:N."),
+    progress: bool = typer.Option(True, help="Show a progress bar with each loss term."),
+):
+    """Learn a custom token from a few images of a concept and its parent word, and save it in the token store.
+
+    The token then works in prompts for generation (`generate`) and for CLIP retrieval. A NaN loss stops training
+    and keeps the last good token (the summary says so).
+    """
+    from tokens.learn import LearnRequest, learn_token
+
+    try:
+        request = LearnRequest(
+            name=name, images=images, parent=parent, method=method.value, steps=steps, n_vectors=vectors,
+            init_caption=init_caption, negatives=negatives, model=model, diffusion=diffusion, tokens_dir=tokens_dir,
+            seed=seed, overwrite=overwrite, device=device,
+            overrides={"n_negatives": n_negatives, "negative_steps": negative_steps},
+        )
+        result = learn_token(request, progress=progress)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(result.format())
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt; * stands for the --token (or write <NAME> for each token)."),
+    token: List[str] = typer.Option([], "--token", help="A token name from --tokens-dir (repeat for several)."),
+    n: int = typer.Option(4, min=1, help="Images to generate."),
+    out: Path = typer.Option(Path("grid.png"), help="Where the grid of images is written (PNG)."),
+    steps: int = typer.Option(50, min=1, help="DDIM sampling steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    negative_prompt: str = typer.Option("", help="The unconditional prompt of classifier-free guidance."),
+    seed: int = typer.Option(0, help="Image i starts from noise seeded seed + i."),
+    model: str = typer.Option("ViT-L-14-quickgelu/openai", help=TOKEN_MODEL_HELP),
+    diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+):
+    """Generate images for a prompt with custom tokens and write them as one grid, e.g.
+    generate "a photo of a * dress on a beach" --token my-dress."""
+    from tokens.generate import GenerateRequest, generate_images
+
+    try:
+        result = generate_images(GenerateRequest(
+            prompt=prompt, tokens=tuple(token), n=n, out=out, model=model, diffusion=diffusion, tokens_dir=tokens_dir,
+            steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, seed=seed, device=device,
+        ))
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"wrote {len(result.images)} images for {result.prompt!r} to {result.out}")
+
+
+tokens_app = typer.Typer(no_args_is_help=True, help="List, show and delete the tokens of a token store.")
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
+    model: Optional[str] = typer.Option(None, help="Only the tokens made for this CLIP SPEC (default: all)."),
+):
+    """List the tokens: name, method, parent, vectors, model, when made."""
+    from tokens.store import TokenStore
+
+    try:
+        entries = TokenStore(tokens_dir).entries()
+    except _user_errors() as e:
+        _fail(str(e))
+    shown = [e for e in entries if model is None or (e.info is not None and e.info.model == model)]
+    if not shown:
+        typer.echo(f"no tokens in {tokens_dir}" + (f" for --model {model}" if model else ""))
+    for e in shown:
+        if e.info is None:
+            typer.echo(f"{e.name:<24} UNREADABLE: {e.problem}")
+        else:
+            i = e.info
+            typer.echo(f"{i.name:<24} {i.method:<6} parent={i.parent!r:<12} vectors={i.n_vectors:<3} model={i.model} {i.created}")
+
+
+@tokens_app.command("show")
+def tokens_show(
+    name: str = typer.Argument(..., help="The token's name."),
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
+):
+    """Show everything a token file says about itself (model, parent, method, config, subspace, init, training)."""
+    from dataclasses import asdict
+
+    from tokens.store import TokenStore
+
+    try:
+        store = TokenStore(tokens_dir)
+        info = store.info(name)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"path": str(store.path(name)), "placeholder": info.placeholder, **asdict(info)}, indent=2))
+
+
+@tokens_app.command("delete")
+def tokens_delete(
+    name: str = typer.Argument(..., help="The token's name."),
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+):
+    """Delete a token file from the store."""
+    from tokens.store import TokenStore
+
+    try:
+        store = TokenStore(tokens_dir)
+        store.info(name)  # exists and readable: else the error names what the store has
+    except _user_errors() as e:
+        _fail(str(e))
+    if not yes and not typer.confirm(f"delete token {name!r} ({store.path(name)})?"):
+        _fail("not deleted")
+    try:
+        path = store.delete(name)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"deleted {path}")
 
 
 def main() -> None:

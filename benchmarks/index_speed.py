@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +43,10 @@ from indexes.vector_index import (  # noqa: E402
 
 K = 10
 CHUNK = 100_000        # rows generated per seeded chunk (the data do not depend on --sizes' order)
-PROBE_N = 20_000       # estimate a build from one on max(PROBE_N, n // 20) vectors; sizes <= 5 * PROBE_N just build
-# build time growth from the probe to n (r = n / probe). HNSW: each insertion costs ~log n graph hops.
-# IVF: assigning n vectors to nlist ~ sqrt(n) lists grows as r^1.5, but k-means training (capped at
-# train_sample vectors) and tuning dominate at these sizes; r^1.25 is a rough middle, printed as an estimate.
-BUILD_GROWTH = {"hnsw": lambda r, n, m: r * math.log(n) / math.log(m), "ivf": lambda r, n, m: r ** 1.25,
-                "ivfpq": lambda r, n, m: r ** 1.25}
+PROBE_N = 20_000       # smallest probe build for estimating a build's time; sizes <= 5 * PROBE_N just build
+# The estimate fits t = fixed + per-vector cost to builds on n/40 and n/20 vectors: fixed costs (IVF-PQ's
+# codebook training, capped at train_sample vectors) do not grow with n. HNSW's per-vector cost also grows
+# as log n (graph hops per insertion); IVF's grows slowly with nlist and is taken as constant.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,10 +61,13 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, stream: int = 0) -> np
     links carry no information and any approximate index looks far worse than on real embeddings. CLIP
     embeddings lie near a low-dimensional, clustered manifold and share a common direction. So: a
     two-level gaussian mixture (100 themes x 100 sub-clusters) in a 64-dimensional latent space, plus a
-    shared offset, mapped into d dimensions by a random orthonormal basis, plus isotropic noise.
-    `stream` draws other points (e.g. queries) from the same distribution.
+    shared offset, mapped into d dimensions by a random orthonormal basis, plus isotropic noise. Points
+    spread wider than their sub-clusters are apart, so clusters overlap (tighter clusters made IVF
+    unrealistically easy: nprobe 2 sufficed at 1M). `stream` draws other points (e.g. queries) from the
+    same distribution. At d = 768 a point's cosine is ~0.84 to its nearest neighbour, ~0.80 to its 10th
+    and 0.29 +- 0.11 to a random point (`describe` prints them).
     """
-    latent, n_themes, n_sub = 64, 100, 100
+    latent, n_themes, n_sub = min(64, d), 100, 100
     model = np.random.default_rng([seed, 0])
     basis = np.linalg.qr(model.standard_normal((d, latent)))[0].T.astype(np.float32)   # (latent, d) orthonormal rows
     shared = model.standard_normal(latent) * 0.8                                        # common direction, norm ~6
@@ -75,8 +78,8 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, stream: int = 0) -> np
     for c, a in enumerate(range(0, n, CHUNK)):
         rng = np.random.default_rng([seed, 1 + stream, c])
         m = min(CHUNK, n - a)
-        z = subs[rng.integers(len(subs), size=m)] + shared + rng.standard_normal((m, latent)) * 0.35  # (m, latent)
-        x = z.astype(np.float32) @ basis + rng.standard_normal((m, d), dtype=np.float32) * 0.085     # (m, d)
+        z = subs[rng.integers(len(subs), size=m)] + shared + rng.standard_normal((m, latent)) * 0.7  # (m, latent)
+        x = z.astype(np.float32) @ basis + rng.standard_normal((m, d), dtype=np.float32) * 0.06      # (m, d)
         out[a : a + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -99,15 +102,21 @@ def config_for(index_type: str, seed: int) -> IndexConfig:
 
 
 def estimate_build_seconds(vectors: np.ndarray, kind: str, config: IndexConfig) -> float | None:
-    """Seconds to build `kind` over all of `vectors`, extrapolated from a build on a prefix of them
+    """Seconds to build `kind` over all of `vectors`, extrapolated from builds on two prefixes of them
     (None: flat, or small enough to just build)."""
     n = len(vectors)
     if kind == "flat" or n <= 5 * PROBE_N:
         return None
-    m = max(PROBE_N, n // 20)
-    t0 = time.perf_counter()
-    build_index(vectors[:m], np.arange(m, dtype=np.int64), config)
-    return (time.perf_counter() - t0) * BUILD_GROWTH[kind](n / m, n, m)
+    config = replace(config, index_type=IndexType(kind))  # `auto` would resolve to flat on a small prefix
+    sizes = [max(PROBE_N // 2, n // 40), max(PROBE_N, n // 20)]
+    seconds = []
+    for m in sizes:
+        t0 = time.perf_counter()
+        build_index(vectors[:m], np.arange(m, dtype=np.int64), config)
+        seconds.append(time.perf_counter() - t0)
+    per_vector = max(seconds[1] - seconds[0], 0.0) / (sizes[1] - sizes[0])
+    growth = math.log(n) / math.log(sizes[1]) if kind == "hnsw" else 1.0
+    return seconds[1] + per_vector * growth * (n - sizes[1])
 
 
 def index_bytes(index) -> int:
@@ -143,6 +152,7 @@ def bench_one(vectors, ids, queries, true_ids, config: IndexConfig) -> dict:
         "recall": recall_at_k(found, true_ids, K),
         "tuned_recall": params.measured_recall,
         "index_mb": index_bytes(index) / 2**20,
+        "load": os.getloadavg()[0],  # other processes on the machine slow every number down
     }
     del index
     gc.collect()
@@ -175,8 +185,10 @@ def bench_search(sizes: list[int], dim: int = 768, types: list[str] = ("flat", "
                 row.update(done[kind], note=f"same index as {kind}")
             else:
                 estimate = estimate_build_seconds(vectors, kind, config)
+                if estimate is not None:
+                    print(f"{index_type}: estimated build {estimate:.0f} s", flush=True)
                 if estimate is not None and estimate > max_build_seconds:
-                    reason = f"skipped: estimated build {estimate:.0f} s > --max-build-seconds {max_build_seconds:.0f}"
+                    reason = f"skipped: estimated build {estimate:.0f} s > --max-build-seconds {max_build_seconds:g}"
                     print(f"{index_type}: {reason}", flush=True)
                     rows.append({**row, "resolved": kind, "note": reason})
                     continue
@@ -190,22 +202,25 @@ def bench_search(sizes: list[int], dim: int = 768, types: list[str] = ("flat", "
         for row in rows:
             if row["n"] == n and "qps" in row and flat:
                 row["speedup"] = row["qps"] / flat["qps"]
+        print("\n" + format_table([r for r in rows if r["n"] == n]), flush=True)
         del vectors
         gc.collect()
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| n | type | resolved | setting | build s | queries/s | x flat | recall@10 | tuned recall@10 | index MB | note |"
+    head = ("| n | type | resolved | setting | build s | queries/s | x flat | recall@10 | tuned recall@10 | index MB "
+            "| load | note |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if "qps" not in r:
-            lines.append(f"| {r['n']:,} | {r['type']} | {r['resolved']} | | | | | | | | {r['note']} |")
+            lines.append(f"| {r['n']:,} | {r['type']} | {r['resolved']} | | | | | | | | | {r['note']} |")
             continue
         tuned = f"{r['tuned_recall']:.3f}" if r["tuned_recall"] is not None else "exact"
         speedup = f"{r['speedup']:.1f}" if "speedup" in r else ""
         lines.append(f"| {r['n']:,} | {r['type']} | {r['resolved']} | {r['setting']} | {r['build_s']:.1f} | "
-                     f"{r['qps']:.0f} | {speedup} | {r['recall']:.3f} | {tuned} | {r['index_mb']:.0f} | {r['note']} |")
+                     f"{r['qps']:.0f} | {speedup} | {r['recall']:.3f} | {tuned} | {r['index_mb']:.0f} | {r['load']:.1f} "
+                     f"| {r['note']} |")
     return "\n".join(lines)
 
 
@@ -233,14 +248,15 @@ def main(argv: list[str] | None = None) -> None:
                              choices=[t.value for t in IndexType], help="index types to measure")
     search_args.add_argument("--queries", type=int, default=1000, help="held-out queries, searched as one batch")
     search_args.add_argument("--max-build-seconds", type=float, default=900.0,
-                             help="skip a type whose build, extrapolated from a build on n/20 vectors, would take longer")
+                             help="skip a type whose build, extrapolated from builds on n/40 and n/20 vectors, would take longer")
     search_args.add_argument("--seed", type=int, default=0)
     # embed part: the encoder work adds its options here
     args = parser.parse_args(argv)
 
     if args.part in ("search", "all"):
         rows = bench_search(args.sizes, args.dim, args.types, args.queries, args.max_build_seconds, args.seed)
-        print("\n" + format_table(rows))
+        if len(args.sizes) > 1:
+            print("\n# all sizes\n" + format_table(rows))
     if args.part in ("embed", "all"):
         bench_embed(args)
 

@@ -30,10 +30,12 @@ class DemoResult:
     summary: IndexSummary
     results: list[QueryResult]
     target_ranks: list[int | None]   # rank of the image each query was written for (None: not in the top k)
+    targets: list[str]               # that image, relative to the gallery root
+    concepts: list[str]              # the concept (pair_id) it shows
     html: Path
 
 
-def run_demo(out_dir: str | Path = "demo", model: str = "tiny-random", k: int = 5, progress: bool = True,
+def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, progress: bool = True,
              device: str = "auto") -> DemoResult:
     out = Path(out_dir)
     # 1. the world's test split: 50 concepts, few-shot + evaluation images, PerVL files
@@ -57,4 +59,5 @@ def run_demo(out_dir: str | Path = "demo", model: str = "tiny-random", k: int = 
     ranks = [next((h.rank for h in r.hits if h.path == t), None) for r, t in zip(results, queries["image_name"])]
     # 4. the page
     html = write_html(out / "results.html", results_html(results, store.manifest["gallery_root"]))
-    return DemoResult(summary=summary, results=results, target_ranks=ranks, html=html)
+    return DemoResult(summary=summary, results=results, target_ranks=ranks, targets=queries["image_name"].tolist(),
+                      concepts=[str(c) for c in evals["pair_id"]], html=html)

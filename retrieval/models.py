@@ -38,6 +38,9 @@ TINY_MODEL_CFG: dict[str, Any] = {
 # Named presets are data: a model config built with random weights, or a folder shipped with the project.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-random": {"model_cfg": TINY_MODEL_CFG, "seed": 0},
+    # the toy world's CLIP, trained from scratch and committed; retrain: python -m retrieval.toyworld.train_clip
+    "toyworld": {"folder": Path(__file__).resolve().parent / "toyworld" / "weights" / "clip",
+                 "train": "python -m retrieval.toyworld.train_clip --preset toyworld --out retrieval/toyworld/weights/clip"},
 }
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.pt")
@@ -115,6 +118,8 @@ def load_clip(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", pre
         if kind == "preset":
             preset = PRESETS[name]
             if "folder" in preset:
+                if not Path(preset["folder"]).is_dir():
+                    raise ModelLoadError(f"the {name} model folder {preset['folder']} is missing; train it: {preset['train']}")
                 # a preset that is a shipped folder keeps its short name as its spec
                 return dataclasses.replace(load_clip(str(preset["folder"]), device, precision), spec=spec)
             model_cfg = preset["model_cfg"]

@@ -100,6 +100,7 @@ def test_demo_runs_end_to_end_and_reruns_incrementally(tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "indexed 591 new or changed images" in r.output and r.output.count("# a person wearing") == 4
+    assert r.output.count("(answer: train/image/") == 4
     page = (tmp_path / "demo" / "results.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 4 * 5
     r = runner.invoke(app, args)

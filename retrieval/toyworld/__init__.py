@@ -15,8 +15,15 @@ tell apart, and a benchmark split written in PerVL's file formats.
 | pairs       | sample_training_pair for CLIP / diffusion training                     |
 | split       | plan_split, write_split (PerVL formats)                                |
 | sheet       | contact_sheet, to look at the world                                    |
+| evaluate    | zero-shot classification of images by factor (judges CLIP and samples) |
+| train_clip  | the world's small CLIP, trained from scratch (`--model toyworld`)      |
+| train_diffusion | the world's small text-to-image UNet (`--diffusion toyworld`)      |
 
-Tests: tests/test_toyworld.py (the reader of the written split: tests/test_pervl_data.py).
+The trained models live in weights/clip and weights/diffusion (fp16 safetensors, with their training
+config, log and evaluation); `python -m retrieval.toyworld.train_clip` / `train_diffusion` remake them.
+
+Tests: tests/test_toyworld.py, tests/test_toyworld_clip.py, tests/test_toyworld_diffusion.py (the reader of the
+written split: tests/test_pervl_data.py).
 """
 
 from retrieval.toyworld.captions import caption, context_caption, detailed_caption, garment_phrase, short_caption

@@ -1,0 +1,238 @@
+"""Token quality in the toy world: per method, does a token tell its concept apart, does it generate it, at what cost.
+
+    python -m benchmarks.token_quality                                   # toyworld CLIP + diffusion, 5 concepts
+    python -m benchmarks.token_quality --model tiny-random --diffusion tiny-random --steps 10   # smoke run
+
+Data: the toy world's `test` split (`write_split`, world preset `pervl`). The N concepts are the first concept of
+each of the first N groups (different words); each token is learned from the concept's few-shot images with its
+category as the parent word, all N concepts of a method in ONE batched loop (`tokens.trainer.train_tokens`).
+Negatives (ours, pt) are sampled from the diffusion model for the parent prompt, as `learn-token` does.
+
+Discrimination (Perera et al., Table 3's three questions). Every image x is scored by the token's prompt,
+s(x) = cos(f(x), g("a person wearing a * <parent>.")) in the toy world's CLIP; each number is the ROC AUC of s
+(the probability that a positive outscores a negative, ties counting 1/2), averaged over the N concepts:
+- AUC concept/parent: positives = the concept's evaluation images (contexts its few-shot images never show);
+  negatives = `--parent-images` rendered scenes of other garments of the parent category (random words, details).
+- AUC concept/others: positives = the same; negatives = the evaluation images of every other concept of the split
+  (including the concepts sharing its three words and differing only in unnamed details: the hard negatives).
+- AUC parent/classes: positives = the rendered scenes of the parent category; negatives = as many rendered scenes
+  of the other categories. High means the token still means its parent (it composes with "dress" as a dress).
+Generation (Table 2 style): for each concept and each of its evaluation contexts, `--gen-per-context` images for
+"a person wearing a * <parent> <pose> <place>." (the caption grammar the toy diffusion model was trained on),
+classified zero-shot by the toy world's CLIP (`retrieval.toyworld.evaluate.classify`): object accuracy = the
+category, colour and pattern all those of the concept; context accuracy = the prompted context.
+Cost: seconds per optimiser step of the batched loop (all N concepts), and per concept.
+`--negatives-source world` replaces the sampled negatives by rendered scenes of the parent category (a different
+random stream from the evaluation's): with `--methods pt` nothing then needs the diffusion model.
+A row `words` scores the concept's own words ("a person wearing a red striped dress.") without training: what
+the token must beat.
+
+Defaults: the papers' learning rate (5e-4) and batch (4), but a CPU budget of `--steps 200` for every method (the
+papers: 20000 steps; BaTex 500): the table compares methods at equal, short budgets. Adam moves a coordinate by up
+to lr per step, so 200 steps can already move a token far on the toy CLIP's embedding scale (entries ~0.02).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.toyworld import world_config, write_split
+from retrieval.toyworld.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
+from retrieval.toyworld.evaluate import classify
+from retrieval.toyworld.render import render_scene
+from retrieval.toyworld.scene import sample_scene
+from retrieval.toyworld.split import plan_split
+from tokens.learn import load_models
+from tokens.methods import METHODS, fill_prompt, token_train_config
+from tokens.negatives import sampled_negatives
+from retrieval.images import load_image
+from tokens.trainer import prepare_concept, train_tokens
+
+SCORE_TEMPLATE = "a person wearing a {token} {parent}."       # the toy grammar's "a person wearing {g}."
+SD_TEMPLATES = ("a person wearing a {token} {parent}.", "a photo of a {token} {parent}.")  # the grammar's forms
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC AUC = P(score of a positive > score of a negative), ties 1/2 (Mann-Whitney U / (n_pos n_neg))."""
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def pick_concepts(plan, n: int):
+    """The first concept of each of the first N groups (consecutive concepts of a group share their words)."""
+    picked, seen = [], set()
+    for c in plan.concepts:
+        if c.words not in seen:
+            seen.add(c.words)
+            picked.append(c)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def category_scenes(world, per_category: int, seed: int = 4242) -> dict[str, list]:
+    """PER_CATEGORY random (non-concept) scenes of every category, from their own stream."""
+    rng = np.random.default_rng(seed)
+    out = {c: [] for c in world.categories}
+    while min(len(v) for v in out.values()) < per_category:
+        s = sample_scene(rng, world)
+        if len(out[s.category]) < per_category:
+            out[s.category].append(s)
+    return out
+
+
+def prompt_scores(clip, features: np.ndarray, prompt: str, vectors: dict | None) -> np.ndarray:
+    return features @ clip.encode_texts([prompt], vectors)[0]
+
+
+def evaluate_prompt(clip, prompt, vectors, concept, eval_feats, other_feats, parent_feats, class_feats) -> dict:
+    s_concept = prompt_scores(clip, eval_feats, prompt, vectors)
+    return {
+        "auc_concept_parent": auc(s_concept, prompt_scores(clip, parent_feats, prompt, vectors)),
+        "auc_concept_others": auc(s_concept, prompt_scores(clip, other_feats, prompt, vectors)),
+        "auc_parent_classes": auc(prompt_scores(clip, parent_feats, prompt, vectors), prompt_scores(clip, class_feats, prompt, vectors)),
+    }
+
+
+def generation_accuracy(backbone, clip, world, concept, placeholder, vectors, eval_scenes, per_context, steps, guidance, seed):
+    prompts, contexts = [], []
+    for s in eval_scenes:
+        place = CONTEXT_WORDS[s.context].places[0]
+        prompts.append(f"a person wearing a {placeholder} {concept.category} {POSE_WORDS[s.pose].ing} {place}.")
+        contexts += [s.context] * per_context
+    images = backbone.generate(prompts, vectors, n=per_context, guidance_scale=guidance, steps=steps, seed=seed)
+    got = {f: classify(clip, images, f, world) for f in ("category", "colour", "pattern", "context")}
+    obj = [cat == concept.category and col == concept.colour and pat == concept.pattern
+           for cat, col, pat in zip(got["category"], got["colour"], got["pattern"])]
+    return {"gen_object": float(np.mean(obj)), "gen_context": float(np.mean([c == t for c, t in zip(got["context"], contexts)])),
+            "images": images}
+
+
+def run(args) -> list[dict]:
+    out = Path(args.out)
+    world = world_config("pervl")
+    # 1. the world: split, picked concepts, their few-shot and evaluation images; parent/other-class scenes
+    paths = write_split(out / "world", world, "test")
+    plan = plan_split(world, "test")
+    concepts = pick_concepts(plan, args.concepts)
+    by_concept = {c.pair_id: [q for q in plan.queries if q.scene.concept == c.pair_id] for c in plan.concepts}
+    image_dir = paths.images / "train" / "image"
+    configs = {m: token_train_config(m) for m in args.methods}
+    need_diffusion = any(c.uses_sd or (c.uses_ce and args.negatives_source == "diffusion") for c in configs.values())
+    clip, backbone = load_models(args.model, args.diffusion, need_diffusion, args.device)
+
+    def feats_of(scenes):
+        return clip.encode_pil([render_scene(s, world) for s in scenes])
+
+    def feats_of_files(items):
+        return clip.encode_pil([load_image(image_dir / q.name) for q in items])
+
+    scenes = category_scenes(world, args.parent_images)
+    class_feats = {cat: feats_of(v) for cat, v in scenes.items()}
+    eval_feats = {c.pair_id: feats_of_files(by_concept[c.pair_id]) for c in plan.concepts}
+    rows = []
+    # 2. the no-training reference: the concept's own words
+    ref = []
+    for c in concepts:
+        prompt = f"a person wearing {garment_phrase(c.category, c.colour, c.pattern)}."
+        others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
+        rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
+        ref.append(evaluate_prompt(clip, prompt, None, c, eval_feats[c.pair_id], others, class_feats[c.category], rest))
+    rows.append({"method": "words", **{k: float(np.mean([r[k] for r in ref])) for k in ref[0]},
+                 "gen_object": float("nan"), "gen_context": float("nan"), "s_per_step": float("nan"), "s_per_concept_step": float("nan")})
+    # 3. each method: one batched training of all concepts, then the measurements
+    fsl_images = {c.pair_id: [load_image(image_dir / im.name) for im in plan.fsl[c.pair_id]] for c in concepts}
+    for method in args.methods:
+        config = token_train_config(method, steps=args.steps, lr=args.lr, n_vectors=args.vectors, seed=args.seed,
+                                    sd_templates=SD_TEMPLATES, class_template=SCORE_TEMPLATE,
+                                    n_negatives=args.negatives, negative_steps=args.sample_steps,
+                                    negative_guidance=args.guidance, min_images=1)
+        prepared = []
+        for i, c in enumerate(concepts):
+            negatives = None
+            if config.uses_ce and args.negatives_source == "world":  # rendered scenes of the parent, own stream
+                negatives = [render_scene(s, world) for s in category_scenes(world, args.negatives, seed=777)[c.category]]
+            elif config.uses_ce:
+                prompt = fill_prompt(config.class_template, "", c.category)
+                negatives = sampled_negatives(backbone, prompt, config.n_negatives, args.seed, config.negative_steps,
+                                              config.negative_guidance, out / "negatives").images
+            prepared.append(prepare_concept(f"c{c.pair_id}", c.category, fsl_images[c.pair_id], clip, backbone, config,
+                                            negatives, seed=args.seed + i))
+        t0 = time.perf_counter()
+        trained = train_tokens(prepared, clip, backbone, config, progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+        per = []
+        for c, p, t in zip(concepts, prepared, trained):
+            vectors = {p.placeholder: t.vectors.to(clip.device)}
+            prompt = fill_prompt(SCORE_TEMPLATE, p.placeholder, c.category)
+            others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
+            rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
+            m = evaluate_prompt(clip, prompt, vectors, c, eval_feats[c.pair_id], others, class_feats[c.category], rest)
+            if backbone is None:  # no diffusion model loaded (pt with rendered negatives): no generation columns
+                per.append({**m, "gen_object": float("nan"), "gen_context": float("nan")})
+                continue
+            g = generation_accuracy(backbone, clip, world, c, p.placeholder, vectors, [q.scene for q in by_concept[c.pair_id]],
+                                    args.gen_per_context, args.sample_steps, args.guidance, args.seed)
+            if args.save_images:
+                from tokens.generate import grid
+
+                grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{c.pair_id}.png")
+            per.append({**m, "gen_object": g["gen_object"], "gen_context": g["gen_context"]})
+        steps_run = max(t.summary["steps"] for t in trained) or 1
+        rows.append({"method": method, **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
+                     "s_per_step": seconds / steps_run, "s_per_concept_step": seconds / steps_run / len(concepts)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [("method", "method"), ("auc_concept_parent", "AUC concept/parent"), ("auc_concept_others", "AUC concept/others"),
+            ("auc_parent_classes", "AUC parent/classes"), ("gen_object", "gen object acc"), ("gen_context", "gen context acc"),
+            ("s_per_step", "s/step (batch)"), ("s_per_concept_step", "s/step/concept")]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r[k] if isinstance(r[k], str) else ("-" if np.isnan(r[k]) else f"{r[k]:.3f}") for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toyworld", help="CLIP SPEC (default: the toy world's)")
+    parser.add_argument("--diffusion", default="auto", help="diffusion SPEC (auto: the one paired with --model)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--concepts", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200, help="optimiser steps, every method (CPU budget)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate, every method (the papers')")
+    parser.add_argument("--vectors", type=int, default=10)
+    parser.add_argument("--negatives", type=int, default=16, help="negatives per parent (ours, pt)")
+    parser.add_argument("--negatives-source", default="diffusion", choices=("diffusion", "world"),
+                        help="diffusion: sampled for the parent prompt (as learn-token does); world: rendered scenes of "
+                             "the parent category (pt then needs no diffusion model)")
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for negatives and generated images")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--gen-per-context", type=int, default=2)
+    parser.add_argument("--parent-images", type=int, default=40, help="rendered scenes per category")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="out/token_quality")
+    parser.add_argument("--save-images", action="store_true", help="write each concept's generated images")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    rows = run(args)
+    table = markdown(rows)
+    print(table)
+    print(f"\n{args.concepts} concepts, {args.steps} steps, lr {args.lr}, model {args.model}, diffusion {args.diffusion}, "
+          f"negatives from {args.negatives_source}; "
+          f"{time.perf_counter() - t:.0f} s in all")
+    (Path(args.out) / "token_quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

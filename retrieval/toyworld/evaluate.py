@@ -1,0 +1,108 @@
+"""Zero-shot evaluation in the toy world: does a CLIP read a scene's words (context, category, colour, pattern)?
+
+Used to judge the toy world's CLIP (`train_clip`) and, with the same API, images a diffusion model generates.
+
+Prompts are CLIP-style ensembles (Radford et al. 2021, Sec. 3.1.4) written in the training captions' own
+grammar (`retrieval.toyworld.captions`), since a model trained only on that grammar knows no other words:
+- context:  "a person {pose} {place}."           over the 4 poses and the context's 2 place phrases (8 prompts);
+- category: "a person wearing {garment}."        the bare category and over every colour x pattern (41 prompts);
+- colour:   "a person wearing {garment}."        over every category x pattern (32 prompts);
+- pattern:  "a person wearing {garment}."        over every category x colour (80 prompts);
+{garment} is `garment_phrase` ("a red striped dress", "a plain red dress", "striped trousers"). A word's class
+vector is the normalised mean of its prompts' normalised text features; an image gets the word of highest cosine.
+`factor_prompts` gives one canonical prompt per word (the first of its ensemble), e.g. for generating images.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from retrieval.toyworld.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
+from retrieval.toyworld.config import WorldConfig
+from retrieval.toyworld.render import render_scene
+from retrieval.toyworld.scene import Scene, sample_scene
+
+FACTORS = ("context", "category", "colour", "pattern")
+# Held-out scenes come from np.random.default_rng(HELD_OUT_SEED); training pairs from default_rng([seed, chunk])
+# (train_clip.render_pairs), a different stream for every integer seed.
+HELD_OUT_SEED = 1_000_003
+
+
+def _words(factor: str, config: WorldConfig) -> tuple[str, ...]:
+    vocab = {"context": config.contexts, "category": config.categories, "colour": config.colour_names,
+             "pattern": config.patterns}
+    if factor not in vocab:
+        raise ValueError(f"unknown factor {factor!r}; known: {FACTORS}")
+    return tuple(vocab[factor])
+
+
+def factor_prompt_sets(factor: str, config: WorldConfig) -> dict[str, list[str]]:
+    """word -> its prompt ensemble (see the module docstring); the first prompt is the canonical one."""
+    words = _words(factor, config)
+    if factor == "context":
+        poses = [POSE_WORDS[p].ing for p in config.poses]
+        return {c: [f"a person {pose} {place}." for place in CONTEXT_WORDS[c].places for pose in poses] for c in words}
+    if factor == "category":
+        return {c: [f"a person wearing {garment_phrase(c, None, None)}."]
+                + [f"a person wearing {garment_phrase(c, col, pat)}." for col in config.colour_names for pat in config.patterns]
+                for c in words}
+    if factor == "colour":
+        return {col: [f"a person wearing {garment_phrase(cat, col, pat)}." for cat in config.categories for pat in config.patterns]
+                for col in words}
+    return {pat: [f"a person wearing {garment_phrase(cat, col, pat)}." for cat in config.categories for col in config.colour_names]
+            for pat in words}
+
+
+def factor_prompts(factor: str, config: WorldConfig) -> dict[str, str]:
+    """word -> one canonical prompt, e.g. "a person standing in front of a brick wall."."""
+    return {word: prompts[0] for word, prompts in factor_prompt_sets(factor, config).items()}
+
+
+def class_vectors(encoder, factor: str, config: WorldConfig) -> tuple[list[str], np.ndarray]:
+    """(words, (n_words, dim) float32): each word's normalised mean prompt feature."""
+    sets = factor_prompt_sets(factor, config)
+    words = list(sets)
+    flat = [p for w in words for p in sets[w]]
+    feats = encoder.encode_texts(flat)  # (n_prompts, dim), normalised
+    vectors, start = [], 0
+    for w in words:
+        mean = feats[start:start + len(sets[w])].mean(0)
+        vectors.append(mean / np.linalg.norm(mean))
+        start += len(sets[w])
+    return words, np.stack(vectors).astype(np.float32)
+
+
+def _predict(image_features: np.ndarray, encoder, factor: str, config: WorldConfig) -> list[str]:
+    words, vectors = class_vectors(encoder, factor, config)
+    return [words[i] for i in (image_features @ vectors.T).argmax(1)]  # (n_images,) argmax cosine
+
+
+def classify(encoder, images: Sequence[Image.Image], factor: str, config: WorldConfig) -> list[str]:
+    """Zero-shot: each image's word for FACTOR (argmax cosine over the factor's class vectors)."""
+    return _predict(encoder.encode_pil(list(images)), encoder, factor, config)
+
+
+def zero_shot_report(encoder, images: Sequence[Image.Image], scenes: Sequence[Scene], config: WorldConfig,
+                     factors: Sequence[str] = FACTORS) -> dict[str, float]:
+    """Accuracy per factor of zero-shot classification of IMAGES against their SCENES' words."""
+    if len(images) != len(scenes) or not scenes:
+        raise ValueError(f"need one scene per image and at least one: got {len(images)} images, {len(scenes)} scenes")
+    image_features = encoder.encode_pil(list(images))  # (n, dim), encoded once for all factors
+    report = {}
+    for factor in factors:
+        predicted = _predict(image_features, encoder, factor, config)
+        report[factor] = float(np.mean([p == getattr(s, factor) for p, s in zip(predicted, scenes)]))
+    return report
+
+
+def held_out_scenes(config: WorldConfig, n: int, seed: int = HELD_OUT_SEED) -> list[Scene]:
+    """N random scenes from a stream no training pair is drawn from (see HELD_OUT_SEED)."""
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, config) for _ in range(n)]
+
+
+def render_scenes(scenes: Sequence[Scene], config: WorldConfig) -> list[Image.Image]:
+    return [render_scene(s, config) for s in scenes]

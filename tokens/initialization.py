@@ -1,0 +1,69 @@
+"""Where a token starts: its parent word, a caption (one vector per caption token), or an `auto` caption.
+
+- parent word (default): every one of the n vectors starts at the parent's input embedding, as diffusers'
+  textual-inversion example initialises all vectors of a multi-vector token from one initializer token. A parent
+  of several BPE sub-tokens ("vest dress", "cardigan" if split) starts at the MEAN of its sub-token embeddings
+  (recorded in the token file as the sub-tokens used).
+- caption ("a red tea kettle with gold leaf"): one vector per BPE token of the caption, each starting at that
+  token's embedding (multi-vector initialisation from a sentence: "An Image is Worth One Sentence"-style); the
+  caption fixes n_vectors.
+- auto: a caption built offline from the concept's images: the attribute vocabulary (tokens.attributes) ranked
+  by CLIP against the images (tokens.methods.attribute_scores), the best `auto_caption_words` attributes
+  followed by the parent word, e.g. "red striped checked dress"; then as a caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from tokens.methods import TokenTrainConfig, attribute_scores, token_ids
+
+
+@dataclass(frozen=True)
+class Initialization:
+    vectors: torch.Tensor                       # (n, width) float32
+    kind: str                                   # parent | caption | auto
+    text: str                                   # the parent word or the caption
+    words: tuple[str, ...]                      # the BPE tokens the vectors come from
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "text": self.text, "tokens": list(self.words), "n_vectors": int(self.vectors.shape[0])}
+
+
+def _decode(clip, ids: Sequence[int]) -> tuple[str, ...]:
+    return tuple(clip.tokenizer.decode([i]).strip() for i in ids)
+
+
+def auto_caption(clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], n_words: int, template: str) -> str:
+    """The N_WORDS attributes that best describe the images in CLIP space, then the parent: 'red striped dress'."""
+    scores = attribute_scores(clip, image_features, parent, attributes, template)  # (A,)
+    best = [attributes[i] for i in scores.argsort(descending=True)[:n_words].tolist()]
+    return " ".join(best + [parent])
+
+
+def initialize(clip, parent: str, config: TokenTrainConfig, image_features: torch.Tensor | None = None,
+               attributes: Sequence[str] = ()) -> Initialization:
+    """The token's initial vectors (see the module docstring); `image_features` and `attributes` for `auto`."""
+    table = clip.token_embedding.weight.detach().float().cpu()
+    caption = config.init_caption
+    if caption is None:
+        ids = token_ids(clip, parent)
+        if not ids:
+            raise ValueError(f"parent word {parent!r} has no tokens: give a word such as 'dress'")
+        mean = table[torch.tensor(ids)].mean(0)  # one sub-token: its embedding; several: their mean
+        return Initialization(mean.expand(config.n_vectors, -1).clone(), "parent", parent, _decode(clip, ids))
+    kind = "caption"
+    if caption.strip().lower() == "auto":
+        if image_features is None or not len(attributes):
+            raise ValueError("an `auto` caption needs the concept's image features and an attribute vocabulary")
+        caption, kind = auto_caption(clip, image_features, parent, attributes, config.auto_caption_words, config.class_template), "auto"
+    ids = token_ids(clip, caption)
+    if not ids:
+        raise ValueError(f"--init-caption {caption!r} has no tokens: give a short description such as 'a red tea kettle'")
+    limit = clip.context_length - 12
+    if len(ids) > limit:
+        raise ValueError(f"--init-caption has {len(ids)} tokens; at most {limit} fit in a prompt with the template: shorten it")
+    return Initialization(table[torch.tensor(ids)].clone(), kind, caption, _decode(clip, ids))

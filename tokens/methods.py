@@ -1,0 +1,300 @@
+"""The four ways to learn a custom token: their config, their math, and how each holds its trainable numbers.
+
+| method | loss (per concept)                       | what is trained                     | source                           |
+| ------ | ---------------------------------------- | ----------------------------------- | -------------------------------- |
+| ours   | lambda_SD l_SD + lambda_CE l_CE          | e; the token is P(e - mu) + mu      | Perera et al. 2025, Sec. 3       |
+| ti     | l_SD                                     | the vectors                         | Gal et al. 2023 (textual inv.)   |
+| pt     | l_CE                                     | the vectors                         | prompt tuning (CoOp-style)       |
+| batex  | l_SD                                     | coefficients over M vocabulary rows | BaTex (Efficient Personalized    |
+|        |                                          |                                     | T2I ... Textual Subspace)        |
+
+- l_SD is the latent-diffusion / textual-inversion loss ||eps - eps_theta(z_t, t, c(y))||^2 (Rombach et al. 2022
+  eq. 2; Gal et al. eq. 2) over the concept's images with prompts such as "a photo of a * dress"
+  (`DiffusionBackbone.training_loss`; the trainer computes it per row, see `tokens.trainer.diffusion_loss_rows`).
+- l_CE is a binary classification in CLIP space between the class prompts "image of a * dress" and "image of a
+  dress": p(concept | x) = softmax over the two prompts of s * cos(f(x), g(prompt)), s = CLIP's logit scale,
+  i.e. sigmoid(s (cos(f(x), g_*) - cos(f(x), g_parent))); positives are the concept's images, negatives images
+  of the parent (sampled from the diffusion model or given); the two classes are weighted equally
+  (`balanced_bce`).
+- ours restricts the token to the affine subspace through mu spanned by the principal directions of the input
+  embeddings of the K attribute words most correlated with the concept in CLIP space (`attribute_scores`,
+  `pca_basis`, `project_to_subspace`).
+- batex writes each token vector as a combination of M vocabulary embeddings nearest (cosine) to its initial
+  vector, the initial vector first: the coefficients start one-hot, so the token starts at its initial word
+  (`nearest_vocabulary_basis`; the basis must have full rank M).
+
+Paper sizes are for CLIP ViT-L/14 (text width 768): K = 100 attributes, M = 576 basis vectors. On narrower text
+towers (the toy world's 128, tiny-random's 32) K = 100 would span the whole space and M = 576 > width cannot be
+of full rank, so both scale with the width (`scaled_size`: K = 100 w / 768, M = 576 w / 768 = 0.75 w) unless
+`scale_with_width=False`. The values used are written into each token file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("ours", "ti", "pt", "batex")
+RANK_RTOL = 1e-5  # singular values below this times the largest count as zero: float32 embeddings carry ~1e-7 noise
+
+# Defaults that differ by method, as data. Everything else is shared (TokenTrainConfig).
+METHOD_DEFAULTS: dict[str, dict] = {
+    # Perera et al. (Sec. 4, implementation details): lambda_SD = 1, lambda_CE = 1e-5, 20000 iterations
+    "ours": {"lambda_sd": 1.0, "lambda_ce": 1e-5, "steps": 20000},
+    # textual inversion: the diffusion loss alone; the same budget as ours for a like-for-like comparison
+    "ti": {"lambda_sd": 1.0, "lambda_ce": 0.0, "steps": 20000},
+    # prompt tuning: the classification loss alone (no diffusion model needed when negatives are given)
+    "pt": {"lambda_sd": 0.0, "lambda_ce": 1.0, "steps": 20000},
+    # BaTex: the diffusion loss on basis coefficients, 500 steps
+    "batex": {"lambda_sd": 1.0, "lambda_ce": 0.0, "steps": 500},
+}
+
+# Prompts of l_SD: textual inversion's templates (diffusers' examples/textual_inversion, imagenet_templates_small)
+# with the parent word after the token, as in Perera et al.'s "a photo of a * dress".
+SD_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {token} {parent}",
+    "a rendering of a {token} {parent}",
+    "a cropped photo of the {token} {parent}",
+    "a photo of the {token} {parent}",
+    "a close-up photo of a {token} {parent}",
+    "a bright photo of the {token} {parent}",
+    "a good photo of a {token} {parent}",
+    "a person wearing a {token} {parent}",
+)
+
+
+@dataclass(frozen=True)
+class TokenTrainConfig:
+    method: str = "ours"                        # ours | ti | pt | batex (METHODS)
+    # ----- the token
+    n_vectors: int = 10                         # vectors per token (Perera et al.: 10 trainable vectors); a caption sets its own
+    init_caption: str | None = None             # None: the parent word; "auto": a caption ranked from the attributes; or a caption
+    # ----- the loss L = lambda_SD l_SD + lambda_CE l_CE (Perera et al. Sec. 3)
+    lambda_sd: float = 1.0                      # weight of the diffusion loss (Perera et al.: 1)
+    lambda_ce: float = 1e-5                     # weight of the classification loss (Perera et al.: 1e-5)
+    # ----- optimisation (Perera et al.: effective batch 4, lr 5e-4, 20000 iterations)
+    steps: int = 20000                          # optimiser steps
+    batch_size: int = 4                         # (image, prompt) pairs of l_SD per concept per step
+    lr: float = 5e-4                            # Adam learning rate, constant
+    weight_decay: float = 0.0                   # AdamW decay; none, so only the losses move the token
+    seed: int = 0                               # seeds each concept's draws (images, prompts, noise, timesteps)
+    precision: str = "auto"                     # compute precision: auto = bf16/fp16 autocast on GPU, fp32 on CPU
+    concepts_per_forward: int = 0               # concepts per forward when training many at once; 0: all (one forward)
+    # ----- prompts
+    sd_templates: tuple[str, ...] = SD_TEMPLATES  # l_SD prompts; {token} = the placeholder, {parent} = the parent word
+    class_template: str = "image of a {token} {parent}"  # l_CE's concept prompt; without {token} it is the parent's
+    # ----- ours: the attribute subspace
+    attributes_k: int = 100                     # K attributes most correlated with the concept (Perera et al.: 100)
+    # ----- batex: the vocabulary basis
+    batex_m: int = 576                          # M nearest vocabulary embeddings (BaTex: 576 of 768)
+    reference_width: int = 768                  # text width the paper's K and M are for (CLIP ViT-L/14)
+    scale_with_width: bool = True               # scale K and M by width / reference_width on other CLIPs
+    # ----- negatives for l_CE: images sampled for the parent prompt
+    n_negatives: int = 16                       # images sampled from the diffusion model (when no folder is given)
+    negative_steps: int = 50                    # DDIM steps of that sampling
+    negative_guidance: float = 7.5              # classifier-free guidance scale of that sampling (SD's default)
+    # ----- input checks and the auto caption
+    min_images: int = 3                         # fewest usable concept images (textual inversion uses 3-5)
+    auto_caption_words: int = 3                 # attribute words in an `auto` caption, before the parent word
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.n_vectors < 1 or self.steps < 0 or self.batch_size < 1 or self.min_images < 1 or self.concepts_per_forward < 0:
+            raise ValueError("n_vectors, batch_size and min_images must be >= 1, steps and concepts_per_forward >= 0")
+        if self.lambda_sd < 0 or self.lambda_ce < 0 or self.lambda_sd + self.lambda_ce == 0:
+            raise ValueError(f"lambda_sd={self.lambda_sd}, lambda_ce={self.lambda_ce}: both >= 0 and not both 0")
+        for t in self.sd_templates + (self.class_template,):
+            if "{token}" not in t or "{parent}" not in t:
+                raise ValueError(f"prompt template {t!r} must contain {{token}} and {{parent}}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+
+    @property
+    def uses_sd(self) -> bool:
+        return self.lambda_sd > 0
+
+    @property
+    def uses_ce(self) -> bool:
+        return self.lambda_ce > 0
+
+    def k_for(self, width: int) -> int:
+        return scaled_size(self.attributes_k, width, self.reference_width) if self.scale_with_width else self.attributes_k
+
+    def m_for(self, width: int) -> int:
+        return scaled_size(self.batex_m, width, self.reference_width) if self.scale_with_width else self.batex_m
+
+
+def token_train_config(method: str = "ours", **overrides) -> TokenTrainConfig:
+    """The method's defaults (METHOD_DEFAULTS) with OVERRIDES: token_train_config("batex", steps=100)."""
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TokenTrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown TokenTrainConfig fields {sorted(unknown)}")
+    return TokenTrainConfig(**{**METHOD_DEFAULTS[method], **overrides, "method": method})
+
+
+def scaled_size(paper_value: int, width: int, reference_width: int = 768) -> int:
+    """A paper's count for a 768-wide text tower, scaled to WIDTH (at least 2): 576 -> 24 at width 32."""
+    return max(2, round(paper_value * width / reference_width))
+
+
+def fill_prompt(template: str, token: str, parent: str) -> str:
+    """'image of a {token} {parent}' -> 'image of a <t> dress'; token '' gives the parent prompt 'image of a dress'."""
+    return " ".join(template.format(token=token, parent=parent).split())
+
+
+# ----- words and their embeddings
+def token_ids(clip, text: str) -> list[int]:
+    """BPE ids of TEXT without start/end of text."""
+    return list(clip.tokenizer.encode(text))
+
+
+def word_embeddings(clip, words: Sequence[str]) -> torch.Tensor:
+    """(len(words), width) float32: each word's input embedding, the mean over its BPE sub-tokens."""
+    table = clip.token_embedding.weight.detach().float()
+    rows = []
+    for w in words:
+        ids = token_ids(clip, w)
+        if not ids:
+            raise ValueError(f"{w!r} has no tokens: give a word")
+        rows.append(table[torch.tensor(ids, device=table.device)].mean(0))
+    return torch.stack(rows).cpu()
+
+
+@torch.no_grad()
+def attribute_scores(clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], template: str) -> torch.Tensor:
+    """(A,) how much each attribute describes the concept in CLIP space: the mean cosine between the concept's
+    image features (N, dim) (normalised) and the text feature of the template with the attribute in the token's
+    place ("image of a red dress"). The parent's part is common to all, so the ranking is the attribute's."""
+    prompts = [fill_prompt(template, a, parent) for a in attributes]
+    text = torch.from_numpy(clip.encode_texts(prompts))  # (A, dim), normalised
+    return (image_features.float().cpu() @ text.T).mean(0)  # (A,)
+
+
+# ----- ours: the attribute subspace (Perera et al. Sec. 3, subspace projection)
+def pca_basis(points: torch.Tensor, rel_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of POINTS (K, width): (basis (width, r) orthonormal principal directions, mean (width,)).
+    r = the rank of the centred points: directions with singular value <= rel_tol * the largest are dropped."""
+    mean = points.mean(0)
+    _, s, vh = torch.linalg.svd((points - mean).double(), full_matrices=False)  # vh (min(K, width), width)
+    keep = s > rel_tol * s.max().clamp_min(1e-30)
+    return vh[keep].T.to(points.dtype).contiguous(), mean
+
+
+def project_to_subspace(e: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """P (e - mu) + mu with P = U U^T: e (..., n, width), basis U (..., width, r) orthonormal columns (zero columns
+    allowed: padding), mean mu (..., width). Differentiable in e."""
+    mu = mean.unsqueeze(-2)                     # (..., 1, width)
+    coords = (e - mu) @ basis                   # (..., n, r)
+    return coords @ basis.transpose(-1, -2) + mu
+
+
+def subspace_residual(v: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Largest norm over vectors v (n, width) of their part outside the affine subspace: ||(I - P)(v - mu)||."""
+    d = v - mean
+    return (d - (d @ basis) @ basis.T).norm(dim=-1).max()
+
+
+# ----- batex: the vocabulary basis
+def nearest_vocabulary_basis(table: torch.Tensor, init: torch.Tensor, m: int, exclude_ids: Sequence[int] = ()) -> tuple[torch.Tensor, list[int]]:
+    """BaTex's basis for one vector: (basis (m, width), vocabulary ids of rows 1..m-1).
+
+    Row 0 is INIT itself, so that coefficients (1, 0, ..., 0) give exactly the initial vector even when it is no
+    vocabulary row (a mean of sub-tokens); rows 1..m-1 are the vocabulary embeddings of highest cosine to INIT,
+    skipping EXCLUDE_IDS (start/end of text) and rows equal to INIT. Refused when the basis is not of full rank m.
+    """
+    table = table.detach().float()
+    width = table.shape[1]
+    if not 2 <= m <= width:
+        raise ValueError(
+            f"BaTex basis size M={m} must be in [2, {width}] (the text width): more rows than the width cannot be "
+            "independent; lower batex_m or keep scale_with_width"
+        )
+    init = init.detach().float().to(table.device)
+    cos = F.cosine_similarity(table, init[None], dim=1)  # (V,)
+    same = (table - init).norm(dim=1) <= 1e-6 * init.norm().clamp_min(1e-12)
+    cos[same] = -math.inf
+    if len(exclude_ids):
+        cos[torch.tensor(list(exclude_ids), device=cos.device)] = -math.inf
+    ids = cos.topk(m - 1).indices
+    basis = torch.cat([init[None], table[ids]]).cpu()  # (m, width)
+    rank = int(torch.linalg.matrix_rank(basis.double(), rtol=RANK_RTOL))
+    if rank < m:
+        raise ValueError(
+            f"BaTex basis of the {m} embeddings nearest the initial word has rank {rank} < {m}: the vocabulary rows "
+            "are not independent there; lower batex_m"
+        )
+    return basis, ids.cpu().tolist()
+
+
+# ----- l_CE
+def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with the positives' and the negatives' mean losses weighted equally (1/2 each), so a
+    few concept images weigh as much as many negatives. logits (N,), labels (N,) bool."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    pos, neg = labels.bool(), ~labels.bool()
+    if not pos.any() or not neg.any():
+        raise ValueError("balanced_bce needs at least one positive and one negative")
+    return 0.5 * (losses[pos].mean() + losses[neg].mean())
+
+
+def class_logits(image_features: torch.Tensor, token_feature: torch.Tensor, parent_feature: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N,) logit of 'concept' against 'parent' for normalised image features (N, dim): the two-way softmax over
+    the prompts' cosines times CLIP's logit scale, as a sigmoid logit: s (cos(x, g_*) - cos(x, g_parent))."""
+    return scale * (image_features @ token_feature - image_features @ parent_feature)
+
+
+# ----- how each method holds its trainable numbers: one parameter tensor for C concepts at once
+class FreeVectors:
+    """ti, pt: the vectors themselves, (C, n, width)."""
+
+    def __init__(self, init: torch.Tensor):
+        self.param = torch.nn.Parameter(init.detach().clone().float())  # (C, n, width)
+
+    def vectors(self) -> torch.Tensor:
+        return self.param
+
+
+class SubspaceVectors:
+    """ours: e (C, n, width) trained, the token is P(e - mu) + mu (Perera et al. Sec. 3) with each concept's own
+    basis (C, width, r_max) (zero-padded columns) and mean (C, width)."""
+
+    def __init__(self, init: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor):
+        self.param = torch.nn.Parameter(init.detach().clone().float())
+        self.basis, self.mean = basis.float(), mean.float()
+
+    def vectors(self) -> torch.Tensor:
+        return project_to_subspace(self.param, self.basis, self.mean)
+
+
+class BasisCombination:
+    """batex: coefficients (C, n, M) over bases; vector j of concept c = coeff[c, j] @ bases[which[c, j]].
+    Bases are shared where initial vectors are (a token initialised from its parent has one basis for all its
+    vectors), so 50 concepts x 10 vectors x 576 x 768 are never materialised. Coefficients start one-hot on row 0,
+    the initial vector."""
+
+    def __init__(self, bases: torch.Tensor, which: torch.Tensor):
+        self.bases, self.which = bases.float(), which.long()  # (U, M, width), (C, n)
+        C, n = which.shape
+        coeff = torch.zeros(C, n, bases.shape[1], device=bases.device)
+        coeff[..., 0] = 1.0
+        self.param = torch.nn.Parameter(coeff)
+
+    def vectors(self) -> torch.Tensor:
+        C, n, M = self.param.shape
+        flat, which = self.param.reshape(C * n, M), self.which.reshape(-1)
+        pieces, order = [], []
+        for u in range(self.bases.shape[0]):  # one small matmul per distinct basis
+            rows = (which == u).nonzero().squeeze(1)
+            if len(rows):
+                pieces.append(flat[rows] @ self.bases[u])  # (R, width)
+                order.append(rows)
+        out = torch.cat(pieces)[torch.argsort(torch.cat(order))]  # back to (C * n) order
+        return out.reshape(C, n, -1)
