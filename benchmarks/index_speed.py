@@ -1,5 +1,5 @@
 """Benchmark the index layer: search speed and recall of each index type (`--part search`), and the
-encoder's embedding speed (`--part embed`, added by the encoder work).
+encoder's embedding speed (`--part embed`: benchmarks/embed_speed.py).
 
     python -m benchmarks.index_speed --part search --sizes 100000 1000000 --dim 768
     python benchmarks/index_speed.py --part search --sizes 100000 --types flat auto ivf --queries 500
@@ -229,8 +229,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def bench_embed(args: argparse.Namespace) -> list[dict]:
-    """Images/s and texts/s of the CLIP encoder: the place for the encoder work's benchmark."""
-    raise NotImplementedError("embedding benchmark: added by the encoder work")
+    """Images/s of indexing end to end vs. the model alone (benchmarks/embed_speed.py); prints a table."""
+    from benchmarks.embed_speed import bench_embed as run, format_embed_table
+
+    rows = run(args.archs, args.images, batch_size=args.batch_size, workers=args.workers,
+               photo_size=tuple(args.photo_size), device=args.device)
+    print(format_embed_table(rows))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,7 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     search_args.add_argument("--max-build-seconds", type=float, default=900.0,
                              help="skip a type whose build, extrapolated from builds on n/40 and n/20 vectors, would take longer")
     search_args.add_argument("--seed", type=int, default=0)
-    # embed part: the encoder work adds its options here
+    embed_args = parser.add_argument_group("embed part")
+    embed_args.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-L-14-quickgelu"],
+                            help="open_clip architectures, random weights (speed does not depend on them)")
+    embed_args.add_argument("--images", type=int, nargs="+", default=[256, 32], help="gallery size per architecture")
+    embed_args.add_argument("--batch-size", type=int, default=32)
+    embed_args.add_argument("--workers", type=int, default=-1, help="decoding processes (-1: indexer default)")
+    embed_args.add_argument("--photo-size", type=int, nargs=2, default=[1600, 1200], help="generated JPEG size")
+    embed_args.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
     if args.part in ("search", "all"):

@@ -93,3 +93,22 @@ def remove_stale_temporaries(folder: Path) -> int:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished folder STAGING onto TARGET, replacing any folder there.
+
+    The old TARGET is first renamed to TARGET.old, then STAGING renamed to TARGET, then TARGET.old deleted: at no
+    moment is TARGET half-written (a crash in between leaves TARGET.old, the previous version, beside it).
+    """
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    fsync_dir(target.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return target

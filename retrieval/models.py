@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from indexes.atomic import replace_dir
+
 DEFAULT_MODEL = "ViT-L-14-quickgelu/openai"
 
 # A tiny CLIP, random and seeded: builds in milliseconds, for smoke tests and the no-download demo.
@@ -196,7 +198,4 @@ def save_model_folder(model: torch.nn.Module, model_cfg: dict, folder: str | Pat
     save_file(state, str(tmp / "open_clip_model.safetensors"))
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
     (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    return replace_dir(tmp, folder)

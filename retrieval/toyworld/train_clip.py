@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from indexes.atomic import replace_dir
 
 from retrieval.toyworld.config import WorldConfig, world_config
 
@@ -407,15 +407,7 @@ def save_trained(result: TrainResult, config: ClipTrainConfig, out: str | Path, 
     }, indent=2))
     (staging / "train_log.json").write_text(json.dumps(result.log, indent=1))
     (staging / "eval.json").write_text(json.dumps(result.eval, indent=2))
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old.exists():
-        shutil.rmtree(old)
-    return out
+    return replace_dir(staging, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,7 @@ class DiffusionTrainConfig:
     checkpoint_every: int = 200                 # steps between UNet state_dict checkpoints (with --checkpoint-dir); 0: none
     eval_scenes: int = 200                      # held-out scenes: their captions are generated and classified
     eval_samplers: tuple[tuple[str, int, float], ...] = (  # (sampler, steps, guidance scale) settings compared at the end
-        ("ddim", 25, 1.0), ("ddim", 25, 3.0), ("ddim", 25, 5.0), ("ddpm", 100, 3.0), ("ddpm", 100, 5.0))
+        ("ddim", 25, 1.0), ("ddim", 25, 3.0), ("ddim", 25, 5.0), ("ddpm", 100, 2.0), ("ddpm", 100, 3.0), ("ddpm", 100, 5.0))
 
     def __post_init__(self):
         if not 0 <= self.caption_dropout < 1:
