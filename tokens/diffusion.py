@@ -23,7 +23,6 @@ import contextlib
 import copy
 import inspect
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from indexes.atomic import replace_dir
 from retrieval.encoders import _DTYPES, ClipEncoder, resolve_device, resolve_precision
 from retrieval.models import ModelLoadError
 
@@ -586,12 +586,4 @@ def save_diffusion_folder(
     for name, obj in (extra_files or {}).items():
         (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
     # 4. swap in
-    old = folder.with_name(folder.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
-    return folder
+    return replace_dir(tmp, folder)
