@@ -286,6 +286,19 @@ def test_save_and_load_folder(tiny, tmp_path):
     assert not (tmp_path / "model.tmp").exists() and not (tmp_path / "model.old").exists()
 
 
+def test_a_retrained_clip_behind_the_same_spec_is_refused(tiny, tmp_path):
+    """backbone.json holds a fingerprint of the text tower the UNet was trained on."""
+    import copy
+
+    folder = save_diffusion_folder(tiny, tmp_path / "model")
+    other = copy.copy(tiny.clip)
+    other.model = copy.deepcopy(tiny.clip.model)
+    with torch.no_grad():
+        other.model.transformer.resblocks[0].mlp.c_fc.bias.add_(0.1)
+    with pytest.raises(DiffusionLoadError, match="another text tower"):
+        load_diffusion(str(folder), clip_encoder=other, device="cpu")
+
+
 def test_offline_hub_weights_give_a_clear_error(monkeypatch):
     assert __import__("os").environ.get("HF_HUB_OFFLINE") == "1"  # conftest
     for spec in ("CompVis/stable-diffusion-v1-4", "sd21"):
