@@ -40,7 +40,6 @@ from tokens.token_file import (
     save_token_file,
 )
 from tokens.trainer import (
-    diffusion_loss_rows,
     evaluate_losses,
     prepare_concept,
     to_custom_token,
@@ -180,9 +179,11 @@ def test_per_row_diffusion_loss_equals_the_backbones(tiny):
     g = torch.Generator().manual_seed(7)  # drawn as training_loss draws them: noise, then timesteps
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, tiny.scheduler.config.num_train_timesteps, (3,), generator=g)
-    rows = diffusion_loss_rows(tiny, latents, cond, noise, t)
-    assert rows.shape == (3,)
+    rows = tiny.training_loss(latents, cond, noise=noise, timesteps=t, reduction="none")
+    assert rows.shape == (3,) and len(set(rows.tolist())) == 3
     torch.testing.assert_close(rows.mean(), tiny.training_loss(latents, cond, torch.Generator().manual_seed(7)), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        tiny.training_loss(latents, cond, noise=noise, timesteps=t, reduction="sum")
 
 
 # ----- initialisation

@@ -226,17 +226,30 @@ class DiffusionBackbone:
 
     # ----- training
     def training_loss(
-        self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """The LDM / textual-inversion loss (Perera et al., l_SD; Rombach et al. eq. 2): MSE between the UNet's
         prediction and its target at one uniform random timestep per row. The target follows the scheduler's
-        prediction_type: epsilon (SD 1.x), v (SD 2.x 768 px) or the clean sample."""
+        prediction_type: epsilon (SD 1.x), v (SD 2.x 768 px) or the clean sample.
+
+        `noise` and `timesteps` default to draws from `generator`; the token trainer passes its own so that each
+        concept's draws are its own. reduction "mean": one scalar; "none": (B,) each row's mean over its latent."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         B = latents.shape[0]
         gen_device = generator.device if generator is not None else torch.device("cpu")
         # 1. noise and timesteps, drawn on the generator's device so a seed means the same on CPU and GPU
-        noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(latents.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), generator=generator, device=gen_device)
-        t = t.to(latents.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=gen_device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), generator=generator, device=gen_device)
+        noise, t = noise.to(latents.device), timesteps.to(latents.device)
         # 2. forward process q(x_t | x_0)
         noisy = self.scheduler.add_noise(latents, noise, t)
         kind = self.scheduler.config.prediction_type
@@ -249,7 +262,8 @@ class DiffusionBackbone:
         # 3. prediction and loss
         with self.autocast():
             pred = self.unet(noisy, t, encoder_hidden_states=cond.to(latents.device)).sample
-        return F.mse_loss(pred.float(), target.float())
+        rows = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+        return rows.mean() if reduction == "mean" else rows
 
     # ----- sampling
     @torch.no_grad()

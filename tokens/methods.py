@@ -10,7 +10,7 @@
 
 - l_SD is the latent-diffusion / textual-inversion loss ||eps - eps_theta(z_t, t, c(y))||^2 (Rombach et al. 2022
   eq. 2; Gal et al. eq. 2) over the concept's images with prompts such as "a photo of a * dress"
-  (`DiffusionBackbone.training_loss`; the trainer computes it per row, see `tokens.trainer.diffusion_loss_rows`).
+  (`DiffusionBackbone.training_loss`; the trainer takes it per row, `reduction="none"`).
 - l_CE is a binary classification in CLIP space between the class prompts "image of a * dress" and "image of a
   dress": p(concept | x) = softmax over the two prompts of s * cos(f(x), g(prompt)), s = CLIP's logit scale,
   i.e. sigmoid(s (cos(f(x), g_*) - cos(f(x), g_parent))); positives are the concept's images, negatives images

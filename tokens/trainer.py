@@ -35,7 +35,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -181,18 +180,6 @@ def prepare_concept(
 
 
 # ----- the losses of one step
-def diffusion_loss_rows(backbone, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """l_SD per row (B,): ||target - UNet(z_t, t, c)||^2 averaged over each row's latent, with z_t from the DDPM
-    forward process and target = noise (epsilon) or v (v-prediction). Row-wise, with the noise and timesteps
-    given, so that each concept's draws are its own; equals DiffusionBackbone.training_loss's mean (tested)."""
-    sched = backbone.scheduler
-    noisy = sched.add_noise(latents, noise, timesteps)  # q(z_t | z_0)
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-    with backbone.autocast():
-        pred = backbone.unet(noisy, timesteps, encoder_hidden_states=cond).sample
-    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-
-
 @dataclass
 class SdBatch:
     prompts: list[str]                          # C * B prompts, concept-major
@@ -247,7 +234,7 @@ def step_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[ConceptData
     l_ce = torch.zeros(C, device=clip.device)
     if sd_batch is not None:
         cond = backbone.conditioning(sd_batch.prompts, vectors)  # ONE text forward, (C * B, 77, width)
-        rows = diffusion_loss_rows(backbone, sd_batch.latents, cond, sd_batch.noise, sd_batch.timesteps)  # ONE UNet forward
+        rows = backbone.training_loss(sd_batch.latents, cond, noise=sd_batch.noise, timesteps=sd_batch.timesteps, reduction="none")  # ONE UNet forward
         l_sd = rows.view(C, -1).mean(1)
     if ce is not None:
         prompts = [fill_prompt(config.class_template, c.placeholder, c.parent) for c in concepts]
