@@ -6,6 +6,7 @@ Each command parses its arguments and calls one library function; `--help` on an
 from __future__ import annotations
 
 import json
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -110,16 +111,46 @@ def reindex(
 
 @app.command()
 def query(
-    text: Optional[str] = typer.Argument(None, help="The query, e.g. \"a person in a red dress on a beach\"."),
+    text: Optional[str] = typer.Argument(
+        None, help="The query, e.g. \"a person in a red dress on a beach\", or with a custom token: "
+                   "\"a person wearing a * in front of a brick wall\" --token my-dress."),
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="The index to search."),
     k: int = typer.Option(10, min=1, help="Results per query."),
     queries: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="File with one query per line (a batch)."),
     model: Optional[str] = typer.Option(None, help="Must equal the index's model; default: the index's model."),
+    token: List[str] = typer.Option(
+        [], "--token", help="A custom token from --tokens-dir: `*` in the query stands for it (its parent word is "
+                            "added after it); with several, write <NAME> for each. Repeat for several."),
+    tokens_dir: Path = typer.Option(Path("custom_tokens"), help="The token store (see `tokens list`)."),
+    gair: bool = typer.Option(
+        False, "--gair", help="Generation Aided Image Retrieval (Perera et al., Algorithm 1): generate an image for "
+                              "the query mixed with and without the token at each --weights w, keep the w whose image "
+                              "is closest to both the concept and the context, search with that mixture."),
+    weights: str = typer.Option("0:1:0.1", help="GAIR weights: comma-separated, or start:stop:step (stop included)."),
+    attributes: Optional[str] = typer.Option(
+        None, help="GAIR context words, comma-separated, put in place of the token (default: the token's own, else "
+                   "the paper's red,old,worn,bright,dark,pink)."),
+    concept_images: Optional[Path] = typer.Option(
+        None, file_okay=False, help="Folder of the concept's images for GAIR's score and the report (default: the "
+                                    "feature stored in the token, the folder it was learned from)."),
+    diffusion: str = typer.Option("auto", help="Diffusion model for --gair (see `generate --help`); auto: paired with the index's model."),
+    steps: Optional[int] = typer.Option(None, min=1, help="GAIR sampler steps (default: the diffusion model's, SD: 50)."),
+    guidance: Optional[float] = typer.Option(None, help="GAIR guidance scale (default: the diffusion model's, SD: 7.5)."),
+    n_context: int = typer.Option(1, min=1, help="GAIR context images per query."),
+    seed: int = typer.Option(0, help="GAIR noise seed (every w uses the same noise)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
-    html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML page of thumbnails here."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", "--html", help="Also write a self-contained HTML page: results as thumbnails; with tokens, "
+                                          "the concept images and, with --gair, the image generated for each w."),
+    progress: bool = typer.Option(True, help="Show a progress bar while GAIR generates."),
 ):
-    """Search the index by text: prints rank, score and path of the best matches."""
+    """Search the index by text: prints rank, score and path of the best matches.
+
+    With --token, the query is composed with a custom token (`learn-token`); with --gair it is also visualised:
+    the generated images show what the engine understood (see --report).
+    """
+    from retrieval.composed import STAR
     from retrieval.report import results_html, write_html
     from retrieval.search import run_queries
 
@@ -128,6 +159,12 @@ def query(
         texts += [line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         _fail("give a query TEXT or --queries FILE")
+    stored = [n for t in texts for n in re.findall(r"<([^<>\s]+)>", t) if (Path(tokens_dir) / f"{n}.safetensors").is_file()]
+    if stored and not token:
+        _fail(f"the query names <{stored[0]}>, a token in {tokens_dir}: add --token {stored[0]} to use it")
+    if token or gair or any(STAR in t for t in texts):
+        return _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights, attributes, concept_images,
+                               diffusion, steps, guidance, n_context, seed, device, as_json, report, progress)
     try:
         store, results = run_queries(index_dir, texts, k=k, model=model, device=device)
     except _user_errors() as e:
@@ -140,9 +177,67 @@ def query(
             typer.echo(f"# {r.query}")
             for h in r.hits:
                 typer.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
-    if html is not None:
-        write_html(html, results_html(results, store.manifest["gallery_root"]))
-        typer.echo(f"wrote {html}", err=True)
+    if report is not None:
+        write_html(report, results_html(results, store.manifest["gallery_root"]))
+        typer.echo(f"wrote {report}", err=True)
+
+
+def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights, attributes, concept_images, diffusion,
+                    steps, guidance, n_context, seed, device, as_json, report, progress):
+    """`query` with custom tokens (retrieval.gair.PersonalSearch)."""
+    from indexes.store import IndexStore
+    from retrieval.composed import plan_query
+    from retrieval.gair import GairConfig, PersonalSearch, parse_weights
+    from retrieval.report import composed_html, write_html
+    from tokens.learn import load_models
+    from tokens.negatives import read_image_folder
+    from tokens.store import TokenStore
+    from tokens.token_file import check_model
+
+    try:
+        # 1. everything checkable before loading a model: index, tokens (made for the index's model?), options
+        store = IndexStore(index_dir)
+        if model is not None:
+            store.check_model(model)
+        token_store = TokenStore(tokens_dir)
+        loaded = {name: token_store.load(name) for name in dict.fromkeys(token)}
+        for name, t in loaded.items():
+            check_model(t.info, store.model, where=str(token_store.path(name)))
+        for t in texts:
+            plan_query(t, list(loaded.values()))  # query errors before any model loads
+        config = GairConfig(weights=parse_weights(weights), steps=steps, guidance_scale=guidance, seed=seed,
+                            n_context=n_context)
+        words = [a.strip() for a in attributes.split(",")] if attributes is not None else None
+        images = read_image_folder(concept_images, 1, "--concept-images").images if concept_images is not None else None
+        # 2. models, then the queries
+        clip, backbone = load_models(store.model, diffusion, gair, device)
+        engine = PersonalSearch(clip, store, loaded, backbone, cache_dir=Path(tokens_dir) / ".gair_context")
+        results = [engine.query(t, list(loaded), k=k, gair=gair, attributes=words, config=config,
+                                concept_images=images, progress=progress) for t in texts]
+    except _user_errors() as e:
+        _fail(str(e))
+    for r in results:
+        if r.truncated:
+            typer.secho(f"warning: {r.query!r} is longer than the text encoder's context and was truncated",
+                        fg=typer.colors.YELLOW, err=True)
+        if as_json:
+            typer.echo(json.dumps(r.to_json()))
+            continue
+        typer.echo(f"# {r.query}\n#   encoded as: {r.composed}")
+        if r.gair is not None:
+            typer.echo(f"#   GAIR w* = {r.gair.w:g}   (attributes: {', '.join(r.attributes)})")
+            for w, s, c, x in zip(r.gair.weights, r.gair.scores, r.gair.concept_similarity, r.gair.context_similarity):
+                mark = "  <- w*" if w == r.gair.w else ""
+                typer.echo(f"#   w={w:<4g} score {s:.4f}  (cos concept {c:.4f}, cos context {x:.4f}){mark}")
+        for h in r.hits:
+            typer.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
+    if report is not None:
+        shown = images
+        if shown is None:
+            folders = {t.info.concept_images for t in loaded.values() if t.info.concept_images}
+            shown = [p for f in sorted(folders) if Path(f).is_dir() for p in sorted(Path(f).iterdir()) if p.is_file()][:4]
+        write_html(report, composed_html(results, store.manifest["gallery_root"], shown))
+        typer.echo(f"wrote {report}", err=True)
 
 
 @app.command()
@@ -240,6 +335,9 @@ def learn_token_command(
     tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
     seed: int = typer.Option(0, help="Seeds the image, prompt, noise and timestep draws (and sampled negatives)."),
     overwrite: bool = typer.Option(False, help="Replace a token of the same name."),
+    context_attributes: Optional[str] = typer.Option(
+        None, help="Comma-separated words kept with the token for `query --gair`'s context query (default there: "
+                   "red,old,worn,bright,dark,pink, the paper's)."),
     device: str = typer.Option("auto", help="auto (GPU if present, with mixed precision), cpu, cuda, cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar with each loss term."),
 ):
@@ -256,6 +354,7 @@ def learn_token_command(
             init_caption=init_caption, negatives=negatives, model=model, diffusion=diffusion, tokens_dir=tokens_dir,
             seed=seed, overwrite=overwrite, device=device,
             overrides={"n_negatives": n_negatives, "negative_steps": negative_steps},
+            context_attributes=tuple(a.strip() for a in (context_attributes or "").split(",") if a.strip()),
         )
         result = learn_token(request, progress=progress)
     except _user_errors() as e:

@@ -67,3 +67,35 @@ def write_html(path: str | Path, text: str) -> Path:
     path = Path(path)
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
     return path
+
+
+def composed_html(results, gallery_root: str | Path, concept_images: Sequence = (), n_concept: int = 4) -> str:
+    """Page for retrieval.gair.PersonalResult answers, like Perera et al.'s Figure 6: the query as written and as
+    encoded, a few concept images, with GAIR the image generated for each weight w (w* marked) and the context
+    image(s), then the top-k results with rank and score."""
+    root = Path(gallery_root)
+    sections = []
+    for r in results:
+        head = [f"query: {r.query}", f"encoded as: {r.composed}", f"model: {r.model}"]
+        if r.truncated:
+            head.append("warning: longer than the text encoder's context, truncated")
+        if r.gair is not None:
+            head.append(f"GAIR: w* = {r.gair.w:g}; attributes: {', '.join(r.attributes)}")
+        sections.append((r.query, "<p>" + "<br>".join(html.escape(line) for line in head) + "</p>"))
+        if concept_images:
+            figs = "".join(figure(im, [f"concept image {i + 1}"]) for i, im in enumerate(list(concept_images)[:n_concept]))
+            sections.append(("Concept images", f'<div class="grid">{figs}</div>'))
+        g = r.gair
+        if g is not None:
+            figs = "".join(
+                figure(im, [f"w = {w:g}" + ("  (chosen)" if i == g.best else ""), f"score {s:.4f}",
+                            f"cos concept {c:.4f}", f"cos context {x:.4f}"], chosen=i == g.best)
+                for i, (w, im, s, c, x) in enumerate(zip(g.weights, g.images, g.scores, g.concept_similarity,
+                                                         g.context_similarity))
+            )
+            sections.append(("Generated for each weight w (the query visualised)", f'<div class="grid">{figs}</div>'))
+            figs = "".join(figure(im, [f"context image {i + 1}"]) for i, im in enumerate(g.context_images))
+            sections.append(("Context images (attributes instead of the token)", f'<div class="grid">{figs}</div>'))
+        figs = "".join(figure(root / h.path, [f"#{h.rank}  score {h.score:.4f}", h.path]) for h in r.hits)
+        sections.append((f"Top {len(r.hits)} results", f'<div class="grid">{figs}</div>'))
+    return page("Composed query", sections)

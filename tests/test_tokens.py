@@ -416,6 +416,9 @@ def test_cli_learn_generate_list_show_delete(tmp_path):
     r = runner.invoke(app, ["tokens", "show", "red", "--tokens-dir", str(store)])
     shown = json.loads(r.output)
     assert shown["placeholder"] == "<red>" and shown["n_vectors"] == 3 and shown["init"]["tokens"] == ["a", "red", "thing"]
+    feature = np.asarray(shown["concept_feature"])  # kept for GAIR: the normalised mean of the concept images' features
+    assert feature.shape == (load_diffusion("tiny-random", device="cpu").clip.dim,) and abs(np.linalg.norm(feature) - 1) < 1e-4
+    assert shown["concept_images"] == str(images.resolve()) and shown["context_attributes"] == []
 
     out = tmp_path / "grid.png"
     r = runner.invoke(app, ["generate", "a photo of a * dress on a beach", "--token", "red", "--n", "2", "--steps", "2",

@@ -95,6 +95,7 @@ class LearnRequest:
     overwrite: bool = False
     device: str = "auto"
     overrides: dict = field(default_factory=dict)  # any other TokenTrainConfig field, e.g. {"n_negatives": 4}
+    context_attributes: tuple[str, ...] = ()    # GAIR's attribute words for this concept (query --attributes wins)
 
 
 @dataclass
@@ -169,6 +170,8 @@ def learn_token(request: LearnRequest, progress: bool = True) -> LearnResult:
     # 5. prepare, train, save
     concept = prepare_concept(request.name, parent, images.images, clip, backbone, config, negatives, seed=config.seed)
     trained = train_tokens([concept], clip, backbone, config, progress=progress)[0]
-    token = to_custom_token(trained, config, model=request.model, diffusion=backbone.spec if backbone is not None else "")
+    token = to_custom_token(trained, config, model=request.model, diffusion=backbone.spec if backbone is not None else "",
+                            concept=concept, concept_images=str(Path(request.images).resolve()),
+                            context_attributes=[" ".join(a.split()) for a in request.context_attributes if a.strip()])
     path = store.save(token, overwrite=request.overwrite)
     return LearnResult(path, token, skipped)

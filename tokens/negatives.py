@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -67,26 +69,30 @@ def negatives_key(backbone, prompt: str, k: int, seed: int, steps: int, guidance
             "steps": steps, "guidance": guidance, "size": backbone.image_size}
 
 
-def sampled_negatives(backbone, prompt: str, k: int, seed: int, steps: int, guidance: float,
-                      cache_dir: str | Path | None = None) -> ImageSet:
-    """K images sampled for PROMPT (image i with seed + i); read from CACHE_DIR when the same key was sampled
-    before, else sampled and written there atomically (a folder per key with the images and negatives.json)."""
-    key = negatives_key(backbone, prompt, k, seed, steps, guidance)
-    folder = None
-    if cache_dir is not None:
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        folder = Path(cache_dir) / f"{_slug(prompt)}-{digest}"
-        manifest = folder / MANIFEST
-        if manifest.is_file() and json.loads(manifest.read_text()).get("key") == key:
-            paths = [folder / f"{i:04d}.png" for i in range(k)]
-            if all(p.is_file() for p in paths):
-                return ImageSet([load_image(p) for p in paths], paths)
-    images = backbone.generate([prompt], n=k, guidance_scale=guidance, steps=steps, seed=seed)
-    if folder is None:
-        return ImageSet(images, [Path(f"<sampled {i}>") for i in range(k)])
-    if folder.exists():  # a stale or partial cache entry: replaced
-        import shutil
+def _cache_folder(cache_dir: str | Path, label: str, key: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{_slug(label)}-{digest}"
 
+
+def read_cached(cache_dir: str | Path | None, label: str, key: dict, k: int) -> ImageSet | None:
+    """The K images cached for KEY (see `cached_images`), or None when there are none, or not all K."""
+    if cache_dir is None:
+        return None
+    folder = _cache_folder(cache_dir, label, key)
+    manifest = folder / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("key") == key:
+        paths = [folder / f"{i:04d}.png" for i in range(k)]
+        if all(p.is_file() for p in paths):
+            return ImageSet([load_image(p) for p in paths], paths)
+    return None
+
+
+def write_cached(cache_dir: str | Path | None, label: str, key: dict, images: list[Image.Image]) -> ImageSet:
+    """Cache IMAGES for KEY atomically (see `cached_images`); CACHE_DIR None: keep them in memory only."""
+    if cache_dir is None:
+        return ImageSet(images, [Path(f"<generated {i}>") for i in range(len(images))])
+    folder = _cache_folder(cache_dir, label, key)
+    if folder.exists():  # a stale or partial cache entry: replaced
         shutil.rmtree(folder)
     try:
         with atomic_dir(folder) as tmp:
@@ -96,4 +102,26 @@ def sampled_negatives(backbone, prompt: str, k: int, seed: int, steps: int, guid
     except OSError:
         if not (folder / MANIFEST).is_file():  # not another process writing the same entry first
             raise
-    return ImageSet(images, [folder / f"{i:04d}.png" for i in range(k)])
+    return ImageSet(images, [folder / f"{i:04d}.png" for i in range(len(images))])
+
+
+def cached_images(cache_dir: str | Path | None, label: str, key: dict, k: int,
+                  make: Callable[[], list[Image.Image]]) -> ImageSet:
+    """K images that MAKE produces for KEY, read from CACHE_DIR when made before, else made and written there
+    atomically: one folder per key (`<slug of label>-<sha1 of key>`) with the PNGs and negatives.json holding
+    the key. A partial or stale folder is replaced. CACHE_DIR None: made every time."""
+    found = read_cached(cache_dir, label, key, k)
+    if found is not None:
+        return found
+    images = make()
+    if len(images) != k:
+        raise RuntimeError(f"expected {k} images for {label!r}, got {len(images)}")
+    return write_cached(cache_dir, label, key, images)
+
+
+def sampled_negatives(backbone, prompt: str, k: int, seed: int, steps: int, guidance: float,
+                      cache_dir: str | Path | None = None) -> ImageSet:
+    """K images sampled for PROMPT (image i with seed + i), cached in CACHE_DIR (see `cached_images`)."""
+    key = negatives_key(backbone, prompt, k, seed, steps, guidance)
+    return cached_images(cache_dir, prompt, key, k,
+                         lambda: backbone.generate([prompt], n=k, guidance_scale=guidance, steps=steps, seed=seed))

@@ -18,6 +18,9 @@ dicts as JSON) everything needed to know where it belongs and how it was made:
 | subspace         | JSON: how the vectors are constrained (attribute words and dimension, basis)  |
 | init             | JSON: how they were initialised (parent, caption, auto caption, words)        |
 | training         | JSON: steps run, last losses, seconds, whether it stopped early and why       |
+| concept_feature  | JSON: the normalised mean CLIP image feature of the concept images (GAIR)     |
+| concept_images   | the folder the concept images were read from (shown in query reports)         |
+| context_attributes | JSON: attribute words for GAIR's context query ([] : the query's default)   |
 | created          | ISO time                                                                      |
 
 The vectors stored are the token's effective input embeddings (after the subspace projection of `ours`, the
@@ -38,7 +41,7 @@ from indexes.atomic import write_atomic
 
 FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_JSON_KEYS = ("config", "subspace", "init", "training")
+_JSON_KEYS = ("config", "subspace", "init", "training", "concept_feature", "context_attributes")
 
 
 class TokenFileError(ValueError):
@@ -65,6 +68,10 @@ class TokenInfo:
     init: dict = field(default_factory=dict)    # initialisation
     training: dict = field(default_factory=dict)  # training summary
     created: str = ""                           # ISO time
+    # optional, for composed queries and GAIR (files without them still load; `query --concept-images` fills in)
+    concept_feature: list = field(default_factory=list)  # (dim,) normalised mean CLIP feature of the concept images
+    concept_images: str = ""                    # folder the concept images came from
+    context_attributes: list = field(default_factory=list)  # GAIR's attribute words A for this concept
     format_version: int = FORMAT_VERSION
 
     @property

@@ -438,8 +438,11 @@ def evaluate_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[Concept
     return (sd_sum / (draws if config.uses_sd else 1)).cpu(), l_ce.cpu()
 
 
-def to_custom_token(trained: TrainedToken, config: TokenTrainConfig, model: str, diffusion: str = "") -> CustomToken:
-    """A trained token with the metadata its file carries (tokens.token_file)."""
+def to_custom_token(trained: TrainedToken, config: TokenTrainConfig, model: str, diffusion: str = "",
+                    concept: ConceptData | None = None, concept_images: str = "",
+                    context_attributes: Sequence[str] = ()) -> CustomToken:
+    """A trained token with the metadata its file carries (tokens.token_file). With CONCEPT, the normalised mean
+    of its image features is kept (GAIR scores generated images against it)."""
     from dataclasses import asdict
     from datetime import datetime, timezone
 
@@ -448,8 +451,16 @@ def to_custom_token(trained: TrainedToken, config: TokenTrainConfig, model: str,
         parent=trained.parent, method=config.method, diffusion=diffusion or "",
         config=json_safe(asdict(config)), subspace=trained.constraint, init=trained.init.describe(),
         training=trained.summary, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        concept_feature=concept_feature(concept.image_features) if concept is not None else [],
+        concept_images=str(concept_images), context_attributes=list(context_attributes),
     )
     return CustomToken(trained.vectors.clone(), info)
+
+
+def concept_feature(image_features: torch.Tensor) -> list[float]:
+    """(N, dim) normalised image features -> their normalised mean, as a JSON list (6 decimals)."""
+    mean = torch.nn.functional.normalize(image_features.float().mean(0), dim=0)
+    return [round(float(x), 6) for x in mean.tolist()]
 
 
 def json_safe(obj):
