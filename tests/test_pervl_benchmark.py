@@ -1,0 +1,123 @@
+"""benchmarks/pervl.py: the protocol's pieces by hand, the real annotation files with stand-in images, and the
+quick synthetic profile on tiny models (a complete table, then a resumed run that trains nothing)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import pervl
+from benchmarks.pervl import Benchmark, BenchConfig, insert_concept, markdown, metrics, parse_args, sample_shots, target_rank
+from benchmarks.pervl_data import fsl_image_path, query_image_path, read_split
+
+PERVL = Path(__file__).resolve().parents[2] / "shared" / "pervl" / "deep_fashion"
+TINY = {"model": "tiny-random", "diffusion": "tiny-random", "n_negatives": 2, "negative_steps": 1, "gair_steps": 1,
+        "gair_weights": (0.0, 0.5, 1.0), "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_concept_goes_beside_the_first_person():
+    assert insert_concept("a wide lawn is behind a person with raised arms.", "*") == \
+        "a wide lawn is behind a person wearing a * with raised arms."
+    assert insert_concept("The person  stands by a person.", "dress") == "The person wearing a dress stands by a person."
+    assert insert_concept("a personal view of a beach", "*") == "a person wearing a *, a personal view of a beach"
+
+
+def test_rank_counts_ties_against_the_method():
+    scores = np.array([0.5, 0.9, 0.5, 0.1])
+    assert [target_rank(scores, i) for i in range(4)] == [3, 1, 3, 4]
+    assert target_rank(np.array([0.2, 0.2, 0.2]), 1) == 3
+
+
+def test_mrr_and_recall_on_hand_computed_ranks():
+    m = metrics([1, 2, 4, 10, 20])
+    assert m["mrr"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 4 + 1 / 10 + 1 / 20) / 5)  # 38.0
+    assert (m["r1"], m["r5"], m["r10"]) == (20.0, 60.0, 80.0)
+    with pytest.raises(ValueError):
+        metrics([])
+
+
+def test_shots_are_seeded_subsets():
+    names = [f"{i}.jpg" for i in range(12)]
+    a = sample_shots(names, 5, 0, "7")
+    assert a == sample_shots(names, 5, 0, "7") and len(set(a)) == 5 and set(a) <= set(names)
+    assert a == [n for n in names if n in a]  # list order kept
+    assert a != sample_shots(names, 5, 1, "7") and a != sample_shots(names, 5, 0, "8")
+    assert sample_shots(names[:3], 5, 0, "7") == names[:3]
+
+
+def test_arguments():
+    cfg = parse_args(["--world", "synthetic", "--quick"])
+    assert cfg.model == "toyworld" and cfg.concepts == 10 and cfg.seeds == (0,) and cfg.methods == pervl.METHODS
+    cfg = parse_args(["--annotations", "a", "--images", "b", "--methods", "text,ours+gair", "--seeds", "3", "4",
+                      "--parent", "dress", "--steps", "7", "--gair-weights", "0:1:0.5"])
+    assert cfg.methods == ("text", "ours+gair") and cfg.seeds == (3, 4) and cfg.parent == "dress"
+    assert cfg.steps == {"pt": 7, "ti": 7, "batex": 7, "ours": 7} and cfg.gair_weights == (0.0, 0.5, 1.0)
+    assert cfg.model == "ViT-L-14-quickgelu/openai" and cfg.steps != pervl.SYNTHETIC["steps"]
+    with pytest.raises(SystemExit):
+        parse_args(["--annotations", "a", "--images", "b", "--methods", "palavra"])
+    with pytest.raises(SystemExit):
+        parse_args([])  # neither real data nor the synthetic world
+
+
+@pytest.mark.skipif(not PERVL.is_dir(), reason="needs ../shared/pervl (the real PerVL annotation files)")
+def test_real_annotation_files_with_stand_in_images(tmp_path):
+    split = read_split(PERVL, "test")
+    root = tmp_path / "df2"
+    rng = np.random.default_rng(0)
+    paths = [fsl_image_path(root, n) for ns in split.fsl_train.values() for n in ns]
+    paths += [query_image_path(root, n) for n in split.queries["image_name"]]
+    (root / "train" / "image").mkdir(parents=True)
+    cfg = BenchConfig(annotations=str(PERVL), images=str(root), out=str(tmp_path / "out"), methods=("text", "text+image", "pt"),
+                      seeds=(0,), steps={"pt": 1}, **TINY)
+    with pytest.raises(SystemExit, match=r"874 of 874 images .* missing.*DeepFashion2"):
+        Benchmark(cfg).run()
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(p)
+    summary = Benchmark(cfg).run()
+    assert summary["split"] == {"name": "test", "concepts": 50, "queries": 221, "gallery": 221}
+    assert {m: s["n_queries"] for m, s in summary["methods"].items()} == {"text": 221, "text+image": 221, "pt": 221}
+    ranks = pd.read_csv(tmp_path / "out" / "ranks.csv")
+    assert len(ranks) == 3 * 221 and ranks["rank"].between(1, 221).all()
+    text = ranks[ranks["method"] == "text"]
+    assert text["query"].str.contains(" wearing a ").all()
+    assert summary["methods"]["text"]["mrr"] == pytest.approx(100 * (1 / text["rank"]).mean())
+
+
+def test_quick_synthetic_profile_gives_a_complete_table_and_resumes(tmp_path, monkeypatch, capsys):
+    args = ["--world", "synthetic", "--world-preset", "tiny", "--quick", "--model", "tiny-random", "--diffusion",
+            "tiny-random", "--steps", "2", "--gair-steps", "1", "--gair-weights", "0,0.5,1", "--out", str(tmp_path),
+            "--no-progress"]
+    summary = pervl.main(args)
+    table = capsys.readouterr().out
+    for m in pervl.METHODS:
+        row = summary["methods"][m]
+        assert row["n_queries"] == 12 and 0 < row["mrr"] <= 100 and f"| {pervl.METHOD_NAMES[m]} |" in table
+    assert "PALAVRA | not reproduced" in table and "Ideal Words | not reproduced" in table
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["methods"]["ours"]["mrr"] == summary["methods"]["ours"]["mrr"] and saved["config"]["concepts"] == 10
+    ranks = pd.read_parquet(tmp_path / "ranks.parquet")
+    assert len(ranks) == 12 * len(pervl.METHODS)
+    gair = ranks["method"].str.endswith("+gair")
+    assert set(ranks.loc[gair, "gair_w"]) <= {0.0, 0.5, 1.0} and ranks.loc[~gair, "gair_w"].isna().all()
+    assert summary["methods"]["ours+gair"]["gair_w_mean"] == pytest.approx(ranks.loc[ranks["method"] == "ours+gair", "gair_w"].mean())
+
+    # an interrupted or repeated run resumes from the caches: nothing is trained or generated again
+    import tokens.trainer
+
+    monkeypatch.setattr(tokens.trainer, "train_tokens", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("retrieval.gair.run_gair", lambda *a, **k: pytest.fail("generated again"))
+    again = pervl.main(args)
+    assert {m: r["mrr"] for m, r in again["methods"].items()} == {m: r["mrr"] for m, r in summary["methods"].items()}
