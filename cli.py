@@ -212,8 +212,8 @@ def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights
         # 2. models, then the queries
         clip, backbone = load_models(store.model, diffusion, gair, device)
         engine = PersonalSearch(clip, store, loaded, backbone, cache_dir=Path(tokens_dir) / ".gair_context")
-        results = [engine.query(t, list(loaded), k=k, gair=gair, attributes=words, config=config,
-                                concept_images=images, progress=progress) for t in texts]
+        results = engine.query_many(texts, list(loaded), k=k, gair=gair, attributes=words, config=config,
+                                    concept_images=images, progress=progress)
     except _user_errors() as e:
         _fail(str(e))
     for r in results:
@@ -262,16 +262,22 @@ def demo(
     k: int = typer.Option(5, min=1, help="Results per query."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    tokens: bool = typer.Option(True, help="Also learn a custom token for one concept and answer GAIR queries with it."),
+    token_steps: int = typer.Option(300, min=0, help="Optimiser steps of the demo's token."),
+    sample_steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps for negatives and GAIR (default: the diffusion model's)."),
 ):
     """Run the engine end to end on the built-in synthetic world, with no download.
 
     Writes the world's test split (rendered scenes and captions), indexes its images, answers queries
-    whose right answer is known (prints where it ranks) and writes OUT/results.html.
+    whose right answer is known (prints where it ranks) and writes OUT/results.html. Then learns a custom
+    token for one concept from its few-shot images, answers that concept's captions with words only, with
+    the token and with the token + GAIR, and writes OUT/gair.html (the images GAIR generated, the results).
     """
     from retrieval.demo import run_demo
 
     try:
-        result = run_demo(out, model=model, k=k, progress=progress, device=device)
+        result = run_demo(out, model=model, k=k, progress=progress, device=device, token_steps=token_steps,
+                          sample_steps=sample_steps, tokens=tokens)
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(result.summary.format())
@@ -286,6 +292,16 @@ def demo(
         "alone cannot tell them apart. Custom tokens learned from a few photos of each concept are meant to."
     )
     typer.echo(f"report: {result.html}")
+    t = result.token
+    if t is not None:
+        typer.echo(f"\ncustom token {t.token!r} for concept {t.concept} (parent {t.parent!r}), learned from its few-shot "
+                   f"images {'(reused from the last run)' if t.reused else f'in {t.seconds:.0f} s'} (method ours). Rank of each caption's own image among "
+                   f"{result.summary.count} gallery images:")
+        for i, (q, target) in enumerate(zip(t.queries, t.targets)):
+            typer.echo(f"# {q}   (answer: {target})")
+            typer.echo(f"  words only: {t.ranks['words'][i]:>4}   token: {t.ranks['token'][i]:>4}   "
+                       f"token + GAIR: {t.ranks['token+gair'][i]:>4} (w* = {t.gair_w[i]:g})")
+        typer.echo(f"report: {t.html}")
 
 
 # ----- custom tokens (tokens/): learn, visualise, manage

@@ -11,7 +11,7 @@ Protocol (PALAVRA's caption-retrieval evaluation, as PerVL publishes it):
   dress`, the paper's choice).
 - Queries: one per evaluation caption. The concept goes beside the first "person": `insert_concept` turns
   "a wide lawn is behind a person with raised arms." into "... a person wearing a SLOT with raised arms." (a
-  caption without "person" gets "a person wearing a SLOT, " in front). SLOT per method:
+  caption without "person" gets "a person wearing a SLOT, " in front; `retrieval.composed.insert_concept`). SLOT per method:
     text                  the parent word: "a person wearing a dress with raised arms"
     text+image            the same text; q = unit(unit(g(text)) + unit(mean f(shots)))
     pt, ti, batex, ours   "*" and the planner's parent: "a person wearing a <c12> dress with raised arms"
@@ -51,6 +51,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.pervl_data import PervlSplit, fsl_image_path, missing_images, query_image_path, read_split
+from retrieval.composed import insert_concept
+from tokens.methods import MODEL_DEFAULTS
 
 FORMAT_VERSION = 1
 METHOD_NAMES = {
@@ -74,12 +76,11 @@ NOT_REPRODUCED = {
     "ideal-words": ("Ideal Words", "not implemented in this project yet"),
 }
 PAPER_ATTRIBUTES_NOTE = "red, old, worn, bright, dark, pink (Perera et al., DeepFashion2)"
-# The toy world's CLIP knows only its own words: the paper's red and pink, and white / black for bright / dark
-# ("old" and "worn" are untrained rows of its embedding table).
-SYNTHETIC_ATTRIBUTES = ("red", "pink", "white", "black")
-# The toy diffusion model was trained on the world's caption grammar: its l_SD prompts and l_CE template follow it.
-SYNTHETIC_SD_TEMPLATES = ("a person wearing a {token} {parent}.", "a photo of a {token} {parent}.")
-SYNTHETIC_CLASS_TEMPLATE = "a person wearing a {token} {parent}."
+# The toy world's CLIP knows only its own grammar and words: its prompt templates and GAIR words (the paper's red and
+# pink, white and black for bright and dark) are tokens.methods.MODEL_DEFAULTS["toyworld"].
+SYNTHETIC_ATTRIBUTES = MODEL_DEFAULTS["toyworld"]["context_attributes"]
+SYNTHETIC_SD_TEMPLATES = MODEL_DEFAULTS["toyworld"]["sd_templates"]
+SYNTHETIC_CLASS_TEMPLATE = MODEL_DEFAULTS["toyworld"]["class_template"]
 
 
 @dataclass
@@ -118,22 +119,13 @@ class BenchConfig:
 # the closing note of issue 6; the papers' 20000 steps would take days here.
 SYNTHETIC = {"model": "toyworld", "diffusion": "toyworld", "parent": "category", "attributes": SYNTHETIC_ATTRIBUTES,
              "sd_templates": SYNTHETIC_SD_TEMPLATES, "class_template": SYNTHETIC_CLASS_TEMPLATE,
-             "steps": {"pt": 300, "ti": 300, "ours": 300, "batex": 300}, "n_negatives": 16, "negative_steps": 25,
+             "steps": {"pt": 200, "ti": 200, "ours": 200, "batex": 200}, "n_negatives": 16, "negative_steps": 25,
              "gair_weights": tuple(round(i / 5, 1) for i in range(6)), "gair_steps": 10}
 QUICK = {"concepts": 10, "seeds": (0,), "steps": {"pt": 100, "ti": 100, "ours": 100, "batex": 100}, "n_negatives": 8,
          "negative_steps": 10, "gair_weights": (0.0, 0.25, 0.5, 0.75, 1.0), "gair_steps": 8}
 
 
 # ----- the protocol, as functions that tests check by hand
-def insert_concept(caption: str, slot: str) -> str:
-    """Put 'wearing a SLOT' right after the first 'person' of CAPTION (see the module docstring)."""
-    caption = " ".join(str(caption).split())
-    m = re.search(r"\bperson\b", caption, re.IGNORECASE)
-    if m is None:
-        return f"a person wearing a {slot}, {caption}"
-    return f"{caption[: m.end()]} wearing a {slot}{caption[m.end():]}"
-
-
 def target_rank(scores: np.ndarray, target: int) -> int:
     """1 + the number of other gallery images scoring >= the target's score (ties count against)."""
     s = scores[target]

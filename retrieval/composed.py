@@ -149,6 +149,18 @@ def truncated(clip, plan: ComposedQuery, attributes: Sequence[str] = ()) -> bool
     return any(tok.truncated)
 
 
+def insert_concept(caption: str, slot: str) -> str:
+    """PerVL's query rewrite: 'wearing a SLOT' right after the first 'person' of CAPTION ('a wide lawn is behind a
+    person with raised arms.' -> '... a person wearing a * with raised arms.'); a caption without 'person' gets
+    'a person wearing a SLOT, ' in front. SLOT is '*' for a token, or a word."""
+    caption = " ".join(str(caption).split())
+    m = re.search(r"\bperson\b", caption, re.IGNORECASE)
+    if m is None:
+        return f"a person wearing a {slot}, {caption}"
+    return f"{caption[: m.end()]} wearing a {slot}{caption[m.end():]}"
+
+
+
 # ----- features
 def attribute_placeholder(word: str) -> str:
     return f"<@attribute {word}>"

@@ -6,7 +6,11 @@
 2. index its images as a gallery into OUT/index (incremental: a rerun embeds nothing);
 3. answer text queries that name the words (garment, colour, pattern, place) of known evaluation images, and
    report the rank of each such image;
-4. write a self-contained HTML page of the results to OUT/results.html.
+4. write a self-contained HTML page of the results to OUT/results.html;
+5. learn a custom token (method `ours`) for one concept from its few-shot images (OUT/tokens) and answer that
+   concept's evaluation captions three ways: words only (the parent word), with the token, and with the token
+   and GAIR; report the rank of each caption's own image and write OUT/gair.html (the query visualised: the
+   image generated for each weight w, the context image, the results).
 """
 
 from __future__ import annotations
@@ -23,6 +27,24 @@ from retrieval.toyworld import world_config, write_split
 from retrieval.toyworld.captions import CONTEXT_WORDS, garment_phrase
 
 DEMO_QUERIES = 4  # queries asked by the demo: one per concept, for the first concepts
+DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours)
+DEMO_SAMPLE_STEPS = 25  # sampler steps of the demo's negatives (the toy diffusion model's default)
+
+
+@dataclass
+class TokenDemo:
+    """Step 5: one concept's token and its queries, answered three ways."""
+
+    token: str                       # token name
+    concept: str                     # pair_id
+    parent: str
+    seconds: float                   # learning the token
+    reused: bool                     # the token of an earlier run with the same request was reused
+    queries: list[str]               # as written, with *
+    targets: list[str]               # the image each was written for
+    ranks: dict[str, list[int]]      # "words", "token", "token+gair" -> the target's rank per query
+    gair_w: list[float]              # w* per query
+    html: Path
 
 
 @dataclass
@@ -33,10 +55,12 @@ class DemoResult:
     targets: list[str]               # that image, relative to the gallery root
     concepts: list[str]              # the concept (pair_id) it shows
     html: Path
+    token: TokenDemo | None = None
 
 
 def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, progress: bool = True,
-             device: str = "auto") -> DemoResult:
+             device: str = "auto", token_steps: int = DEMO_TOKEN_STEPS, sample_steps: int | None = None,
+             tokens: bool = True) -> DemoResult:
     out = Path(out_dir)
     # 1. the world's test split: 50 concepts, few-shot + evaluation images, PerVL files
     paths = write_split(out / "world", world_config("pervl"), split="test")
@@ -59,5 +83,70 @@ def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, 
     ranks = [next((h.rank for h in r.hits if h.path == t), None) for r, t in zip(results, queries["image_name"])]
     # 4. the page
     html = write_html(out / "results.html", results_html(results, store.manifest["gallery_root"]))
-    return DemoResult(summary=summary, results=results, target_ranks=ranks, targets=queries["image_name"].tolist(),
-                      concepts=[str(c) for c in evals["pair_id"]], html=html)
+    result = DemoResult(summary=summary, results=results, target_ranks=ranks, targets=queries["image_name"].tolist(),
+                        concepts=[str(c) for c in evals["pair_id"]], html=html)
+    # 5. a custom token for the first concept, then composed and GAIR queries
+    if tokens:
+        result.token = token_demo(out, paths, scenes, model, k, device, token_steps, sample_steps, progress)
+    return result
+
+
+def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, device: str, steps: int,
+               sample_steps: int | None, progress: bool) -> TokenDemo:
+    import shutil
+    import time
+
+    from indexes.store import IndexStore
+    from retrieval.composed import insert_concept
+    from retrieval.gair import GairConfig, PersonalSearch
+    from retrieval.images import load_image
+    from retrieval.report import composed_html
+    from dataclasses import asdict
+
+    from tokens.learn import LearnRequest, learn_token, load_models, request_config
+    from tokens.trainer import json_safe
+    from tokens.store import TokenStore
+
+    # the first concept: its few-shot images in a folder of their own, its evaluation captions as queries
+    first = scenes[scenes["role"] == "few-shot"].iloc[0]
+    pair_id, parent = str(first["pair_id"]), str(first["category"])
+    shots = scenes[(scenes["pair_id"] == first["pair_id"]) & (scenes["role"] == "few-shot")]["image_name"].tolist()
+    folder = out / f"concept-{pair_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in shots:
+        if not (folder / Path(name).name).is_file():
+            shutil.copyfile(paths.images / name, folder / Path(name).name)
+    captions = pd.read_csv(paths.captions)
+    mine = captions[captions["pair_id"].astype(str) == pair_id]
+    # learn the token (reused on a rerun with the same model and steps)
+    store = TokenStore(out / "tokens")
+    name = f"concept-{pair_id}"
+    t0 = time.perf_counter()
+    # 8 negatives at the toy model's sampler steps keep the demo within minutes on 2 CPU cores
+    overrides = {"n_negatives": 8, "negative_steps": sample_steps or DEMO_SAMPLE_STEPS}
+    request = LearnRequest(name=name, images=folder, parent=parent, method="ours", steps=steps, model=model,
+                           tokens_dir=store.root, seed=0, overwrite=True, device=device, overrides=overrides)
+    info = store.info(name) if store.exists(name) else None
+    reused = info is not None and info.model == model and info.config == json_safe(asdict(request_config(request)))
+    if not reused:
+        learn_token(request, progress=progress)
+    seconds = time.perf_counter() - t0
+    # the queries three ways
+    clip, backbone = load_models(model, "auto", True, device)
+    engine = PersonalSearch(clip, IndexStore(out / "index"), store, backbone)
+    queries = [insert_concept(c, "*") for c in mine["caption"]]
+    targets = mine["image_name"].tolist()
+    everything = engine.index.count
+    words = engine.query_many([q.replace("*", parent) for q in queries], [], k=everything)  # the parent word in the token's place
+    plain = engine.query_many(queries, [name], k=everything)
+    gair = engine.query_many(queries, [name], k=everything, gair=True, config=GairConfig(steps=sample_steps),
+                             progress=progress)  # every query and weight in one batched generation
+    ranks = {key: [next(h.rank for h in r.hits if h.path == t) for r, t in zip(results, targets)]
+             for key, results in (("words", words), ("token", plain), ("token+gair", gair))}
+    ws = [r.gair.w for r in gair]
+    for r in gair:
+        r.hits = r.hits[:k]
+    gair_results = gair
+    concept_images = [load_image(folder / Path(n).name) for n in shots[:4]]
+    html = write_html(out / "gair.html", composed_html(gair_results, engine.index.manifest["gallery_root"], concept_images))
+    return TokenDemo(name, pair_id, parent, seconds, reused, queries, targets, ranks, ws, html)

@@ -286,22 +286,30 @@ class PersonalSearch:
     def query(self, text: str, tokens: Sequence[str] = (), k: int = 10, gair: bool = False,
               attributes: Sequence[str] | None = None, config: GairConfig = GairConfig(),
               concept_images: Sequence[Image.Image] | None = None, progress: bool = False) -> PersonalResult:
+        """One query (see `query_many`)."""
+        return self.query_many([text], tokens, k, gair, attributes, config, concept_images, progress)[0]
+
+    def query_many(self, texts: Sequence[str], tokens: Sequence[str] = (), k: int = 10, gair: bool = False,
+                   attributes: Sequence[str] | None = None, config: GairConfig = GairConfig(),
+                   concept_images: Sequence[Image.Image] | None = None, progress: bool = False) -> list[PersonalResult]:
+        """Answer TEXTS with TOKENS; with GAIR, the images of all queries and weights are generated in batches
+        of `config.batch_size` rows (Algorithm 1 for each query)."""
         from retrieval.search import search_vectors
 
-        plan = self.plan(text, tokens)
-        attrs = self.attributes_for(plan, attributes) if plan.tokens else ()
-        cut = truncated(self.clip, plan, attrs)
-        outcome = None
+        plans = [self.plan(t, tokens) for t in texts]
+        attrs = [self.attributes_for(p, attributes) if p.tokens else () for p in plans]
+        outcomes: list[GairOutcome | None] = [None] * len(plans)
         if gair:
-            if not plan.tokens:
+            if not all(p.tokens for p in plans):
                 raise QueryError("--gair mixes the query with and without a token: give --token NAME and write * in the query")
             if self.backbone is None:
                 raise QueryError("--gair needs a diffusion model (--diffusion)")
-            outcome = run_gair([plan], self.backbone, self.concept_mean(plan, concept_images)[None], attrs, config,
-                               self.cache_dir, progress)[0]
-            vector = outcome.query_vector
+            means = np.stack([self.concept_mean(p, concept_images) for p in plans])
+            outcomes = run_gair(plans, self.backbone, means, attrs, config, self.cache_dir, progress)
+            vectors = np.stack([o.query_vector for o in outcomes])
         else:
-            vector = composed_feature(self.clip, plan)
-        hits = search_vectors(self.index, vector[None].astype(np.float32), k)[0] if self.index is not None else []
-        return PersonalResult(text, plan.composed, self.clip.spec, hits, tuple(t.info.name for t in plan.tokens),
-                              tuple(attrs), cut, outcome)
+            vectors = np.stack([composed_feature(self.clip, p) for p in plans])
+        hits = search_vectors(self.index, vectors.astype(np.float32), k) if self.index is not None else [[] for _ in plans]
+        return [PersonalResult(t, p.composed, self.clip.spec, h, tuple(x.info.name for x in p.tokens), tuple(a),
+                               truncated(self.clip, p, a), o)
+                for t, p, h, a, o in zip(texts, plans, hits, attrs, outcomes)]

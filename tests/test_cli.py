@@ -96,12 +96,21 @@ def test_python_cli_and_console_script_are_one_app():
 
 
 def test_demo_runs_end_to_end_and_reruns_incrementally(tmp_path):
-    args = ["demo", "--out", str(tmp_path / "demo"), "--model", "tiny-random", "--device", "cpu", "--no-progress"]
+    args = ["demo", "--out", str(tmp_path / "demo"), "--model", "tiny-random", "--device", "cpu", "--no-progress",
+            "--token-steps", "2", "--sample-steps", "2"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "indexed 591 new or changed images" in r.output and r.output.count("# a person wearing") == 4
-    assert r.output.count("(answer: train/image/") == 4
     page = (tmp_path / "demo" / "results.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 4 * 5
+    # step 5: a token for concept 1 (a sweater, 4 evaluation captions), ranks three ways, the GAIR report
+    assert "custom token 'concept-1' for concept 1 (parent 'sweater'), learned from its few-shot images in" in r.output
+    rows = [line.split() for line in r.output.splitlines() if line.strip().startswith("words only:")]
+    assert len(rows) == 4 and all(1 <= int(row[2]) <= 591 and 1 <= int(row[4]) <= 591 for row in rows)
+    assert r.output.count("(answer: train/image/") == 4 + 4
+    gair = (tmp_path / "demo" / "gair.html").read_text()
+    assert gair.count("class=chosen") == 4 and gair.count("w = 0.5") == 4 and "concept image 1" in gair
+    assert (tmp_path / "demo" / "tokens" / "concept-1.safetensors").is_file()
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "indexed 0 new or changed images" in r.output and "kept 591 unchanged" in r.output
+    assert "(reused from the last run)" in r.output

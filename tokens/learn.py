@@ -17,7 +17,7 @@ from pathlib import Path
 
 from retrieval.encoders import ClipEncoder
 from retrieval.models import ModelLoadError
-from tokens.methods import TokenTrainConfig, fill_prompt, token_train_config
+from tokens.methods import TokenTrainConfig, fill_prompt, model_defaults, token_train_config
 from tokens.negatives import read_image_folder, sampled_negatives
 from tokens.store import TokenStore
 from tokens.token_file import check_name
@@ -121,7 +121,8 @@ class LearnResult:
 
 
 def request_config(request: LearnRequest) -> TokenTrainConfig:
-    overrides = dict(request.overrides)
+    known = model_defaults(request.model)  # prompt templates in the CLIP's own language (tokens.methods.MODEL_DEFAULTS)
+    overrides = {**{k: known[k] for k in ("sd_templates", "class_template") if k in known}, **request.overrides}
     if request.steps is not None:
         overrides["steps"] = request.steps
     if request.n_vectors is not None:
@@ -172,6 +173,7 @@ def learn_token(request: LearnRequest, progress: bool = True) -> LearnResult:
     trained = train_tokens([concept], clip, backbone, config, progress=progress)[0]
     token = to_custom_token(trained, config, model=request.model, diffusion=backbone.spec if backbone is not None else "",
                             concept=concept, concept_images=str(Path(request.images).resolve()),
-                            context_attributes=[" ".join(a.split()) for a in request.context_attributes if a.strip()])
+                            context_attributes=[" ".join(a.split()) for a in request.context_attributes if a.strip()]
+                            or list(model_defaults(request.model).get("context_attributes", ())))
     path = store.save(token, overwrite=request.overwrite)
     return LearnResult(path, token, skipped)

@@ -68,6 +68,25 @@ SD_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# Per-CLIP defaults for CLIPs whose text side knows only a small language. The toy world's CLIP was trained on its
+# caption grammar alone ("a person wearing a red striped dress ..."): the templates above and "image of a * dress"
+# are outside it, and GAIR's paper words "old", "worn", "bright", "dark" are untrained rows of its table (its own
+# words stand in: white for bright, black for dark). Real CLIPs use the defaults. `learn-token` applies these
+# unless the caller overrides them, and keeps the attributes in the token file for `query --gair`.
+MODEL_DEFAULTS: dict[str, dict] = {
+    "toyworld": {
+        "sd_templates": ("a person wearing a {token} {parent}.", "a photo of a {token} {parent}."),
+        "class_template": "a person wearing a {token} {parent}.",
+        "context_attributes": ("red", "pink", "white", "black"),
+    },
+}
+
+
+def model_defaults(model: str) -> dict:
+    """MODEL_DEFAULTS of a CLIP SPEC ({} for the rest): sd_templates, class_template, context_attributes."""
+    return dict(MODEL_DEFAULTS.get(model, {}))
+
+
 @dataclass(frozen=True)
 class TokenTrainConfig:
     method: str = "ours"                        # ours | ti | pt | batex (METHODS)
