@@ -43,3 +43,15 @@ def gallery(tmp_path):
     root.mkdir()
     write_gallery(root, 24)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: the tiny models run faster so, and much faster on cores shared with
+    other jobs. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,17 +2,15 @@
 quick synthetic profile on tiny models (a complete table, then a resumed run that trains nothing)."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from benchmarks import pervl
-from benchmarks.pervl import Benchmark, BenchConfig, insert_concept, markdown, metrics, parse_args, sample_shots, target_rank
+from benchmarks.pervl import Benchmark, BenchConfig, insert_concept, metrics, parse_args, sample_shots, target_rank
 from benchmarks.pervl_data import fsl_image_path, query_image_path, read_split
 
 PERVL = Path(__file__).resolve().parents[2] / "shared" / "pervl" / "deep_fashion"
@@ -20,12 +18,7 @@ TINY = {"model": "tiny-random", "diffusion": "tiny-random", "n_negatives": 2, "n
         "gair_weights": (0.0, 0.5, 1.0), "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_concept_goes_beside_the_first_person():
