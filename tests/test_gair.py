@@ -291,3 +291,11 @@ def test_cli_refuses_a_token_made_for_another_model(world, tiny):
     r = runner.invoke(app, ["query", "a * on a beach", "--token", "elsewhere", "--index-dir", str(idx),
                             "--tokens-dir", str(store.root)])
     assert r.exit_code == 2 and "ViT-B-32/openai" in r.output and "tiny-random" in r.output
+
+
+def test_gair_speed_benchmark_runs_on_tiny_models(capsys):
+    from benchmarks import gair_speed
+
+    rows = gair_speed.main(["--model", "tiny-random", "--weights", "1", "3", "--steps", "1", "--repeats", "1"])
+    assert [r["W"] for r in rows] == [1, 3] and all(r["batched_s"] > 0 and r["one_at_a_time_s"] > 0 for r in rows)
+    assert "| 3 |" in capsys.readouterr().out
