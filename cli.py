@@ -187,7 +187,7 @@ def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights
     """`query` with custom tokens (retrieval.gair.PersonalSearch)."""
     from indexes.store import IndexStore
     from retrieval.composed import plan_query
-    from retrieval.gair import GairConfig, PersonalSearch, parse_weights
+    from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, PersonalSearch, parse_weights
     from retrieval.report import composed_html, write_html
     from tokens.learn import load_models
     from tokens.negatives import read_image_folder
@@ -211,7 +211,7 @@ def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights
         images = read_image_folder(concept_images, 1, "--concept-images").images if concept_images is not None else None
         # 2. models, then the queries
         clip, backbone = load_models(store.model, diffusion, gair, device)
-        engine = PersonalSearch(clip, store, loaded, backbone, cache_dir=Path(tokens_dir) / ".gair_context")
+        engine = PersonalSearch(clip, store, loaded, backbone, cache_dir=Path(tokens_dir) / CONTEXT_CACHE_DIR)
         results = engine.query_many(texts, list(loaded), k=k, gair=gair, attributes=words, config=config,
                                     concept_images=images, progress=progress)
     except _user_errors() as e:

@@ -233,6 +233,7 @@ class Benchmark:
 
     def tokens(self, method: str, seed: int, split: PervlSplit, images: Path, shots: dict[str, list[str]]):
         """{pair_id: CustomToken} learned for every concept in ONE batched loop, cached per (method, seed)."""
+        from indexes.atomic import write_json
         from retrieval.images import load_image
         from tokens.methods import fill_prompt
         from tokens.negatives import sampled_negatives
@@ -241,10 +242,11 @@ class Benchmark:
 
         config = self.train_config(method, seed)
         folder = self.cache / "tokens" / f"{method}-seed{seed}"
-        key = {"config": asdict(config), "model": self.cfg.model, "diffusion": self.cfg.diffusion,
-               "shots": shots, "parents": {p: self.parent_of(split, p) for p in shots}, "images": str(images),
-               "negative_steps": self.cfg.negative_steps}
-        if (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == json.loads(json.dumps(key, default=str)):
+        key = json.loads(json.dumps({  # as it reads back from key.json
+            "config": asdict(config), "model": self.cfg.model, "diffusion": self.cfg.diffusion, "shots": shots,
+            "parents": {p: self.parent_of(split, p) for p in shots}, "images": str(images),
+            "negative_steps": self.cfg.negative_steps}, default=str))
+        if (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
             return {p: load_token_file(folder / f"c{p}.safetensors") for p in shots}
         clip, backbone = self.models(config.uses_sd or config.uses_ce)
         neg_steps = self.cfg.negative_steps or (backbone.sampling["steps"] if backbone is not None else 50)
@@ -268,9 +270,7 @@ class Benchmark:
             token = to_custom_token(t, config, self.cfg.model, backbone.spec if backbone is not None else "", concept=concept)
             save_token_file(folder / f"c{pair_id}.safetensors", token)
             out[pair_id] = token
-        from indexes.atomic import write_json
-
-        write_json(folder / "key.json", json.loads(json.dumps(key, default=str)))  # last: the tokens are complete
+        write_json(folder / "key.json", key)  # last: the tokens are complete
         return out
 
     # 4. query vectors per method

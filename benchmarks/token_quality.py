@@ -48,13 +48,13 @@ from retrieval.toyworld.render import render_scene
 from retrieval.toyworld.scene import sample_scene
 from retrieval.toyworld.split import plan_split
 from tokens.learn import load_models
-from tokens.methods import METHODS, fill_prompt, token_train_config
+from tokens.methods import METHODS, MODEL_DEFAULTS, fill_prompt, token_train_config
 from tokens.negatives import sampled_negatives
 from retrieval.images import load_image
 from tokens.trainer import prepare_concept, train_tokens
 
-SCORE_TEMPLATE = "a person wearing a {token} {parent}."       # the toy grammar's "a person wearing {g}."
-SD_TEMPLATES = ("a person wearing a {token} {parent}.", "a photo of a {token} {parent}.")  # the grammar's forms
+SCORE_TEMPLATE = MODEL_DEFAULTS["toyworld"]["class_template"]  # the toy grammar's "a person wearing {g}."
+SD_TEMPLATES = MODEL_DEFAULTS["toyworld"]["sd_templates"]      # the grammar's forms
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:

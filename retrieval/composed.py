@@ -250,17 +250,13 @@ def conditioning_pair(backbone, plan: ComposedQuery, attributes: Sequence[str]) 
     """(H_composed (L, W), H_context (L, W)): the UNet's conditioning for [t, *, c] and the mean over attributes
     of the [t, a_i, c] sequences, each aligned to the composed one (`align_index`)."""
     attributes = check_attributes(attributes)
-    clip, text = backbone.clip, backbone.text
-    a_vectors = attribute_vectors(clip, attributes)
+    a_vectors = attribute_vectors(backbone.clip, attributes)
     context_texts = [plan.with_word(attribute_placeholder(a)) for a in attributes]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        h_comp = backbone.conditioning([plan.composed], plan.vectors)[0]  # (L, W)
-        h_ctx = backbone.conditioning(context_texts, a_vectors)  # (A, L, W)
-        comp_tok = clip.tokenize([plan.composed], {k: v.shape[0] for k, v in plan.vectors.items()},
-                                 pad_id=text.pad_id, warn_truncation=False)
-        ctx_tok = clip.tokenize(context_texts, {k: v.shape[0] for k, v in a_vectors.items()},
-                                pad_id=text.pad_id, warn_truncation=False)
+        warnings.simplefilter("ignore")  # truncation is reported by `truncated`, once
+        h_comp, comp_tok = backbone.encode_prompts([plan.composed], plan.vectors)
+        h_ctx, ctx_tok = backbone.encode_prompts(context_texts, a_vectors)  # (A, L, W)
+    h_comp = h_comp[0]  # (L, W)
     L = h_comp.shape[0]
     comp_spans = slot_spans(comp_tok, 0)
     aligned = [h_ctx[i][align_index(comp_spans, slot_spans(ctx_tok, i), L).to(h_ctx.device)] for i in range(len(attributes))]

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from retrieval.composed import (
     PAPER_ATTRIBUTES,
@@ -113,25 +114,6 @@ def gair_scores(image_features: np.ndarray, concept_mean: np.ndarray, context_me
     return np.minimum(to_concept, to_context), to_concept, to_context
 
 
-def _tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    from tokens.diffusion import to_pil
-
-    return to_pil(images)
-
-
-def sample_rows(backbone, cond: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float, batch_size: int,
-                progress=None) -> list[Image.Image]:
-    """Generate one image per row of COND (N, L, width) with row i seeded SEEDS[i], BATCH_SIZE rows per call."""
-    uncond = backbone.conditioning([""]) if guidance != 1.0 else None
-    out: list[Image.Image] = []
-    for start in range(0, cond.shape[0], batch_size):
-        chunk = cond[start : start + batch_size]
-        out.extend(_tensor_to_pil(backbone.sample(chunk, uncond, guidance, steps, list(seeds[start : start + chunk.shape[0]]))))
-        if progress is not None:
-            progress(chunk.shape[0])
-    return out
-
-
 def context_key(backbone, plan: ComposedQuery, attributes: Sequence[str], config: GairConfig) -> dict:
     steps, guidance = config.sampler(backbone)
     return {"query": plan.with_word("{attribute}"), "attributes": list(attributes), "diffusion": backbone.spec,
@@ -153,33 +135,28 @@ def run_gair(plans: Sequence[ComposedQuery], backbone, concept_means: np.ndarray
     concept_means = np.asarray(concept_means, dtype=np.float32).reshape(Q, -1)
     steps, guidance = config.sampler(backbone)
     W = list(config.weights)
-    bar = _bar(Q * (len(W) + config.n_context), progress)
+    bar = tqdm(total=Q * (len(W) + config.n_context), desc="GAIR images", unit="img", leave=False, disable=not progress)
     # 1. features g_* and g_A; conditioning sequences H_* and aligned H_A
     g_star = np.stack([composed_feature(clip, p) for p in plans])  # (Q, d)
     g_ctx = np.stack([context_features(clip, p, a).mean(0) for p, a in zip(plans, per_query)])  # (Q, d)
     pairs = [conditioning_pair(backbone, p, a) for p, a in zip(plans, per_query)]
     # 2. context images x_c (cached per query), generated together for the queries that miss the cache
-    context_images: list[list[Image.Image] | None] = [None] * Q
-    missing = []
-    for q, (p, a) in enumerate(zip(plans, per_query)):
-        key = context_key(backbone, p, a, config)
-        label = "context"
-        found = read_cached(cache_dir, label, key, config.n_context)
-        if found is not None:
-            context_images[q] = found.images
-            bar(config.n_context)
-        else:
-            missing.append((q, key, label))
+    keys = [context_key(backbone, p, a, config) for p, a in zip(plans, per_query)]
+    context_images = [read_cached(cache_dir, "context", key, config.n_context) for key in keys]
+    missing = [q for q, found in enumerate(context_images) if found is None]
+    bar.update((Q - len(missing)) * config.n_context)
     if missing:
-        cond = torch.cat([pairs[q][1][None].expand(config.n_context, -1, -1) for q, _, _ in missing])
+        cond = torch.cat([pairs[q][1][None].expand(config.n_context, -1, -1) for q in missing])
         seeds = [config.seed + 1 + j for _ in missing for j in range(config.n_context)]
-        made = sample_rows(backbone, cond, seeds, steps, guidance, config.batch_size, bar)
-        for i, (q, key, label) in enumerate(missing):
-            mine = made[i * config.n_context : (i + 1) * config.n_context]
-            context_images[q] = write_cached(cache_dir, label, key, mine).images
+        made = backbone.sample_images(cond, seeds, guidance, steps, config.batch_size, on_batch=bar.update)
+        for i, q in enumerate(missing):
+            context_images[q] = write_cached(cache_dir, "context", keys[q], made[i * config.n_context : (i + 1) * config.n_context])
+    context_images = [found.images for found in context_images]
     # 3. I(w) for every query and weight: |Q| x |W| rows, batched
     cond = torch.cat([mix_conditioning(h_star, h_ctx, W) for h_star, h_ctx in pairs])  # (Q |W|, L, width)
-    images = sample_rows(backbone, cond, [config.seed] * cond.shape[0], steps, guidance, config.batch_size, bar)
+    images = backbone.sample_images(cond, [config.seed] * cond.shape[0], guidance, steps, config.batch_size,
+                                    on_batch=bar.update)
+    bar.close()
     # 4. scores, w*, q(w*)
     f_images = clip.encode_pil(images).reshape(Q, len(W), -1)
     f_context = clip.encode_pil([im for ims in context_images for im in ims]).reshape(Q, config.n_context, -1).mean(1)
@@ -190,15 +167,6 @@ def run_gair(plans: Sequence[ComposedQuery], backbone, concept_means: np.ndarray
         out.append(GairOutcome(tuple(W), scores, to_concept, to_context, best, mix(g_star[q], g_ctx[q], W[best]),
                                images[q * len(W) : (q + 1) * len(W)], context_images[q]))
     return out
-
-
-def _bar(total: int, show: bool):
-    if not show:
-        return lambda n: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="GAIR images", unit="img", leave=False)
-    return bar.update
 
 
 # ----- the entry point

@@ -23,7 +23,7 @@ from retrieval.composed import (
     plan_query,
     slot_spans,
 )
-from retrieval.gair import GairConfig, PersonalSearch, gair_scores, parse_weights, run_gair, sample_rows
+from retrieval.gair import GairConfig, PersonalSearch, gair_scores, parse_weights, run_gair
 from retrieval.search import search_vectors
 from tokens.diffusion import load_diffusion
 from tokens.store import TokenStore
@@ -177,8 +177,8 @@ def test_batched_generation_equals_one_weight_at_a_time(tiny):
     p = plan_query("a * on a beach", [make_token(tiny.clip)])
     h_comp, h_ctx = conditioning_pair(tiny, p, ["red", "old"])
     cond = mix_conditioning(h_comp, h_ctx, [0.0, 0.5, 1.0])
-    batched = sample_rows(tiny, cond, [3, 3, 3], steps=3, guidance=2.0, batch_size=3)
-    single = [sample_rows(tiny, cond[i : i + 1], [3], steps=3, guidance=2.0, batch_size=1)[0] for i in range(3)]
+    batched = tiny.sample_images(cond, [3, 3, 3], steps=3, guidance_scale=2.0, batch_size=3)
+    single = [tiny.sample_images(cond[i : i + 1], [3], steps=3, guidance_scale=2.0, batch_size=1)[0] for i in range(3)]
     for a, b in zip(batched, single):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
     assert not np.array_equal(np.asarray(batched[0]), np.asarray(batched[2]))  # w changes the image

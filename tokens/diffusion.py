@@ -219,11 +219,15 @@ class DiffusionBackbone:
     # ----- text and images in
     def conditioning(self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, 77, width) float32 per-position hidden states; differentiable with respect to `vectors`."""
+        return self.encode_prompts(texts, vectors)[0]
+
+    def encode_prompts(self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None):
+        """(conditioning (B, 77, width) float32, PromptTokens): the hidden states and where each placeholder sits."""
         with self.autocast():
-            hidden, _, _ = self.clip.text_features(
+            hidden, _, tokens = self.clip.text_features(
                 list(texts), vectors, pad_id=self.text.pad_id, skip_last_layers=self.text.skip_last_layers
             )
-        return hidden.float().to(self.device)
+        return hidden.float().to(self.device), tokens
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -336,6 +340,28 @@ class DiffusionBackbone:
         return (images / 2 + 0.5).clamp(0, 1).cpu()
 
     @torch.no_grad()
+    def sample_images(
+        self,
+        cond: torch.Tensor,
+        seeds: Sequence[int],
+        guidance_scale: float = 7.5,
+        steps: int = 50,
+        batch_size: int = 8,
+        negative_prompt: str = "",
+        on_batch: Callable[[int], Any] | None = None,
+    ) -> list[Image.Image]:
+        """One PIL image per row of COND (N, L, width), row i seeded SEEDS[i] (`sample`), BATCH_SIZE rows per sampler
+        call; ON_BATCH(rows) after each call (a progress bar)."""
+        uncond = self.conditioning([negative_prompt]) if guidance_scale != 1.0 else None
+        images: list[Image.Image] = []
+        for start in range(0, cond.shape[0], batch_size):
+            chunk = cond[start : start + batch_size]
+            images.extend(to_pil(self.sample(chunk, uncond, guidance_scale, steps, list(seeds[start : start + chunk.shape[0]]))))
+            if on_batch is not None:
+                on_batch(chunk.shape[0])
+        return images
+
+    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str],
@@ -349,13 +375,8 @@ class DiffusionBackbone:
     ) -> list[Image.Image]:
         """Prompts (with optional placeholder vectors) -> n PIL images each, prompt-major; image i uses seed + i."""
         rows = [p for p in prompts for _ in range(n)]
-        uncond = self.conditioning([negative_prompt])
-        images = []
-        for start in range(0, len(rows), batch_size):
-            cond = self.conditioning(rows[start : start + batch_size], vectors)
-            seeds = list(range(seed + start, seed + start + cond.shape[0]))
-            images.extend(to_pil(self.sample(cond, uncond, guidance_scale, steps, seeds)))
-        return images
+        cond = self.conditioning(rows, vectors)
+        return self.sample_images(cond, range(seed, seed + len(rows)), guidance_scale, steps, batch_size, negative_prompt)
 
 
 # ----- pixels

@@ -272,17 +272,9 @@ def sampler(name: str, backbone):
 
 def generate_for(backbone, captions: list[str], setting: tuple[str, int, float], batch_size: int = 50) -> list:
     """One image per caption with a (sampler, steps, guidance) setting; image i uses seed i, whatever the batch."""
-    from tokens.diffusion import to_pil
-
     name, steps, guidance = setting
     backbone.sample_scheduler = sampler(name, backbone)
-    uncond = backbone.conditioning([""])
-    images = []
-    for start in range(0, len(captions), batch_size):
-        cond = backbone.conditioning(captions[start:start + batch_size])
-        seeds = list(range(start, start + cond.shape[0]))
-        images += to_pil(backbone.sample(cond, uncond, guidance_scale=guidance, steps=steps, seed=seeds))
-    return images
+    return backbone.generate(captions, guidance_scale=guidance, steps=steps, seed=0, batch_size=batch_size)
 
 
 def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
