@@ -127,12 +127,12 @@ def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, devic
     request = LearnRequest(name=name, images=folder, parent=parent, method="ours", steps=steps, model=model,
                            tokens_dir=store.root, seed=0, overwrite=True, device=device, overrides=overrides)
     info = store.info(name) if store.exists(name) else None
+    clip, backbone = load_models(model, "auto", True, device)  # once, for learning and for the queries
     reused = info is not None and info.model == model and info.config == json_safe(asdict(request_config(request)))
     if not reused:
-        learn_token(request, progress=progress)
+        learn_token(request, progress=progress, models=(clip, backbone))
     seconds = time.perf_counter() - t0
     # the queries three ways
-    clip, backbone = load_models(model, "auto", True, device)
     engine = PersonalSearch(clip, IndexStore(out / "index"), store, backbone)
     queries = [insert_concept(c, "*") for c in mine["caption"]]
     targets = mine["image_name"].tolist()

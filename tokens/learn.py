@@ -132,8 +132,9 @@ def request_config(request: LearnRequest) -> TokenTrainConfig:
     return token_train_config(request.method, seed=request.seed, **overrides)
 
 
-def learn_token(request: LearnRequest, progress: bool = True) -> LearnResult:
-    """Learn the token REQUEST describes and save it in its store (steps in the module docstring)."""
+def learn_token(request: LearnRequest, progress: bool = True, models: tuple | None = None) -> LearnResult:
+    """Learn the token REQUEST describes and save it in its store (steps in the module docstring). MODELS: the
+    (clip, backbone) of `load_models` for request.model, when the caller already holds them."""
     import warnings
 
     # 1. check the request before anything expensive
@@ -158,7 +159,7 @@ def learn_token(request: LearnRequest, progress: bool = True) -> LearnResult:
     skipped += images.skipped + (given_negatives.skipped if given_negatives else [])
     # 3. models
     need_diffusion = config.uses_sd or (config.uses_ce and given_negatives is None)
-    clip, backbone = load_models(request.model, request.diffusion, need_diffusion, request.device, config.precision)
+    clip, backbone = models or load_models(request.model, request.diffusion, need_diffusion, request.device, config.precision)
     # 4. negatives of l_CE
     negatives = None
     if config.uses_ce:
