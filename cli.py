@@ -345,7 +345,7 @@ def learn_token_command(
         "\"image of a <parent>\" and cached in --tokens-dir."
     ),
     n_negatives: int = typer.Option(16, min=1, help="Negatives to sample when no --negatives folder is given."),
-    negative_steps: int = typer.Option(50, min=1, help="DDIM steps when sampling negatives."),
+    negative_steps: int = typer.Option(50, min=1, help="Sampler steps when sampling negatives."),
     model: str = typer.Option("ViT-L-14-quickgelu/openai", help=TOKEN_MODEL_HELP),
     diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
     tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
@@ -384,7 +384,7 @@ def generate(
     token: List[str] = typer.Option([], "--token", help="A token name from --tokens-dir (repeat for several)."),
     n: int = typer.Option(4, min=1, help="Images to generate."),
     out: Path = typer.Option(Path("grid.png"), help="Where the grid of images is written (PNG)."),
-    steps: int = typer.Option(50, min=1, help="DDIM sampling steps."),
+    steps: int = typer.Option(50, min=1, help="Sampling steps (with the diffusion model's sampler: DDIM for Stable Diffusion, Euler ancestral for toyworld)."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     negative_prompt: str = typer.Option("", help="The unconditional prompt of classifier-free guidance."),
     seed: int = typer.Option(0, help="Image i starts from noise seeded seed + i."),

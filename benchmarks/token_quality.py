@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--negatives-source", default="diffusion", choices=("diffusion", "world"),
                         help="diffusion: sampled for the parent prompt (as learn-token does); world: rendered scenes of "
                              "the parent category (pt then needs no diffusion model)")
-    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for negatives and generated images")
+    parser.add_argument("--sample-steps", type=int, default=25, help="sampler steps for negatives and generated images")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--gen-per-context", type=int, default=2)
     parser.add_argument("--parent-images", type=int, default=40, help="rendered scenes per category")

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-random": {"model_cfg": TINY_MODEL_CFG, "seed": 0},
     # the toy world's CLIP, trained from scratch and committed; retrain: python -m retrieval.toyworld.train_clip
     "toyworld": {"folder": Path(__file__).resolve().parent / "toyworld" / "weights" / "clip",
-                 "train": "python -m retrieval.toyworld.train_clip --preset toyworld --out retrieval/toyworld/weights/clip"},
+                 "train": "python -m retrieval.toyworld.train_clip --preset toyworld --threads 2 --out retrieval/toyworld/weights/clip"},
 }
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.pt")

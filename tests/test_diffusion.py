@@ -16,9 +16,11 @@ from retrieval.models import save_model_folder
 from tokens.diffusion import (
     DiffusionBackbone,
     DiffusionLoadError,
+    SAMPLERS,
     SpaceToDepthCodec,
     TextConditioning,
     load_diffusion,
+    make_sampler,
     save_diffusion_folder,
 )
 
@@ -189,14 +191,11 @@ def test_cross_attention_width_must_match_the_clip(tiny):
 
 
 # ----- sampling
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_batched_sampling_equals_per_image(sampler):
-    """Row i's image depends on its seed only, also for a stochastic sampler (DDPM draws noise every step)."""
-    from diffusers import DDPMScheduler
-
+    """Row i's image depends on its seed only, also for stochastic samplers (DDPM, Euler ancestral: noise every step)."""
     tiny = load_diffusion("tiny-random", device="cpu")
-    if sampler == "ddpm":
-        tiny.sample_scheduler = DDPMScheduler.from_config(tiny.scheduler.config)
+    tiny.sample_scheduler = make_sampler(sampler, tiny.scheduler.config)
     cond = tiny.conditioning(["a red dress", "a blue skirt on a beach", "a photo of a coat"])
     uncond = tiny.conditioning([""])
     batched = tiny.sample(cond, uncond, guidance_scale=4.0, steps=3, seed=5)
@@ -206,6 +205,22 @@ def test_batched_sampling_equals_per_image(sampler):
         torch.testing.assert_close(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
     assert torch.equal(batched, tiny.sample(cond, uncond, guidance_scale=4.0, steps=3, seed=5))  # reproducible
     assert not torch.allclose(batched, tiny.sample(cond, uncond, guidance_scale=4.0, steps=3, seed=6))
+
+
+def test_the_sampling_setting_picks_the_sampler_and_is_saved(tmp_path):
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+
+    tiny = load_diffusion("tiny-random", device="cpu")
+    assert isinstance(tiny.sample_scheduler, DDIMScheduler) and tiny.sampling["sampler"] == "ddim"
+    euler = DiffusionBackbone(tiny.unet, tiny.scheduler, tiny.codec, tiny.clip, tiny.text, device="cpu",
+                              sampling={"sampler": "euler-a", "steps": 7})
+    assert isinstance(euler.sample_scheduler, EulerAncestralDiscreteScheduler)
+    assert euler.sample_scheduler.config.prediction_type == tiny.scheduler.config.prediction_type
+    assert euler.sampling == {"sampler": "euler-a", "steps": 7, "guidance_scale": 7.5}
+    reloaded = load_diffusion(str(save_diffusion_folder(euler, tmp_path / "euler")), device="cpu")
+    assert reloaded.sampling == euler.sampling and isinstance(reloaded.sample_scheduler, EulerAncestralDiscreteScheduler)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        make_sampler("plms", tiny.scheduler.config)
 
 
 def test_guidance_scale_one_is_the_conditional_prediction(tiny):

@@ -1,5 +1,5 @@
 """The toy world's diffusion model: the smoke recipe trains (tiny-random CLIP, seconds), and the committed
-weights, when present, load through load_diffusion("toyworld") and generate."""
+weights load through load_diffusion("toyworld") and draw what held-out captions say."""
 
 import json
 
@@ -14,6 +14,11 @@ from retrieval.toyworld.train_diffusion import (
     unet_config,
 )
 from tokens.diffusion import load_diffusion, save_diffusion_folder
+
+# The committed model on 32 held-out captions with its own sampler (Euler ancestral, 25 steps, guidance 4) measured
+# context 1.00, colour 0.78 (on 200 captions, eval.json: 0.99, 0.84). The floors are the issue's targets.
+GENERATED_SCENES = 32
+GENERATED_FLOOR = {"context": 0.80, "colour": 0.70}
 
 
 def test_smoke_recipe_trains_and_saves(tiny_encoder, tmp_path):
@@ -52,10 +57,25 @@ def test_eval_caption_uses_the_training_grammar():
     assert text.startswith("a person wearing ") and scene.category in text and scene.colour in text
 
 
-@pytest.mark.skipif(not (DEFAULT_OUT / "backbone.json").is_file(), reason="toy-world diffusion weights not trained yet")
 def test_committed_toyworld_model_loads_and_generates():
     backbone = load_diffusion("toyworld", device="cpu")
     assert backbone.image_size == 64 and backbone.clip.width == backbone.unet.config.cross_attention_dim
     images = backbone.generate(["a person wearing a red dress standing on a beach."], steps=4, guidance_scale=3.0)
     assert images[0].size == (64, 64)
     assert (DEFAULT_OUT / "eval.json").is_file()
+
+
+def test_committed_toyworld_model_draws_what_the_caption_says():
+    """A few held-out captions (their (context, category, colour) never occurred in training), generated with the
+    model's own sampler settings and read back by the toy CLIP, clear the issue's targets."""
+    from retrieval.toyworld import evaluate, world_config
+
+    world = world_config()
+    backbone = load_diffusion("toyworld", device="cpu")
+    scenes = evaluate.held_out_scenes(world, GENERATED_SCENES)
+    captions = [eval_caption(s, i) for i, s in enumerate(scenes)]
+    assert backbone.sampling == {"sampler": "euler-a", "steps": 25, "guidance_scale": 4.0}
+    images = backbone.generate(captions, steps=backbone.sampling["steps"],
+                               guidance_scale=backbone.sampling["guidance_scale"], seed=0)
+    report = evaluate.zero_shot_report(backbone.clip, images, scenes, world, factors=("context", "colour"))
+    assert report["context"] >= GENERATED_FLOOR["context"] and report["colour"] >= GENERATED_FLOOR["colour"], report

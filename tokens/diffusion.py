@@ -39,12 +39,26 @@ from retrieval.models import ModelLoadError
 
 FORMAT_VERSION = 1
 DEFAULT_DIFFUSION = "CompVis/stable-diffusion-v1-4"
-DEFAULT_SAMPLING = {"steps": 50, "guidance_scale": 7.5}  # StableDiffusionPipeline's defaults
+DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 7.5}  # StableDiffusionPipeline's defaults
+# Sampling schedulers by name, each built from the model's training-scheduler config: ddim (deterministic, Song et al.
+# 2021), ddpm (ancestral, Ho et al. 2020), euler-a (Euler ancestral, Karras et al. 2022's sigma parametrisation with
+# fresh noise each step) and dpm++ (DPM-Solver++ 2M, Lu et al. 2022).
+SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+            "dpm++": "DPMSolverMultistepScheduler"}
 TOYWORLD_FOLDER = Path(__file__).resolve().parent.parent / "retrieval" / "toyworld" / "weights" / "diffusion"
 
 
 class DiffusionLoadError(ModelLoadError):
     """A diffusion SPEC that cannot be loaded, or parts that do not fit together; the message says the fix."""
+
+
+def make_sampler(name: str, scheduler_config: Mapping[str, Any]):
+    """A sampling scheduler (see SAMPLERS) from a training scheduler's config (same betas, prediction type)."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return getattr(diffusers, SAMPLERS[name]).from_config(scheduler_config)
 
 
 @dataclass(frozen=True)
@@ -86,10 +100,9 @@ DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
     "sd15-runwayml": {"repo": "runwayml/stable-diffusion-v1-5", **SD1_TEXT},
     "sd21": {"repo": "stabilityai/stable-diffusion-2-1", **SD2_TEXT},
     "sd21-base": {"repo": "stabilityai/stable-diffusion-2-1-base", **SD2_TEXT},
-    # sampling: DDIM 25 steps at guidance 3 (eval.json: generated context 0.935, colour 0.42; guidance 1: 0.94, 0.38;
-    # DDPM 100 steps at guidance 2 is better, 1.00 and 0.54, but 4x slower, too slow for GAIR on a CPU)
-    "toyworld": {"folder": TOYWORLD_FOLDER, "how": "python -m retrieval.toyworld.train_diffusion --preset toyworld",
-                 "sampling": {"steps": 25, "guidance_scale": 3.0}},
+    # its default sampler (Euler ancestral, 25 steps, guidance 4) is in the folder's backbone.json; why: the
+    # `sampling` field of retrieval/toyworld/train_diffusion.py
+    "toyworld": {"folder": TOYWORLD_FOLDER, "how": "python -m retrieval.toyworld.train_diffusion --preset toyworld"},
     "tiny-random": {
         "unet_cfg": TINY_UNET_CFG,
         "scheduler_cfg": PIXEL_SCHEDULER_CFG,
@@ -173,21 +186,19 @@ class DiffusionBackbone:
         spec: str = "",
         sampling: Mapping[str, Any] | None = None,
     ):
-        from diffusers import DDIMScheduler
-
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(precision, self.device)  # GPU: bf16/fp16 autocast; CPU: fp32
         self.unet = unet.to(self.device).eval()
         if self.unet.dtype != torch.float32:  # master weights stay fp32; autocast lowers the compute precision
             self.unet.float()
         self.scheduler = scheduler                  # training: DDPM forward process (add_noise, targets)
-        self.sample_scheduler = sample_scheduler or DDIMScheduler.from_config(scheduler.config)
+        # default sampler settings of this model (Stable Diffusion's: 50 DDIM steps, guidance 7.5); callers may override
+        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
+        self.sample_scheduler = sample_scheduler or make_sampler(self.sampling["sampler"], scheduler.config)
         self.codec = codec.to(self.device, dtype=torch.float32)
         self.clip = clip
         self.text = text
         self.spec = spec
-        # default sampler settings of this model (Stable Diffusion's: 50 DDIM steps, guidance 7.5); callers may override
-        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         # parts meet here: check that they fit
         cross_dim = unet.config.cross_attention_dim
         if cross_dim != clip.width:
@@ -293,7 +304,7 @@ class DiffusionBackbone:
         cond (B, L, W); uncond (B, L, W) or (1, L, W), needed unless guidance_scale == 1. Row i draws its noise
         (the initial noise, and each step's noise for a stochastic sampler such as DDPM) from its own CPU
         generator seeded `seed + i` (or `seed[i]`), so its image depends neither on the batch it is in nor on the
-        device. The sampler is `self.sample_scheduler` (DDIM unless replaced). Returns (B, 3, H, W) float32 in
+        device. The sampler is `self.sample_scheduler` (built from `self.sampling["sampler"]` unless replaced). Returns (B, 3, H, W) float32 in
         [0, 1], on the CPU.
         """
         # 1. check inputs
@@ -569,9 +580,10 @@ def load_diffusion(
         )
     # 2. assemble (checks that the parts fit)
     unet, scheduler, codec, clip, text = parts
-    sampling = (preset or {}).get("sampling")
-    if sampling is None and Path(spec).is_dir() and (Path(spec) / "backbone.json").is_file():
-        sampling = json.loads((Path(spec) / "backbone.json").read_text()).get("sampling")
+    # a saved backbone carries its sampler settings; others sample as Stable Diffusion does (DEFAULT_SAMPLING)
+    folder = Path(preset["folder"]) if preset is not None and "folder" in preset else Path(spec)
+    saved = folder / "backbone.json"
+    sampling = json.loads(saved.read_text()).get("sampling") if saved.is_file() else None
     return DiffusionBackbone(unet, scheduler, codec, clip, text, device=dev, precision=precision, spec=spec,
                              sampling=sampling)
 

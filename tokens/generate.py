@@ -30,7 +30,7 @@ class GenerateRequest:
     model: str = "ViT-L-14-quickgelu/openai"    # CLIP SPEC the tokens were made for
     diffusion: str | None = None                # diffusion SPEC; None/"auto": paired with model
     tokens_dir: Path = Path("custom_tokens")    # the token store
-    steps: int = 50                             # DDIM steps
+    steps: int = 50                             # sampler steps (the diffusion model's sampler)
     guidance_scale: float = 7.5                 # classifier-free guidance (SD's default)
     negative_prompt: str = ""                   # the unconditional prompt
     seed: int = 0                               # image i uses seed + i

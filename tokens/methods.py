@@ -115,7 +115,7 @@ class TokenTrainConfig:
     scale_with_width: bool = True               # scale K and M by width / reference_width on other CLIPs
     # ----- negatives for l_CE: images sampled for the parent prompt
     n_negatives: int = 16                       # images sampled from the diffusion model (when no folder is given)
-    negative_steps: int = 50                    # DDIM steps of that sampling
+    negative_steps: int = 50                    # sampler steps of that sampling
     negative_guidance: float = 7.5              # classifier-free guidance scale of that sampling (SD's default)
     # ----- input checks and the auto caption
     min_images: int = 3                         # fewest usable concept images (textual inversion uses 3-5)

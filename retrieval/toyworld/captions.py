@@ -76,13 +76,19 @@ PLURAL_CATEGORIES = frozenset({"trousers", "shorts"})
 
 # Training templates and their weights. {g}: garment phrase with its article, {pose}: PoseWords.ing,
 # {place}: one of ContextWords.places. Weighted towards full descriptions.
+# Weights: 50% name garment and place, 40% the garment only, 10% the place only. The garment-only share is high on
+# purpose: in a caption that names the place, the context (14 kinds, read within a few hundred steps) tells almost
+# every in-batch negative apart, so category and pattern teach the contrastive loss little; without the place,
+# ~1 in 10 negatives shares the colour and only category or pattern tell them apart. Measured (ResNet CLIP, 1000
+# steps x 64 pairs): held-out zero-shot category 0.43 -> 0.69 and pattern 0.34 -> 0.61 against the earlier
+# weights (30/20/15/10 with place, 10/5 garment only, 10 place only), context 1.00 and colour 0.90 -> 0.95.
 CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
-    ("a person wearing {g} {pose} {place}.", 0.3),
-    ("a photo of a person in {g} {place}.", 0.2),
-    ("a person in {g} {pose} {place}.", 0.15),
+    ("a person wearing {g} {pose} {place}.", 0.2),
+    ("a photo of a person in {g} {place}.", 0.1),
+    ("a person in {g} {pose} {place}.", 0.1),
     ("{g} on a person {place}.", 0.1),
-    ("a person wearing {g}.", 0.1),
-    ("a photo of {g}.", 0.05),
+    ("a person wearing {g}.", 0.2),
+    ("a photo of {g}.", 0.2),
     ("a person {pose} {place}.", 0.1),
 )
 # How much of the garment a training caption names: (colour, pattern) kept, with weights.
