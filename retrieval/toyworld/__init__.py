@@ -18,11 +18,14 @@ tell apart, and a benchmark split written in PerVL's file formats.
 | evaluate    | zero-shot classification of images by factor (judges CLIP and samples) |
 | train_clip  | the world's small CLIP, trained from scratch (`--model toyworld`)      |
 | train_diffusion | the world's small text-to-image UNet (`--diffusion toyworld`)      |
+| train       | both, one command: the CLIP, then the diffusion model on it (~70 min)  |
 
 The trained models live in weights/clip and weights/diffusion (fp16 safetensors, with their training
-config, log and evaluation); `python -m retrieval.toyworld.train_clip` / `train_diffusion` remake them.
+config, log and evaluation); `python -m retrieval.toyworld.train` remakes both (`train_clip` / `train_diffusion`
+one each).
 
-Tests: tests/test_toyworld.py, tests/test_toyworld_clip.py, tests/test_toyworld_diffusion.py (the reader of the
+Tests: tests/test_toyworld.py, tests/test_toyworld_clip.py, tests/test_toyworld_diffusion.py,
+tests/test_toyworld_train.py (the reader of the
 written split: tests/test_pervl_data.py).
 """
 

@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder to write (load_diffusion(folder) loads it)")
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--seed", type=int, help="override the preset's seed")
+    parser.add_argument("--clip", help="override the preset's CLIP SPEC (the frozen text encoder), e.g. a model folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--grid", default="/tmp/toyworld_diffusion_samples.png", help="PNG of generated samples; '' for none")
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-only", action="store_true", help="skip training: evaluate the model already in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("clip", args.clip)) if v is not None}
     config = diffusion_train_config(args.preset, **overrides)
     print(f"training {args.preset}: {json.dumps(asdict(config))}", flush=True)
 

@@ -1,0 +1,52 @@
+"""Train both of the toy world's models from scratch with one command: the CLIP, then the diffusion model
+conditioned on that CLIP's text tower.
+
+    python -m retrieval.toyworld.train                      # rewrites retrieval/toyworld/weights/{clip,diffusion}
+    python -m retrieval.toyworld.train --out /tmp/toyworld  # writes /tmp/toyworld/clip and /tmp/toyworld/diffusion
+
+Measured on 2 CPU cores (nothing else running): CLIP 23 min (3600 steps x 128 pairs, then its zero-shot evaluation
+on 1000 held-out scenes), diffusion 37 min (1500 steps x 64) plus ~8 min evaluating three samplers on 200
+held-out captions: ~70 min in all. Each half is `train_clip.main` / `train_diffusion.main`; see them for the recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from retrieval.toyworld import train_clip, train_diffusion
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# recipe pairs: the CLIP preset and the diffusion preset trained on it
+PRESETS = {"toyworld": ("toyworld", "toyworld"), "smoke": ("smoke", "smoke")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the toy world's CLIP, then its diffusion model on that CLIP; write both model folders."""
+    parser = argparse.ArgumentParser(prog="python -m retrieval.toyworld.train", description=main.__doc__)
+    parser.add_argument("--preset", default="toyworld", choices=sorted(PRESETS),
+                        help="toyworld: the committed models; smoke: a seconds-long twin for tests")
+    parser.add_argument("--out", default=str(WEIGHTS),
+                        help="folder that receives clip/ and diffusion/ (default: the committed weights)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2: all of a 2-core machine)")
+    parser.add_argument("--grid", default="/tmp/toyworld_diffusion_samples.png",
+                        help="PNG of generated samples; '' for none")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    clip_out, diffusion_out = out / "clip", out / "diffusion"
+    clip_preset, diffusion_preset = PRESETS[args.preset]
+    common = ["--device", args.device, "--threads", str(args.threads)]
+
+    t0 = time.time()
+    train_clip.main(["--preset", clip_preset, "--out", str(clip_out), *common])
+    # the committed pair names its CLIP "toyworld" (what loaders resolve); elsewhere the folder is the SPEC
+    clip_spec = "toyworld" if clip_out.resolve() == (WEIGHTS / "clip").resolve() else str(clip_out.resolve())
+    train_diffusion.main(["--preset", diffusion_preset, "--out", str(diffusion_out), "--clip", clip_spec,
+                          "--grid", args.grid, "--no-progress", *common])
+    print(f"trained both models in {(time.time() - t0) / 60:.1f} min: {clip_out}, {diffusion_out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

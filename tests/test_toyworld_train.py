@@ -1,0 +1,21 @@
+"""The one command that trains both toy-world models: its smoke twin writes a CLIP folder and a diffusion folder
+conditioned on exactly that CLIP, and both load through the users' loaders."""
+
+import json
+
+from retrieval.encoders import ClipEncoder
+from retrieval.toyworld import train
+from tokens.diffusion import load_diffusion, text_fingerprint
+
+
+def test_one_command_trains_clip_then_diffusion_on_it(tmp_path):
+    train.main(["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--grid", ""])
+    clip_folder, diffusion_folder = tmp_path / "clip", tmp_path / "diffusion"
+    meta = json.loads((diffusion_folder / "backbone.json").read_text())
+    assert meta["clip"] == str(clip_folder.resolve())  # not the committed "toyworld" CLIP
+    clip = ClipEncoder.from_spec(str(clip_folder), device="cpu", precision="fp32")
+    assert meta["clip_fingerprint"] == text_fingerprint(clip)
+    assert (clip_folder / "eval.json").is_file() and (diffusion_folder / "eval.json").is_file()
+    backbone = load_diffusion(str(diffusion_folder), device="cpu")
+    assert backbone.clip.width == clip.width == backbone.unet.config.cross_attention_dim
+    assert backbone.generate(["a person wearing a red dress on a beach."], steps=2)[0].size == (32, 32)
