@@ -437,7 +437,8 @@ def _pad_id_from_tokenizer(get: Callable[[str], str | None]) -> int | None:
 
 
 def _diffusers_parts(source: str, spec: str, known: dict | None, clip_encoder: ClipEncoder | None, device):
-    """UNet, scheduler, VAE codec, CLIP and text conditioning from a diffusers layout (local folder or hub repo)."""
+    """UNet, scheduler, VAE codec, CLIP, text conditioning and sampling settings (None: the defaults) from a
+    diffusers layout (local folder or hub repo)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     local = Path(source).is_dir()
@@ -488,7 +489,7 @@ def _diffusers_parts(source: str, spec: str, known: dict | None, clip_encoder: C
             f"{spec}: no tokenizer/ or text_encoder/ config to tell the padding id and hidden-state layer, and not a "
             f"known family: use a preset ({', '.join(DIFFUSION_PRESETS)}) or a folder with those configs"
         )
-    return unet, scheduler, VaeCodec(vae), clip, TextConditioning(pad_id=pad_id, skip_last_layers=skip)
+    return unet, scheduler, VaeCodec(vae), clip, TextConditioning(pad_id=pad_id, skip_last_layers=skip), None
 
 
 def _load_clip(spec: str, device) -> ClipEncoder:
@@ -500,7 +501,7 @@ def _load_clip(spec: str, device) -> ClipEncoder:
 
 
 def _folder_parts(folder: Path, spec: str, clip_encoder: ClipEncoder | None, device):
-    """Parts from a folder written by save_diffusion_folder."""
+    """Parts from a folder written by save_diffusion_folder, with its saved sampling settings."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     meta = json.loads((folder / "backbone.json").read_text())
@@ -526,7 +527,7 @@ def _folder_parts(folder: Path, spec: str, clip_encoder: ClipEncoder | None, dev
             f"diffusion model on it ({meta.get('training', {}).get('command', 'see backbone.json')}) or restore that CLIP"
         )
     text = TextConditioning(**meta["text"])
-    return unet, scheduler, codec, clip, text
+    return unet, scheduler, codec, clip, text, meta.get("sampling")
 
 
 def load_diffusion(
@@ -552,6 +553,7 @@ def load_diffusion(
             SpaceToDepthCodec(preset["codec"]["factor"]),
             clip_encoder or _load_clip(preset["clip"], dev),
             TextConditioning(preset["pad_id"], preset["skip_last_layers"]),
+            None,
         )
     elif preset is not None and "folder" in preset:
         folder = Path(preset["folder"])
@@ -579,11 +581,8 @@ def load_diffusion(
             f"folder, or a preset ({', '.join(DIFFUSION_PRESETS)})"
         )
     # 2. assemble (checks that the parts fit)
-    unet, scheduler, codec, clip, text = parts
-    # a saved backbone carries its sampler settings; others sample as Stable Diffusion does (DEFAULT_SAMPLING)
-    folder = Path(preset["folder"]) if preset is not None and "folder" in preset else Path(spec)
-    saved = folder / "backbone.json"
-    sampling = json.loads(saved.read_text()).get("sampling") if saved.is_file() else None
+    # a saved backbone carries its sampler settings; the others (sampling None) sample as Stable Diffusion does
+    unet, scheduler, codec, clip, text, sampling = parts
     return DiffusionBackbone(unet, scheduler, codec, clip, text, device=dev, precision=precision, spec=spec,
                              sampling=sampling)
 
