@@ -42,7 +42,7 @@ def _fail(message: str, code: int = 2) -> None:
 def _user_errors():
     """The errors that are the user's to fix: shown as one message, never a stack trace."""
     from indexes.store import IndexStoreError
-    from retrieval.models import ModelLoadError
+    from retrieval.models.clip import ModelLoadError
 
     return (ModelLoadError, IndexStoreError, FileNotFoundError, NotADirectoryError, ValueError, KeyError)
 
@@ -189,8 +189,8 @@ def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights
     from retrieval.composed import plan_query
     from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, PersonalSearch, parse_weights
     from retrieval.report import composed_html, write_html
-    from tokens.learn import load_models
-    from tokens.negatives import read_image_folder
+    from retrieval.models.pairing import load_models
+    from retrieval.io.images import read_image_folder
     from tokens.store import TokenStore
     from tokens.token_file import check_model
 
@@ -210,7 +210,7 @@ def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights
         words = [a.strip() for a in attributes.split(",")] if attributes is not None else None
         images = read_image_folder(concept_images, 1, "--concept-images").images if concept_images is not None else None
         # 2. models, then the queries
-        clip, backbone = load_models(store.model, diffusion, gair, device)
+        clip, backbone = load_models(store.model, diffusion, need_diffusion=gair, device=device)
         engine = PersonalSearch(clip, store, loaded, backbone, cache_dir=Path(tokens_dir) / CONTEXT_CACHE_DIR)
         results = engine.query_many(texts, list(loaded), k=k, gair=gair, attributes=words, config=config,
                                     concept_images=images, progress=progress)
@@ -273,7 +273,7 @@ def demo(
     token for one concept from its few-shot images, answers that concept's captions with words only, with
     the token and with the token + GAIR, and writes OUT/gair.html (the images GAIR generated, the results).
     """
-    from retrieval.demo import run_demo
+    from benchmarks.demo import run_demo
 
     try:
         result = run_demo(out, model=model, k=k, progress=progress, device=device, token_steps=token_steps,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.encoders import ClipEncoder
+from retrieval.models.encoders import ClipEncoder
 from retrieval.gallery import GalleryDataset, collate_gallery, scan_gallery
 from retrieval.indexer import IndexingConfig, index_gallery
 

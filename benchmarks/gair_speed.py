@@ -27,7 +27,7 @@ import torch
 
 from retrieval.composed import composed_feature, plan_query
 from retrieval.gair import GairConfig, run_gair
-from tokens.learn import load_models
+from retrieval.models.pairing import load_models
 from tokens.methods import word_embeddings
 from tokens.token_file import CustomToken, TokenInfo
 
@@ -55,7 +55,7 @@ def main(argv=None) -> list[dict]:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    clip, backbone = load_models(a.model, a.diffusion, True, a.device)
+    clip, backbone = load_models(a.model, a.diffusion, device=a.device)
     g = torch.Generator().manual_seed(0)
     vectors = word_embeddings(clip, ["dress"]).repeat(a.vectors, 1) + 0.01 * torch.randn(a.vectors, clip.width, generator=g)
     token = CustomToken(vectors, TokenInfo(name="t", model=clip.spec, width=clip.width, n_vectors=a.vectors,

@@ -165,7 +165,7 @@ class Benchmark:
     def load_split(self) -> tuple[PervlSplit, Path]:
         cfg = self.cfg
         if cfg.world == "synthetic":
-            from retrieval.toyworld import world_config, write_split
+            from benchmarks.world import world_config, write_split
 
             paths = write_split(self.out / "world", world_config(cfg.world_preset, seed=cfg.world_seed), cfg.split)
             annotations, images = paths.annotations, paths.images
@@ -196,16 +196,16 @@ class Benchmark:
 
     # 2. models
     def models(self, need_diffusion: bool):
-        from tokens.learn import load_models
+        from retrieval.models.pairing import load_models
 
         if self._clip is None or (need_diffusion and self._backbone is None):
-            self._clip, self._backbone = load_models(self.cfg.model, self.cfg.diffusion, need_diffusion, self.cfg.device)
+            self._clip, self._backbone = load_models(self.cfg.model, self.cfg.diffusion, need_diffusion=need_diffusion, device=self.cfg.device)
         return self._clip, self._backbone
 
     def gallery_features(self, split: PervlSplit, images: Path) -> np.ndarray:
         """(G, dim) unit CLIP features of every evaluation image of the split (the gallery), cached."""
-        from indexes.atomic import write_npy
-        from retrieval.images import load_image
+        from retrieval.io.atomic import write_npy
+        from retrieval.io.images import load_image
 
         clip, _ = self.models(False)
         names = self.gallery_names
@@ -233,8 +233,8 @@ class Benchmark:
 
     def tokens(self, method: str, seed: int, split: PervlSplit, images: Path, shots: dict[str, list[str]]):
         """{pair_id: CustomToken} learned for every concept in ONE batched loop, cached per (method, seed)."""
-        from indexes.atomic import write_json
-        from retrieval.images import load_image
+        from retrieval.io.atomic import write_json
+        from retrieval.io.images import load_image
         from tokens.methods import fill_prompt
         from tokens.negatives import sampled_negatives
         from tokens.token_file import load_token_file, save_token_file
@@ -278,7 +278,7 @@ class Benchmark:
         """(Q, dim) query vectors, and per query (query text, GAIR w or None)."""
         from retrieval.composed import plan_query
         from retrieval.gair import GairConfig, run_gair
-        from retrieval.images import load_image
+        from retrieval.io.images import load_image
 
         clip, _ = self.models(False)
         q = split.queries
@@ -317,7 +317,7 @@ class Benchmark:
 
     # 5. ranks of one (method, seed), cached
     def ranks(self, method: str, seed: int, split: PervlSplit, images: Path, gallery: np.ndarray) -> pd.DataFrame:
-        from indexes.atomic import write_parquet
+        from retrieval.io.atomic import write_parquet
 
         shots = {p: sample_shots(split.fsl_train[p], self.cfg.shots, seed, p) for p in split.pair_ids}
         cfg = asdict(self.cfg)
@@ -394,7 +394,7 @@ class Benchmark:
         }
 
     def write(self, ranks: pd.DataFrame, summary: dict) -> None:
-        from indexes.atomic import write_atomic, write_json, write_parquet
+        from retrieval.io.atomic import write_atomic, write_json, write_parquet
 
         self.out.mkdir(parents=True, exist_ok=True)
         write_parquet(self.out / "ranks.parquet", ranks)

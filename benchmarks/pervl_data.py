@@ -74,7 +74,7 @@ def _require(path: Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"PerVL {what} file {path} not found; point at a folder holding PerVL's annotations/deep_fashion/ files "
-            f"(NVlabs/PerVLBenchmark) or the annotations/ folder written by retrieval.toyworld.write_split"
+            f"(NVlabs/PerVLBenchmark) or the annotations/ folder written by benchmarks.world.write_split"
         )
     return path
 

@@ -19,7 +19,7 @@ s(x) = cos(f(x), g("a person wearing a * <parent>.")) in the toy world's CLIP; e
   of the other categories. High means the token still means its parent (it composes with "dress" as a dress).
 Generation (Table 2 style): for each concept and each of its evaluation contexts, `--gen-per-context` images for
 "a person wearing a * <parent> <pose> <place>." (the caption grammar the toy diffusion model was trained on),
-classified zero-shot by the toy world's CLIP (`retrieval.toyworld.evaluate.classify`): object accuracy = the
+classified zero-shot by the toy world's CLIP (`benchmarks.world.evaluate.classify`): object accuracy = the
 category, colour and pattern all those of the concept; context accuracy = the prompted context.
 Cost: seconds per optimiser step of the batched loop (all N concepts), and per concept.
 `--negatives-source world` replaces the sampled negatives by rendered scenes of the parent category (a different
@@ -41,16 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.toyworld import world_config, write_split
-from retrieval.toyworld.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
-from retrieval.toyworld.evaluate import classify
-from retrieval.toyworld.render import render_scene
-from retrieval.toyworld.scene import sample_scene
-from retrieval.toyworld.split import plan_split
-from tokens.learn import load_models
+from benchmarks.world import world_config, write_split
+from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
+from benchmarks.world.evaluate import classify
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import sample_scene
+from benchmarks.world.split import plan_split
+from retrieval.models.pairing import load_models
 from tokens.methods import METHODS, MODEL_DEFAULTS, fill_prompt, token_train_config
 from tokens.negatives import sampled_negatives
-from retrieval.images import load_image
+from retrieval.io.images import load_image
 from tokens.trainer import prepare_concept, train_tokens
 
 SCORE_TEMPLATE = MODEL_DEFAULTS["toyworld"]["class_template"]  # the toy grammar's "a person wearing {g}."
@@ -124,7 +124,7 @@ def run(args) -> list[dict]:
     image_dir = paths.images / "train" / "image"
     configs = {m: token_train_config(m) for m in args.methods}
     need_diffusion = any(c.uses_sd or (c.uses_ce and args.negatives_source == "diffusion") for c in configs.values())
-    clip, backbone = load_models(args.model, args.diffusion, need_diffusion, args.device)
+    clip, backbone = load_models(args.model, args.diffusion, need_diffusion=need_diffusion, device=args.device)
 
     def feats_of(scenes):
         return clip.encode_pil([render_scene(s, world) for s in scenes])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from indexes.atomic import atomic_dir
+from retrieval.io.atomic import atomic_dir
 
 SHARD_FORMAT_VERSION = 1
 META_COLUMNS = ["path", "bytes", "mtime_ns", "width", "height"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from indexes.atomic import atomic_dir, remove_stale_temporaries, write_json
+from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_json
 from indexes.vector_index import (
     IndexConfig,
     SearchParams,

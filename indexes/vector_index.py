@@ -34,7 +34,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from indexes.atomic import write_atomic
+from retrieval.io.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 

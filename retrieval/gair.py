@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from retrieval.io.cache import read_cached, write_cached
 from retrieval.composed import (
     PAPER_ATTRIBUTES,
     ComposedQuery,
@@ -127,8 +128,6 @@ def run_gair(plans: Sequence[ComposedQuery], backbone, concept_means: np.ndarray
     """Algorithm 1 for a batch of queries. concept_means (Q, dim): mean CLIP image feature of each query's concept
     images (any norm); attributes: one list for all queries or one per query. The image encoder f and the text
     encoder g are backbone.clip."""
-    from tokens.negatives import read_cached, write_cached
-
     clip = backbone.clip
     Q = len(plans)
     per_query = [check_attributes(a) for a in attributes] if attributes and not isinstance(attributes[0], str) else [check_attributes(attributes)] * Q

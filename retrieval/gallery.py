@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from retrieval.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image_and_size
+from retrieval.io.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image_and_size
 
 
 @dataclass(frozen=True)

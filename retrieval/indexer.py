@@ -30,10 +30,10 @@ import torch
 from indexes.shards import META_COLUMNS, SKIP_COLUMNS, ShardInput, ShardOutput, finished_shards, next_shard_number, write_shard
 from indexes.store import IndexStoreError, index_config_dict, commit_generation, read_manifest
 from indexes.vector_index import IndexConfig
-from retrieval.encoders import ClipEncoder
+from retrieval.models.encoders import ClipEncoder
 from retrieval.gallery import GalleryDataset, GalleryFile, collate_gallery, scan_gallery, worker_init
-from retrieval.images import DEFAULT_MAX_PIXELS
-from retrieval.models import DEFAULT_MODEL
+from retrieval.io.images import DEFAULT_MAX_PIXELS
+from retrieval.models.clip import DEFAULT_MODEL
 
 FILE_KEY = ["path", "bytes", "mtime_ns"]
 
@@ -45,7 +45,7 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class IndexingConfig:
-    model: str = DEFAULT_MODEL          # CLIP model SPEC (retrieval.models)
+    model: str = DEFAULT_MODEL          # CLIP model SPEC (retrieval.models.clip)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     precision: str = "auto"             # auto (GPU: bf16/fp16, CPU: fp32) | fp32 | fp16 | bf16
     batch_size: int = 64                # images per forward pass

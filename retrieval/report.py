@@ -8,8 +8,8 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from indexes.atomic import write_atomic
-from retrieval.images import BadImage, load_image
+from retrieval.io.atomic import write_atomic
+from retrieval.io.images import BadImage, load_image
 
 THUMB_PX = 160
 PAGE_STYLE = """

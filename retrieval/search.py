@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from indexes.store import IndexStore
-from retrieval.encoders import ClipEncoder
+from retrieval.models.encoders import ClipEncoder
 
 
 @dataclass(frozen=True)

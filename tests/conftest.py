@@ -18,7 +18,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """The `tiny-random` CLIP (real tokenizer, 49408-row vocabulary, width 32) on the CPU in fp32."""
-    from retrieval.encoders import ClipEncoder
+    from retrieval.models.encoders import ClipEncoder
 
     return ClipEncoder.from_spec("tiny-random", device="cpu", precision="fp32")
 

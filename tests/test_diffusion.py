@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from retrieval.encoders import ClipEncoder
-from retrieval.models import save_model_folder
-from tokens.diffusion import (
+from retrieval.models.encoders import ClipEncoder
+from retrieval.models.clip import save_model_folder
+from retrieval.models.diffusion import (
     DiffusionBackbone,
     DiffusionLoadError,
     SAMPLERS,
@@ -181,7 +181,7 @@ def test_sample_equals_stable_diffusion_pipeline(sd_world):
 def test_cross_attention_width_must_match_the_clip(tiny):
     import open_clip
 
-    from retrieval.models import LoadedClip
+    from retrieval.models.clip import LoadedClip
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.encoders import ClipEncoder
-from retrieval.models import ModelLoadError, TINY_MODEL_CFG, load_clip, parse_spec, save_model_folder
+from retrieval.models.encoders import ClipEncoder
+from retrieval.models.clip import ModelLoadError, TINY_MODEL_CFG, load_clip, parse_spec, save_model_folder
 
 
 def test_parse_spec_forms(tmp_path):
@@ -152,7 +152,7 @@ def test_wrong_vector_shape_is_refused(tiny_encoder):
 
 
 def test_auto_device_and_precision_on_cpu():
-    from retrieval.encoders import resolve_device, resolve_precision
+    from retrieval.models.encoders import resolve_device, resolve_precision
 
     dev = resolve_device("auto")
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,7 +25,7 @@ from retrieval.composed import (
 )
 from retrieval.gair import GairConfig, PersonalSearch, gair_scores, parse_weights, run_gair
 from retrieval.search import search_vectors
-from tokens.diffusion import load_diffusion
+from retrieval.models.diffusion import load_diffusion
 from tokens.store import TokenStore
 from tokens.token_file import CustomToken, TokenInfo, TokenModelMismatch
 

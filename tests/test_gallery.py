@@ -19,7 +19,7 @@ from retrieval.gallery import (
     scan_gallery,
     worker_init,
 )
-from retrieval.images import load_image
+from retrieval.io.images import load_image
 from tests.badfiles import BAD_REASONS, OK_SIZES, write_bad_files
 
 PREPROCESS = open_clip.image_transform(32, is_train=False)  # Resize, CenterCrop, ToTensor, Normalize -> (3, 32, 32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from retrieval.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
+from retrieval.io.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
 from tests.badfiles import BAD_REASONS, OK_SIZES, write_bad_files
 
 TOL = 6  # JPEG round trip of a flat colour, in 8-bit levels
@@ -209,7 +209,7 @@ def test_file_handles_are_closed_and_result_is_independent(bad_dir, tmp_path):
 
 def test_jpeg_draft_decoding_keeps_the_full_size_and_enough_pixels(tmp_path):
     """min_size: a large JPEG decodes at a reduced DCT scale, never below min_size, and reports its full size."""
-    from retrieval.images import load_image_and_size
+    from retrieval.io.images import load_image_and_size
 
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8))
@@ -224,7 +224,7 @@ def test_jpeg_draft_decoding_keeps_the_full_size_and_enough_pixels(tmp_path):
 
 
 def test_draft_decoding_reports_the_upright_size_of_an_exif_rotated_jpeg(tmp_path):
-    from retrieval.images import load_image_and_size
+    from retrieval.io.images import load_image_and_size
 
     im = Image.new("RGB", (1600, 1200), (200, 10, 10))
     exif = Image.Exif()

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from tokens.attributes import ATTRIBUTES
-from tokens.diffusion import load_diffusion
-from tokens.learn import paired_diffusion
+from retrieval.models.diffusion import load_diffusion
+from retrieval.models.pairing import paired_diffusion
 from tokens.methods import (
     METHODS,
     balanced_bce,
@@ -28,7 +28,7 @@ from tokens.methods import (
     subspace_residual,
     token_train_config,
 )
-from tokens.negatives import read_image_folder
+from retrieval.io.images import read_image_folder
 from tokens.store import TokenExistsError, TokenNotFoundError, TokenStore
 from tokens.token_file import (
     CustomToken,
@@ -311,8 +311,8 @@ def test_diffusers_load_textual_inversion_reads_our_file(tmp_path):
     import open_clip
     from diffusers import StableDiffusionPipeline
 
-    from retrieval.encoders import ClipEncoder
-    from retrieval.models import LoadedClip
+    from retrieval.models.encoders import ClipEncoder
+    from retrieval.models.clip import LoadedClip
     from tests.test_diffusion import HEADS, LAYERS, copy_into_open_clip, tiny_sd_components, tiny_text_model, write_clip_tokenizer
 
     hf = tiny_text_model()

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from benchmarks.pervl_data import missing_images, read_split
-from retrieval.toyworld import (
+from benchmarks.world import (
     WorldConfig, caption, context_caption, n_word_combinations, plan_split, render_scene, sample_scene,
     sample_training_pair, world_config, write_split,
 )
-from retrieval.toyworld.captions import CONTEXT_WORDS, detailed_caption, short_caption
-from retrieval.toyworld.garments import EMBLEM_SPOTS, GARMENTS, Details
+from benchmarks.world.captions import CONTEXT_WORDS, detailed_caption, short_caption
+from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, Details
 
 CONFIG = WorldConfig()
 TINY = world_config("tiny")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.models import PRESETS, ModelLoadError, load_clip
-from retrieval.toyworld import evaluate, world_config
-from retrieval.toyworld.train_clip import (
+from retrieval.models.clip import PRESETS, ModelLoadError, load_clip
+from benchmarks.world import evaluate, world_config
+from benchmarks.world.train_clip import (
     build_model, clip_train_config, encode_text_prefix, save_trained, to_pixels, tokenize_captions, train_clip,
 )
 
@@ -27,7 +27,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def committed_report(world):
-    from retrieval.encoders import ClipEncoder
+    from retrieval.models.encoders import ClipEncoder
 
     encoder = ClipEncoder.from_spec("toyworld", device="cpu", precision="fp32")
     assert encoder.spec == "toyworld" and encoder.context_length == 77
@@ -112,7 +112,7 @@ def test_saved_folder_is_fp16_and_loads_as_fp32(tmp_path, smoke_run):
 
 def test_missing_preset_folder_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "toyworld", {**PRESETS["toyworld"], "folder": tmp_path / "no-such-folder"})
-    with pytest.raises(ModelLoadError, match="is missing; train it: python -m retrieval.toyworld.train_clip"):
+    with pytest.raises(ModelLoadError, match="is missing; train it: python -m benchmarks.world.train_clip"):
         load_clip("toyworld")
 
 

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from retrieval.toyworld.train_diffusion import (
+from benchmarks.world.train_diffusion import (
     DEFAULT_OUT,
     diffusion_train_config,
     eval_caption,
     train_diffusion,
     unet_config,
 )
-from tokens.diffusion import load_diffusion, save_diffusion_folder
+from retrieval.models.diffusion import load_diffusion, save_diffusion_folder
 
 # The committed model on 32 held-out captions with its own sampler (Euler ancestral, 25 steps, guidance 4) measured
 # context 1.00, colour 0.78 (on 200 captions, eval.json: 0.99, 0.84). The floors are the issue's targets.
@@ -50,7 +50,7 @@ def test_unet_has_cross_attention_only_at_the_lowest_level():
 
 
 def test_eval_caption_uses_the_training_grammar():
-    from retrieval.toyworld import evaluate, world_config
+    from benchmarks.world import evaluate, world_config
 
     scene = evaluate.held_out_scenes(world_config(), 1)[0]
     text = eval_caption(scene)
@@ -68,7 +68,7 @@ def test_committed_toyworld_model_loads_and_generates():
 def test_committed_toyworld_model_draws_what_the_caption_says():
     """A few held-out captions (their (context, category, colour) never occurred in training), generated with the
     model's own sampler settings and read back by the toy CLIP, clear the issue's targets."""
-    from retrieval.toyworld import evaluate, world_config
+    from benchmarks.world import evaluate, world_config
 
     world = world_config()
     backbone = load_diffusion("toyworld", device="cpu")

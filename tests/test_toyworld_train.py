@@ -3,9 +3,9 @@ conditioned on exactly that CLIP, and both load through the users' loaders."""
 
 import json
 
-from retrieval.encoders import ClipEncoder
-from retrieval.toyworld import train
-from tokens.diffusion import load_diffusion, text_fingerprint
+from retrieval.models.encoders import ClipEncoder
+from benchmarks.world import train
+from retrieval.models.diffusion import load_diffusion, text_fingerprint
 
 
 def test_one_command_trains_clip_then_diffusion_on_it(tmp_path):

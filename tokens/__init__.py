@@ -9,7 +9,6 @@ vocabulary basis). Only the token's vectors train: the CLIP (its embedding table
 
 | module         | what it defines                                                                        | tests                   |
 | -------------- | -------------------------------------------------------------------------------------- | ----------------------- |
-| diffusion      | DiffusionBackbone, load_diffusion, save_diffusion_folder, SpaceToDepth/VAE codecs      | tests/test_diffusion.py |
 | methods        | TokenTrainConfig and per-method defaults; the math: subspace projection, BaTex basis,  | tests/test_tokens.py    |
 |                | balanced BCE; how each method holds its trainable numbers                              |                         |
 | attributes     | the attribute vocabulary (colours, materials, patterns, textures, conditions, ...)     | tests/test_tokens.py    |
@@ -24,28 +23,11 @@ vocabulary basis). Only the token's vectors train: the CLIP (its embedding table
 Measured by benchmarks/token_quality.py (toy world: AUCs, generation accuracy, seconds per step).
 """
 
-from tokens.diffusion import (
-    DEFAULT_DIFFUSION,
-    DIFFUSION_PRESETS,
-    DiffusionBackbone,
-    DiffusionLoadError,
-    SpaceToDepthCodec,
-    TextConditioning,
-    VaeCodec,
-    load_diffusion,
-    pil_to_pixels,
-    save_diffusion_folder,
-    to_pil,
-)
-
-__all__ = [
-    "DEFAULT_DIFFUSION", "DIFFUSION_PRESETS", "DiffusionBackbone", "DiffusionLoadError", "SpaceToDepthCodec",
-    "TextConditioning", "VaeCodec", "load_diffusion", "pil_to_pixels", "save_diffusion_folder", "to_pil",
-]
+__all__: list[str] = []
 
 from tokens.generate import GenerateRequest, GenerateResult, generate_images
 from tokens.initialization import Initialization, initialize
-from tokens.learn import DEFAULT_TOKEN_MODEL, DEFAULT_TOKENS_DIR, LearnRequest, LearnResult, learn_token, paired_diffusion
+from tokens.learn import DEFAULT_TOKEN_MODEL, DEFAULT_TOKENS_DIR, LearnRequest, LearnResult, learn_token
 from tokens.methods import (
     METHOD_DEFAULTS,
     METHODS,
@@ -56,7 +38,7 @@ from tokens.methods import (
     project_to_subspace,
     token_train_config,
 )
-from tokens.negatives import read_image_folder, sampled_negatives
+from tokens.negatives import sampled_negatives
 from tokens.store import TokenExistsError, TokenNotFoundError, TokenStore
 from tokens.token_file import CustomToken, TokenFileError, TokenInfo, TokenModelMismatch, load_token_file, save_token_file
 from tokens.trainer import ConceptData, TrainedToken, evaluate_losses, prepare_concept, to_custom_token, train_tokens
@@ -66,6 +48,6 @@ __all__ += [
     "Initialization", "LearnRequest", "LearnResult", "METHODS", "METHOD_DEFAULTS", "TokenExistsError", "TokenFileError",
     "TokenInfo", "TokenModelMismatch", "TokenNotFoundError", "TokenStore", "TokenTrainConfig", "TrainedToken",
     "balanced_bce", "evaluate_losses", "generate_images", "initialize", "learn_token", "load_token_file",
-    "nearest_vocabulary_basis", "paired_diffusion", "pca_basis", "prepare_concept", "project_to_subspace",
-    "read_image_folder", "sampled_negatives", "save_token_file", "to_custom_token", "token_train_config", "train_tokens",
+    "nearest_vocabulary_basis", "pca_basis", "prepare_concept", "project_to_subspace",
+    "sampled_negatives", "save_token_file", "to_custom_token", "token_train_config", "train_tokens",
 ]

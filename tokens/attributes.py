@@ -3,7 +3,7 @@
 Perera et al. (Sec. 3, "subspace projection") restrict a custom token to the subspace spanned by the input
 embeddings of the attributes most correlated with the concept in CLIP space (K = 100 of a larger list); the
 `auto` initial caption ranks the same list against the concept's images. The list is data, grouped for the
-reader: colours (including every colour word of the toy world, `retrieval.toyworld.config.COLOURS`),
+reader: colours (including every colour word of the toy world, `benchmarks.world.config.COLOURS`),
 brightness, materials, patterns (including the toy world's `PATTERNS`), textures, conditions, shape and fit,
 style. A word of several BPE sub-tokens is represented by the mean of their embeddings (see
 `tokens.methods.word_embeddings`).

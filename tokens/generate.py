@@ -14,8 +14,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from indexes.atomic import write_atomic
-from tokens.learn import load_models
+from retrieval.io.atomic import write_atomic
+from retrieval.models.pairing import load_models
 from tokens.store import TokenStore
 
 STAR = "*"
@@ -79,7 +79,7 @@ def generate_images(request: GenerateRequest) -> GenerateResult:
     tokens = [store.load(name, model=request.model) for name in request.tokens]
     prompt = resolve_prompt(request.prompt, [t.placeholder for t in tokens])
     # 2. models: the CLIP and the diffusion model conditioned on it
-    clip, backbone = load_models(request.model, request.diffusion, True, request.device)
+    clip, backbone = load_models(request.model, request.diffusion, device=request.device)
     for t in tokens:
         if t.info.width != clip.width:
             raise ValueError(f"token {t.info.name!r} has width {t.info.width}, the CLIP {request.model} {clip.width}: learn it again")

@@ -15,67 +15,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.encoders import ClipEncoder
-from retrieval.models import ModelLoadError
+from retrieval.models.encoders import ClipEncoder
+from retrieval.models.pairing import load_models
 from tokens.methods import TokenTrainConfig, fill_prompt, model_defaults, token_train_config
-from tokens.negatives import read_image_folder, sampled_negatives
+from retrieval.io.images import read_image_folder
+from tokens.negatives import sampled_negatives
 from tokens.store import TokenStore
 from tokens.token_file import check_name
 from tokens.trainer import prepare_concept, to_custom_token, train_tokens
 
 DEFAULT_TOKEN_MODEL = "ViT-L-14-quickgelu/openai"  # the text tower of Stable Diffusion 1.x (ENVIRONMENT.md)
 DEFAULT_TOKENS_DIR = Path("custom_tokens")
-AUTO = "auto"
-
-
-def paired_diffusion(model: str) -> str:
-    """The diffusion model whose UNet is conditioned on the CLIP MODEL: ViT-L-14-quickgelu/openai -> sd14 (SD 1.4,
-    the paper's), ViT-H-14/laion2b_s32b_b79k -> sd21, toyworld -> toyworld, tiny-random -> tiny-random."""
-    from tokens.diffusion import DIFFUSION_PRESETS
-
-    if model in DIFFUSION_PRESETS and (model == "toyworld" or DIFFUSION_PRESETS[model].get("clip") == model):
-        return model  # the toy world's and the tiny models' pairs share the name
-    for name, preset in DIFFUSION_PRESETS.items():
-        if preset.get("clip") == model:
-            return name
-    known = sorted({p["clip"] for p in DIFFUSION_PRESETS.values() if "clip" in p} | {"toyworld"})
-    raise ModelLoadError(
-        f"no diffusion model is paired with --model {model}: pass --diffusion SPEC (a diffusers folder or repo whose "
-        f"text encoder is this CLIP), or use a --model with a known pair ({', '.join(known)})"
-    )
-
-
-def diffusion_clip_spec(diffusion: str) -> str | None:
-    """The CLIP a diffusion SPEC is conditioned on, where that is known without loading it."""
-    from tokens.diffusion import DIFFUSION_PRESETS
-
-    preset = DIFFUSION_PRESETS.get(diffusion, {})
-    if "clip" in preset:
-        return preset["clip"]
-    folder = Path(preset["folder"]) if "folder" in preset else Path(diffusion)
-    meta = folder / "backbone.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("clip")
-    return None
-
-
-def load_models(model: str, diffusion: str | None, need_diffusion: bool, device: str = "auto", precision: str = "auto"):
-    """(clip, backbone or None): the CLIP in fp32 (token gradients need it; autocast gives mixed precision on GPU)
-    and the diffusion model conditioned on that same CLIP object. Refuses a diffusion model known to be
-    conditioned on another CLIP."""
-    from tokens.diffusion import load_diffusion
-
-    clip = ClipEncoder.from_spec(model, device=device, precision="fp32")
-    if not need_diffusion:
-        return clip, None
-    spec = paired_diffusion(model) if diffusion in (None, "", AUTO) else diffusion
-    expected = diffusion_clip_spec(spec)
-    if expected is not None and expected != model:
-        raise ModelLoadError(
-            f"the diffusion model {spec} is conditioned on CLIP {expected}, but --model is {model}: pass --model "
-            f"{expected}, or a --diffusion trained on {model}"
-        )
-    return clip, load_diffusion(spec, clip_encoder=clip, device=device, precision=precision)
 
 
 @dataclass(frozen=True)
@@ -159,7 +109,7 @@ def learn_token(request: LearnRequest, progress: bool = True, models: tuple | No
     skipped += images.skipped + (given_negatives.skipped if given_negatives else [])
     # 3. models
     need_diffusion = config.uses_sd or (config.uses_ce and given_negatives is None)
-    clip, backbone = models or load_models(request.model, request.diffusion, need_diffusion, request.device, config.precision)
+    clip, backbone = models or load_models(request.model, request.diffusion, need_diffusion=need_diffusion, device=request.device, precision=config.precision)
     # 4. negatives of l_CE
     negatives = None
     if config.uses_ce:

@@ -9,7 +9,7 @@ dicts as JSON) everything needed to know where it belongs and how it was made:
 | ---------------- | ----------------------------------------------------------------------------- |
 | format_version   | FORMAT_VERSION of this layout                                                 |
 | name             | the token's name in its store; the placeholder is ``<name>``                  |
-| model            | CLIP SPEC whose input embedding space the vectors live in (retrieval.models)  |
+| model            | CLIP SPEC whose input embedding space the vectors live in (retrieval.models.clip)  |
 | width            | the text width of that CLIP (= n columns of the tensor)                       |
 | diffusion        | diffusion SPEC trained through ("" when none: method pt)                      |
 | parent           | the parent word, e.g. "dress"                                                 |
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from indexes.atomic import write_atomic
+from retrieval.io.atomic import write_atomic
 
 FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from retrieval.encoders import _DTYPES, resolve_precision
+from retrieval.models.precision import autocast
 from tokens.attributes import ATTRIBUTES
 from tokens.initialization import Initialization, initialize
 from tokens.methods import (
@@ -161,7 +161,7 @@ def prepare_concept(
     # 3. diffusion latents of the concept's images (one posterior sample each, for a VAE)
     latents = None
     if config.uses_sd:
-        from tokens.diffusion import pil_to_pixels
+        from retrieval.models.diffusion import pil_to_pixels
 
         pixels = pil_to_pixels([fit_square(im, backbone.image_size) for im in images])  # (N, 3, H, W) in [-1, 1]
         latents = backbone.encode_images(pixels, torch.Generator(device="cpu").manual_seed(seed))
@@ -227,7 +227,7 @@ def class_data(concepts: Sequence[ConceptData], clip, config: TokenTrainConfig) 
 
 
 def step_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[ConceptData], clip, backbone, config: TokenTrainConfig,
-                sd_batch: SdBatch | None, ce: ClassData | None, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+                sd_batch: SdBatch | None, ce: ClassData | None, mixed) -> tuple[torch.Tensor, torch.Tensor]:
     """(l_SD (C,), l_CE (C,)) of every concept for the given vectors; zeros for a term the method does not use."""
     C = len(concepts)
     l_sd = torch.zeros(C, device=clip.device)
@@ -238,7 +238,7 @@ def step_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[ConceptData
         l_sd = rows.view(C, -1).mean(1)
     if ce is not None:
         prompts = [fill_prompt(config.class_template, c.placeholder, c.parent) for c in concepts]
-        with autocast():
+        with mixed():
             _, token_features, _ = clip.text_features(prompts, vectors)  # ONE text forward, (C, dim) normalised
         l_ce = torch.stack([
             balanced_bce(class_logits(ce.features[i], token_features[i].to(ce.features[i]), ce.parent_features[i], ce.scale), ce.labels[i])
@@ -257,14 +257,6 @@ class TrainedToken:
     constraint: dict                            # subspace / basis description
     summary: dict                               # steps run, losses, time, early stop
     history: list[dict] = field(default_factory=list)  # {"step", "l_sd", "l_ce", "loss"} every log_every steps
-
-
-def autocast_for(device: torch.device, precision: str):
-    """A context factory: bf16/fp16 autocast on GPU (mixed precision over fp32 weights and fp32 token vectors)."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32" or device.type != "cuda":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
 @contextlib.contextmanager
@@ -327,7 +319,8 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
     if config.method == "ours" and any(c.subspace is None for c in concepts) or config.method == "batex" and any(c.basis is None for c in concepts):
         raise ValueError(f"concepts were prepared for another method than {config.method}: prepare them with this config")
     device, C, width = clip.device, len(concepts), clip.width
-    autocast = autocast_for(device, backbone.precision if backbone is not None else config.precision)
+    precision = backbone.precision if backbone is not None else config.precision
+    mixed = lambda: autocast(device, precision)  # noqa: E731
 
     # 2. the trainable numbers of all concepts: one parameter tensor, and its optimiser
     holder = _trainable(concepts, config, width, device)
@@ -361,7 +354,7 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
                 vectors = {concepts[i].placeholder: stacked[i, : concepts[i].n_vectors] for i in idx}
                 # 4.2 + 4.3 l_SD on this step's draws (one UNet forward), l_CE (one text forward)
                 batch = draw_sd_batch(group, [generators[i] for i in idx], config, T, device) if config.uses_sd else None
-                l_sd, l_ce = step_losses(vectors, group, clip, backbone, config, batch, ce.subset(idx) if ce else None, autocast)
+                l_sd, l_ce = step_losses(vectors, group, clip, backbone, config, batch, ce.subset(idx) if ce else None, mixed)
                 # 4.4 L_c = lambda_SD l_SD,c + lambda_CE l_CE,c (Perera et al. Sec. 3), summed over concepts
                 loss = config.lambda_sd * l_sd + config.lambda_ce * l_ce     # (len(idx),)
                 use = torch.isfinite(loss.detach()).cpu() & active[idx]
@@ -425,7 +418,8 @@ def evaluate_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[Concept
     """(l_SD (C,), l_CE (C,)) for fixed VECTORS ({placeholder: (n, width)}) on fixed draws: `draws` batches from
     generators seeded SEED + concept index, the same for every call, so that losses before and after training
     compare (training's own draws are new every step)."""
-    autocast = autocast_for(clip.device, backbone.precision if backbone is not None else config.precision)
+    precision = backbone.precision if backbone is not None else config.precision
+    mixed = lambda: autocast(clip.device, precision)  # noqa: E731
     ce = class_data(concepts, clip, config) if config.uses_ce else None
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(concepts))]
     T = backbone.scheduler.config.num_train_timesteps if config.uses_sd else 0
@@ -433,7 +427,7 @@ def evaluate_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[Concept
     l_ce = None
     for _ in range(draws if config.uses_sd else 1):
         batch = draw_sd_batch(concepts, generators, config, T, clip.device) if config.uses_sd else None
-        l_sd, l_ce = step_losses(vectors, concepts, clip, backbone, config, batch, ce, autocast)
+        l_sd, l_ce = step_losses(vectors, concepts, clip, backbone, config, batch, ce, mixed)
         sd_sum += l_sd
     return (sd_sum / (draws if config.uses_sd else 1)).cpu(), l_ce.cpu()
 

@@ -12,13 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np, torch
 torch.set_num_threads(1)
 torch.manual_seed(0)
-from retrieval.encoders import ClipEncoder
-from retrieval.toyworld import world_config, render_scene
-from retrieval.toyworld.evaluate import held_out_scenes
+from retrieval.models.encoders import ClipEncoder
+from benchmarks.world import world_config, render_scene
+from benchmarks.world.evaluate import held_out_scenes
 w = world_config("pervl")
 clip = ClipEncoder.from_spec(sys.argv[1] if len(sys.argv) > 1 else "toyworld", device="cpu")
 rng = np.random.default_rng(5)
-from retrieval.toyworld.scene import sample_scene
+from benchmarks.world.scene import sample_scene
 scenes = [sample_scene(rng, w) for _ in range(3000)]
 ims = [render_scene(s, w) for s in scenes]
 f = clip.encode_pil(ims)

@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 from benchmarks.pervl import Benchmark, parse_args, sample_shots, target_rank, metrics
 from benchmarks.pervl_data import fsl_image_path
 from retrieval.composed import insert_concept, plan_query
-from retrieval.images import load_image
+from retrieval.io.images import load_image
 from tokens.token_file import load_token_file
 cfg = parse_args(["--world","synthetic","--out",OUT,"--no-progress"])
 b = Benchmark(cfg); split, images = b.load_split(); gallery = b.gallery_features(split, images)

@@ -21,26 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.models import DEFAULT_MODEL, LoadedClip, ModelLoadError, load_clip
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when a GPU is present, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (half is slow there)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+from retrieval.models.clip import DEFAULT_MODEL, LoadedClip, ModelLoadError, load_clip
+from retrieval.models.precision import DTYPES, resolve_device, resolve_precision
 
 
 @dataclass
@@ -60,7 +42,7 @@ class ClipEncoder:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(precision, self.device)
         self.loaded = loaded
-        self.model = loaded.model.to(self.device, dtype=_DTYPES[self.precision]).eval()
+        self.model = loaded.model.to(self.device, dtype=DTYPES[self.precision]).eval()
         self.tokenizer = loaded.tokenizer
         self.spec = loaded.spec
         self.preprocess = loaded.preprocess
@@ -100,7 +82,7 @@ class ClipEncoder:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) preprocessed pixels -> (B, dim) float32, L2-normalised."""
-        x = pixels.to(self.device, dtype=_DTYPES[self.precision], non_blocking=True)
+        x = pixels.to(self.device, dtype=DTYPES[self.precision], non_blocking=True)
         feats = self.model.encode_image(x)
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
@@ -253,5 +235,3 @@ class ClipEncoder:
         skip_last_layers=1 for Stable Diffusion 2.x's penultimate layer."""
         return self.text_features(texts, vectors, pad_id=pad_id, skip_last_layers=skip_last_layers)[0].float()
 
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -23,8 +23,8 @@ import pandas as pd
 from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery
 from retrieval.report import results_html, write_html
 from retrieval.search import QueryResult, run_queries
-from retrieval.toyworld import world_config, write_split
-from retrieval.toyworld.captions import CONTEXT_WORDS, garment_phrase
+from benchmarks.world import world_config, write_split
+from benchmarks.world.captions import CONTEXT_WORDS, garment_phrase
 
 DEMO_QUERIES = 4  # queries asked by the demo: one per concept, for the first concepts
 DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours)
@@ -99,11 +99,12 @@ def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, devic
     from indexes.store import IndexStore
     from retrieval.composed import insert_concept
     from retrieval.gair import GairConfig, PersonalSearch
-    from retrieval.images import load_image
+    from retrieval.io.images import load_image
     from retrieval.report import composed_html
     from dataclasses import asdict
 
-    from tokens.learn import LearnRequest, learn_token, load_models, request_config
+    from retrieval.models.pairing import load_models
+    from tokens.learn import LearnRequest, learn_token, request_config
     from tokens.trainer import json_safe
     from tokens.store import TokenStore
 
@@ -127,7 +128,7 @@ def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, devic
     request = LearnRequest(name=name, images=folder, parent=parent, method="ours", steps=steps, model=model,
                            tokens_dir=store.root, seed=0, overwrite=True, device=device, overrides=overrides)
     info = store.info(name) if store.exists(name) else None
-    clip, backbone = load_models(model, "auto", True, device)  # once, for learning and for the queries
+    clip, backbone = load_models(model, device=device)  # once, for learning and for the queries
     reused = info is not None and info.model == model and info.config == json_safe(asdict(request_config(request)))
     if not reused:
         learn_token(request, progress=progress, models=(clip, backbone))

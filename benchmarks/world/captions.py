@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.toyworld.scene import Scene
+from benchmarks.world.scene import Scene
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Train both of the toy world's models from scratch with one command: the CLIP, then the diffusion model
 conditioned on that CLIP's text tower.
 
-    python -m retrieval.toyworld.train                      # rewrites retrieval/toyworld/weights/{clip,diffusion}
-    python -m retrieval.toyworld.train --out /tmp/toyworld  # writes /tmp/toyworld/clip and /tmp/toyworld/diffusion
+    python -m benchmarks.world.train                      # rewrites retrieval/models/weights/toyworld/{clip,diffusion}
+    python -m benchmarks.world.train --out /tmp/toyworld  # writes /tmp/toyworld/clip and /tmp/toyworld/diffusion
 
 Measured on 2 CPU cores (nothing else running): CLIP 23 min (3600 steps x 128 pairs, then its zero-shot evaluation
 on 1000 held-out scenes), diffusion 37 min (1500 steps x 64) plus ~8 min evaluating three samplers on 200
@@ -15,16 +15,17 @@ import argparse
 import time
 from pathlib import Path
 
-from retrieval.toyworld import train_clip, train_diffusion
+from benchmarks.world import train_clip, train_diffusion
+from retrieval.models.clip import TOYWORLD_WEIGHTS
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS = TOYWORLD_WEIGHTS
 # recipe pairs: the CLIP preset and the diffusion preset trained on it
 PRESETS = {"toyworld": ("toyworld", "toyworld"), "smoke": ("smoke", "smoke")}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train the toy world's CLIP, then its diffusion model on that CLIP; write both model folders."""
-    parser = argparse.ArgumentParser(prog="python -m retrieval.toyworld.train", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.world.train", description=main.__doc__)
     parser.add_argument("--preset", default="toyworld", choices=sorted(PRESETS),
                         help="toyworld: the committed models; smoke: a seconds-long twin for tests")
     parser.add_argument("--out", default=str(WEIGHTS),

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.toyworld.concepts import Concept
-from retrieval.toyworld.config import WorldConfig
-from retrieval.toyworld.garments import Details, sample_details
+from benchmarks.world.concepts import Concept
+from benchmarks.world.config import WorldConfig
+from benchmarks.world.garments import Details, sample_details
 
 SKIN_TONES = ((238, 204, 172), (205, 155, 115), (140, 96, 66))
 HAIR_COLOURS = ((38, 28, 22), (105, 66, 36), (214, 184, 120), (20, 20, 20))

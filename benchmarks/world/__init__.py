@@ -21,7 +21,7 @@ tell apart, and a benchmark split written in PerVL's file formats.
 | train       | both, one command: the CLIP, then the diffusion model on it (~70 min)  |
 
 The trained models live in weights/clip and weights/diffusion (fp16 safetensors, with their training
-config, log and evaluation); `python -m retrieval.toyworld.train` remakes both (`train_clip` / `train_diffusion`
+config, log and evaluation); `python -m benchmarks.world.train` remakes both (`train_clip` / `train_diffusion`
 one each).
 
 Tests: tests/test_toyworld.py, tests/test_toyworld_clip.py, tests/test_toyworld_diffusion.py,
@@ -29,15 +29,15 @@ tests/test_toyworld_train.py (the reader of the
 written split: tests/test_pervl_data.py).
 """
 
-from retrieval.toyworld.captions import caption, context_caption, detailed_caption, garment_phrase, short_caption
-from retrieval.toyworld.concepts import Concept, draw_concepts
-from retrieval.toyworld.config import PRESETS, WorldConfig, world_config
-from retrieval.toyworld.garments import GARMENTS, Details, sample_details
-from retrieval.toyworld.pairs import n_word_combinations, sample_training_pair
-from retrieval.toyworld.render import render_scene
-from retrieval.toyworld.scene import Scene, sample_scene
-from retrieval.toyworld.sheet import contact_sheet, scene_label
-from retrieval.toyworld.split import SplitPaths, SplitPlan, plan_split, write_split
+from benchmarks.world.captions import caption, context_caption, detailed_caption, garment_phrase, short_caption
+from benchmarks.world.concepts import Concept, draw_concepts
+from benchmarks.world.config import PRESETS, WorldConfig, world_config
+from benchmarks.world.garments import GARMENTS, Details, sample_details
+from benchmarks.world.pairs import n_word_combinations, sample_training_pair
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import Scene, sample_scene
+from benchmarks.world.sheet import contact_sheet, scene_label
+from benchmarks.world.split import SplitPaths, SplitPlan, plan_split, write_split
 
 __all__ = [
     "Concept", "Details", "GARMENTS", "PRESETS", "Scene", "SplitPaths", "SplitPlan", "WorldConfig",

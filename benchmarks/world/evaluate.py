@@ -3,7 +3,7 @@
 Used to judge the toy world's CLIP (`train_clip`) and, with the same API, images a diffusion model generates.
 
 Prompts are CLIP-style ensembles (Radford et al. 2021, Sec. 3.1.4) written in the training captions' own
-grammar (`retrieval.toyworld.captions`), since a model trained only on that grammar knows no other words:
+grammar (`benchmarks.world.captions`), since a model trained only on that grammar knows no other words:
 - context:  "a person {pose} {place}."           over the 4 poses and the context's 2 place phrases (8 prompts);
 - category: "a person wearing {garment}."        the bare category and over every colour x pattern (41 prompts);
 - colour:   "a person wearing {garment}."        over every category x pattern (32 prompts);
@@ -20,10 +20,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from retrieval.toyworld.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
-from retrieval.toyworld.config import WorldConfig
-from retrieval.toyworld.render import render_scene
-from retrieval.toyworld.scene import Scene, sample_scene
+from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
+from benchmarks.world.config import WorldConfig
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import Scene, sample_scene
 
 FACTORS = ("context", "category", "colour", "pattern")
 # Held-out scenes come from np.random.default_rng(HELD_OUT_SEED); training pairs from default_rng([seed, chunk])

@@ -1,7 +1,7 @@
 """Garments: the silhouette of each category (as data) and the unnamed details a specific garment carries.
 
 Lengths are fractions of the figure's height h, measured from the top of its head; x offsets are from the
-figure's centre line, in the same unit (see `retrieval.toyworld.render.BODY` for the body they dress).
+figure's centre line, in the same unit (see `benchmarks.world.render.BODY` for the body they dress).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.toyworld.config import RGB, WorldConfig
+from benchmarks.world.config import RGB, WorldConfig
 
 EMBLEM_SPOTS = ("left", "centre", "right")  # where an emblem sits, as seen in the image
 

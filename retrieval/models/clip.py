@@ -24,9 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from indexes.atomic import replace_dir
+from retrieval.io.atomic import replace_dir
 
 DEFAULT_MODEL = "ViT-L-14-quickgelu/openai"
+# the synthetic world's trained models (package data; remade by `python -m benchmarks.world.train`)
+TOYWORLD_WEIGHTS = Path(__file__).resolve().parent / "weights" / "toyworld"
 
 # A tiny CLIP, random and seeded: builds in milliseconds, for smoke tests and the no-download demo.
 # It keeps the real tokenizer's 49408-row vocabulary and 77-token context, so placeholder tokens and
@@ -40,9 +42,9 @@ TINY_MODEL_CFG: dict[str, Any] = {
 # Named presets are data: a model config built with random weights, or a folder shipped with the project.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-random": {"model_cfg": TINY_MODEL_CFG, "seed": 0},
-    # the toy world's CLIP, trained from scratch and committed; retrain: python -m retrieval.toyworld.train_clip
-    "toyworld": {"folder": Path(__file__).resolve().parent / "toyworld" / "weights" / "clip",
-                 "train": "python -m retrieval.toyworld.train_clip --preset toyworld --threads 2 --out retrieval/toyworld/weights/clip"},
+    # the toy world's CLIP, trained from scratch and committed; retrain: python -m benchmarks.world.train_clip
+    "toyworld": {"folder": TOYWORLD_WEIGHTS / "clip",
+                 "train": "python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip"},
 }
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.pt")

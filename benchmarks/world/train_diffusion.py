@@ -12,9 +12,9 @@ guidance 4 (the `sampling` field: measured best of five samplers).
 Pairs are rendered on the fly (one batch ~30 ms), never stored. The (context, category, colour) triples of the
 evaluation scenes are held out of training, so the evaluation prompts are compositions the model never saw.
 
-    python -m retrieval.toyworld.train_diffusion --preset toyworld
+    python -m benchmarks.world.train_diffusion --preset toyworld
 
-writes retrieval/toyworld/weights/diffusion/ (what `load_diffusion("toyworld")` loads): unet/ (fp16),
+writes retrieval/models/weights/toyworld/diffusion/ (what `load_diffusion("toyworld")` loads): unet/ (fp16),
 scheduler/, backbone.json (with this config), train_log.json and eval.json.
 """
 
@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.toyworld.config import WorldConfig, world_config
 
-DEFAULT_OUT = Path(__file__).parent / "weights" / "diffusion"
+from retrieval.models.clip import TOYWORLD_WEIGHTS
+from benchmarks.world.config import WorldConfig, world_config
+
+DEFAULT_OUT = TOYWORLD_WEIGHTS / "diffusion"
 STREAM = 0xD1FF  # training pairs come from default_rng([seed, STREAM]): not the CLIP's [seed, chunk] nor HELD_OUT_SEED
 
 
@@ -43,7 +45,7 @@ class DiffusionTrainConfig:
     seed: int = 0                               # seeds the UNet init, the pairs, the caption dropout, noise and timesteps
     world_preset: str = "pervl"                 # toy-world preset the pairs are drawn from
     image_size: int = 64                        # rendered image side, px (the world's 64; smaller for the smoke test)
-    clip: str = "toyworld"                      # CLIP spec of the frozen text encoder (retrieval.models)
+    clip: str = "toyworld"                      # CLIP spec of the frozen text encoder (retrieval.models.clip)
     caption_dropout: float = 0.1                # fraction of captions replaced by "" for classifier-free guidance
     # ----- model: UNet2DConditionModel on SpaceToDepth latents
     codec_factor: int = 2                       # SpaceToDepth block: 64x64x3 px -> 32x32x12 latents
@@ -138,8 +140,8 @@ def build_backbone(config: DiffusionTrainConfig, clip=None, device: str | torch.
     """A fresh, seeded DiffusionBackbone: new UNet, DDPM scheduler, SpaceToDepth codec, the frozen CLIP."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from retrieval.encoders import ClipEncoder
-    from tokens.diffusion import DiffusionBackbone, SpaceToDepthCodec, TextConditioning
+    from retrieval.models.encoders import ClipEncoder
+    from retrieval.models.diffusion import DiffusionBackbone, SpaceToDepthCodec, TextConditioning
 
     clip = clip or ClipEncoder.from_spec(config.clip, device=str(device), precision="fp32")
     torch.manual_seed(config.seed)
@@ -158,7 +160,7 @@ def triple(scene) -> tuple[str, str, str]:
 
 def eval_caption(scene, index: int = 0) -> str:
     """The full training-grammar caption of a scene: 'a person wearing a red striped dress standing on a beach.'"""
-    from retrieval.toyworld.captions import CAPTION_TEMPLATES, CONTEXT_WORDS, POSE_WORDS, garment_phrase
+    from benchmarks.world.captions import CAPTION_TEMPLATES, CONTEXT_WORDS, POSE_WORDS, garment_phrase
 
     places = CONTEXT_WORDS[scene.context].places
     return CAPTION_TEMPLATES[0][0].format(g=garment_phrase(scene.category, scene.colour, scene.pattern),
@@ -168,9 +170,9 @@ def eval_caption(scene, index: int = 0) -> str:
 def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out: set) -> tuple[list, list[str]]:
     """N training pairs rendered now: (PIL images, captions). `sample_training_pair`'s two steps, with scenes of
     held-out (context, category, colour) triples redrawn."""
-    from retrieval.toyworld.captions import caption
-    from retrieval.toyworld.render import render_scene
-    from retrieval.toyworld.scene import sample_scene
+    from benchmarks.world.captions import caption
+    from benchmarks.world.render import render_scene
+    from benchmarks.world.scene import sample_scene
 
     images, captions = [], []
     while len(images) < n:
@@ -204,8 +206,8 @@ def train_diffusion(config: DiffusionTrainConfig, clip=None, device: str = "auto
     """Train the UNet (text encoder frozen) on pairs rendered on the fly; the loop below is the whole recipe."""
     from tqdm import tqdm
 
-    from retrieval.toyworld import evaluate
-    from tokens.diffusion import pil_to_pixels
+    from benchmarks.world import evaluate
+    from retrieval.models.diffusion import pil_to_pixels
 
     world = world_config(config.world_preset, image_size=config.image_size)
 
@@ -273,7 +275,7 @@ def train_diffusion(config: DiffusionTrainConfig, clip=None, device: str = "auto
 # ----------------------------------------------------------------------------------------------- evaluation
 def generate_for(backbone, captions: list[str], setting: tuple[str, int, float], batch_size: int = 50) -> list:
     """One image per caption with a (sampler, steps, guidance) setting; image i uses seed i, whatever the batch."""
-    from tokens.diffusion import make_sampler
+    from retrieval.models.diffusion import make_sampler
 
     name, steps, guidance = setting
     backbone.sample_scheduler = make_sampler(name, backbone.scheduler.config)
@@ -284,7 +286,7 @@ def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
     """Generate one image per held-out scene caption with each (sampler, steps, guidance) setting of the config
     and report how often the toy world's CLIP reads the intended context, category, colour and pattern from it;
     beside the same CLIP's accuracy on the real renders of those scenes (the ceiling)."""
-    from retrieval.toyworld import evaluate
+    from benchmarks.world import evaluate
 
     world = world_config(config.world_preset, image_size=config.image_size)
     scenes = evaluate.held_out_scenes(world, config.eval_scenes)
@@ -328,10 +330,10 @@ def sample_grid(images: list, captions: list[str], path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
     """Train the toy world's diffusion model, evaluate it, and write its folder."""
-    from indexes.atomic import write_json
-    from tokens.diffusion import load_diffusion, save_diffusion_folder
+    from retrieval.io.atomic import write_json
+    from retrieval.models.diffusion import load_diffusion, save_diffusion_folder
 
-    parser = argparse.ArgumentParser(prog="python -m retrieval.toyworld.train_diffusion", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.world.train_diffusion", description=main.__doc__)
     parser.add_argument("--preset", default="toyworld", choices=sorted(DIFFUSION_TRAIN_PRESETS), help="training recipe")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder to write (load_diffusion(folder) loads it)")
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         train_info = {"config": asdict(config), "preset": args.preset, "wall_seconds": round(result.seconds, 1),
                       "seconds_per_step": round(result.seconds_per_step, 3), "torch_version": torch.__version__,
                       "device": str(result.backbone.device), "threads": torch.get_num_threads(),
-                      "command": f"python -m retrieval.toyworld.train_diffusion --preset {args.preset}"
+                      "command": f"python -m benchmarks.world.train_diffusion --preset {args.preset}"
                                  + "".join(f" --{k} {v}" for k, v in overrides.items())}
         folder = save_diffusion_folder(result.backbone, args.out, extra_config=train_info,
                                        extra_files={"train_log.json": result.log})
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(Path(args.out) / "eval.json", report)
     print(f"eval: {json.dumps(report)}", flush=True)
     if args.grid:
-        from retrieval.toyworld import evaluate
+        from benchmarks.world import evaluate
 
         world = world_config(config.world_preset, image_size=config.image_size)
         captions = [eval_caption(s, i) for i, s in enumerate(evaluate.held_out_scenes(world, 16))]

@@ -12,7 +12,7 @@ Two exact shortcuts keep it inside a CPU budget (see `train_clip`, steps 2 and 4
   parameter and written back after training; the other rows keep their initial values, as they would with any
   optimizer whose update is zero without a gradient (we also spare them weight decay).
 
-    python -m retrieval.toyworld.train_clip --preset toyworld --threads 2 --out retrieval/toyworld/weights/clip
+    python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip
 
 writes the model folder that `load_clip("toyworld")` loads, with train_config.json, train_log.json and eval.json.
 """
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from indexes.atomic import replace_dir
+from retrieval.io.atomic import replace_dir
+from retrieval.models.clip import TOYWORLD_WEIGHTS
 
-from retrieval.toyworld.config import WorldConfig, world_config
+from benchmarks.world.config import WorldConfig, world_config
 
 FORMAT_VERSION = 1
 RENDER_CHUNK = 2048  # pairs rendered per task; the seed of chunk i is (seed, i), whatever the worker count
@@ -63,7 +64,7 @@ SMOKE_MODEL_CFG: dict = {
 class ClipTrainConfig:
     # ----- reproducibility
     seed: int = 0                               # seeds the model init, the rendered pairs and the batch order
-    world_preset: str = "pervl"                 # toy-world preset the pairs are drawn from (retrieval.toyworld.config)
+    world_preset: str = "pervl"                 # toy-world preset the pairs are drawn from (benchmarks.world.config)
     # ----- data
     n_pairs: int = 0                            # pairs rendered before training; 0: steps * batch_size (each pair seen once)
     render_workers: int = 2                     # processes rendering the pairs (<= 2 on the 2-core machines)
@@ -129,9 +130,9 @@ def clip_train_config(preset: str = "toyworld", **overrides) -> ClipTrainConfig:
 def _render_chunk(args: tuple[int, int, int, WorldConfig]) -> tuple[np.ndarray, list[str], list[dict]]:
     """Pairs of chunk `index`: (n, H, W, 3) uint8 images, their captions and their scenes' words.
     The draws are `sample_training_pair`'s (scene, render, caption), keeping the scene's words."""
-    from retrieval.toyworld.captions import caption
-    from retrieval.toyworld.render import render_scene
-    from retrieval.toyworld.scene import sample_scene
+    from benchmarks.world.captions import caption
+    from benchmarks.world.render import render_scene
+    from benchmarks.world.scene import sample_scene
 
     seed, index, n, world = args
     rng = np.random.default_rng([seed, index])
@@ -260,8 +261,8 @@ def as_encoder(model, device: torch.device):
     """The model being trained as a ClipEncoder (the evaluation path users take), on the same device."""
     import open_clip
 
-    from retrieval.encoders import ClipEncoder
-    from retrieval.models import LoadedClip, _transform_for
+    from retrieval.models.encoders import ClipEncoder
+    from retrieval.models.clip import LoadedClip, _transform_for
 
     loaded = LoadedClip(model=model, preprocess=_transform_for(model), spec="training",
                         tokenizer=open_clip.get_tokenizer(TOKENIZER_NAME), model_cfg={})
@@ -283,8 +284,8 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
     from open_clip.loss import ClipLoss
     from tqdm import tqdm
 
-    from retrieval.encoders import resolve_device
-    from retrieval.toyworld import evaluate
+    from retrieval.models.encoders import resolve_device
+    from benchmarks.world import evaluate
 
     t_start = time.time()
     device = resolve_device(device) if isinstance(device, str) else device
@@ -383,7 +384,7 @@ def save_trained(result: TrainResult, config: ClipTrainConfig, out: str | Path, 
     fp32 model and copies them in, which upcasts them."""
     import open_clip
 
-    from retrieval.models import save_model_folder
+    from retrieval.models.clip import save_model_folder
 
     out = Path(out)
     staging = out.with_name(out.name + ".staging")  # save_model_folder renames its own .tmp into here
@@ -418,9 +419,9 @@ def save_trained(result: TrainResult, config: ClipTrainConfig, out: str | Path, 
 
 def main(argv: list[str] | None = None) -> None:
     """Train the toy world's CLIP and write its model folder."""
-    parser = argparse.ArgumentParser(prog="python -m retrieval.toyworld.train_clip", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.world.train_clip", description=main.__doc__)
     parser.add_argument("--preset", default="toyworld", choices=sorted(CLIP_PRESETS), help="training recipe")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "weights" / "clip"), help="model folder to write")
+    parser.add_argument("--out", default=str(TOYWORLD_WEIGHTS / "clip"), help="model folder to write")
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--seed", type=int, help="override the preset's seed")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     config = clip_train_config(args.preset, **overrides)
     print(f"training {args.preset}: {json.dumps(asdict(config))}", flush=True)
     result = train_clip(config, device=args.device)
-    command = "python -m retrieval.toyworld.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.world.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
     folder = save_trained(result, config, args.out, command=command)
     print(f"wrote {folder} in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s); "
           f"zero-shot {result.eval['accuracy']}", flush=True)

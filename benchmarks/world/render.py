@@ -13,10 +13,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from retrieval.toyworld.config import RGB, WorldConfig
-from retrieval.toyworld.contexts import PAINTERS, context_background
-from retrieval.toyworld.garments import EMBLEM_SPOTS, GARMENTS, GarmentShape, pattern_ink
-from retrieval.toyworld.scene import HAIR_COLOURS, SKIN_TONES, Scene
+from benchmarks.world.config import RGB, WorldConfig
+from benchmarks.world.contexts import PAINTERS, context_background
+from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, GarmentShape, pattern_ink
+from benchmarks.world.scene import HAIR_COLOURS, SKIN_TONES, Scene
 
 Point = tuple[float, float]
 

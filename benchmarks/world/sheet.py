@@ -6,7 +6,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from retrieval.toyworld.scene import Scene
+from benchmarks.world.scene import Scene
 
 
 def scene_label(scene: Scene) -> list[str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from retrieval.toyworld.captions import caption
-from retrieval.toyworld.config import WorldConfig
-from retrieval.toyworld.render import render_scene
-from retrieval.toyworld.scene import sample_scene
+from benchmarks.world.captions import caption
+from benchmarks.world.config import WorldConfig
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import sample_scene
 
 
 def sample_training_pair(rng: np.random.Generator, config: WorldConfig) -> tuple[Image.Image, str]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.toyworld.config import WorldConfig
-from retrieval.toyworld.garments import Details, sample_details
+from benchmarks.world.config import WorldConfig
+from benchmarks.world.garments import Details, sample_details
 
 CONCEPT_DETAIL_PROBABILITY = 0.8  # chance of a trim band, and of an emblem, on a concept (at least one is kept)
 MIN_DETAIL_DIFFERENCES = 2        # fields of Details in which two concepts of one group must differ

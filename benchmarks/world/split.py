@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from indexes.atomic import write_atomic
-from retrieval.toyworld.captions import context_caption, detailed_caption, short_caption
-from retrieval.toyworld.concepts import Concept, draw_concepts
-from retrieval.toyworld.config import WorldConfig
-from retrieval.toyworld.render import render_scene
-from retrieval.toyworld.scene import Scene, sample_scene
+from retrieval.io.atomic import write_atomic
+from benchmarks.world.captions import context_caption, detailed_caption, short_caption
+from benchmarks.world.concepts import Concept, draw_concepts
+from benchmarks.world.config import WorldConfig
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import Scene, sample_scene
 
 FORMAT_VERSION = 1
 SPLITS = ("test", "validation")                 # PerVL's splits; the index seeds the draw and offsets the ids

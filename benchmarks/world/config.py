@@ -7,7 +7,7 @@ contrasting band, an emblem), so only images tell concepts with the same words a
 
 Every vocabulary is a tuple in the config, so a different config is a different world (and a different seed
 draws different concepts). Context, category, pattern, pose and emblem names must be ones the renderer knows
-(`retrieval.toyworld.render`); colours are free (name, RGB) pairs.
+(`benchmarks.world.render`); colours are free (name, RGB) pairs.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class WorldConfig:
 
     def __post_init__(self):
         # the renderer and the caption grammar own the names they can draw and say
-        from retrieval.toyworld.captions import CONTEXT_WORDS, POSE_WORDS
-        from retrieval.toyworld.render import known_names
+        from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS
+        from benchmarks.world.render import known_names
 
         known = known_names()
         known["contexts"] &= set(CONTEXT_WORDS)

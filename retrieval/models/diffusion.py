@@ -19,7 +19,6 @@ Images: pixels in [-1, 1] go in (diffusers' convention), images in [0, 1] come o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import json
@@ -33,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from indexes.atomic import replace_dir
-from retrieval.encoders import _DTYPES, ClipEncoder, resolve_device, resolve_precision
-from retrieval.models import ModelLoadError
+from retrieval.io.atomic import replace_dir
+from retrieval.models.encoders import ClipEncoder
+from retrieval.models.precision import DTYPES, autocast, resolve_device, resolve_precision
+from retrieval.models.clip import ModelLoadError
+from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 FORMAT_VERSION = 1
 DEFAULT_DIFFUSION = "CompVis/stable-diffusion-v1-4"
@@ -45,7 +46,7 @@ DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 7.5}  # St
 # fresh noise each step) and dpm++ (DPM-Solver++ 2M, Lu et al. 2022).
 SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
             "dpm++": "DPMSolverMultistepScheduler"}
-TOYWORLD_FOLDER = Path(__file__).resolve().parent.parent / "retrieval" / "toyworld" / "weights" / "diffusion"
+TOYWORLD_FOLDER = TOYWORLD_WEIGHTS / "diffusion"
 
 
 class DiffusionLoadError(ModelLoadError):
@@ -101,8 +102,8 @@ DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
     "sd21": {"repo": "stabilityai/stable-diffusion-2-1", **SD2_TEXT},
     "sd21-base": {"repo": "stabilityai/stable-diffusion-2-1-base", **SD2_TEXT},
     # its default sampler (Euler ancestral, 25 steps, guidance 4) is in the folder's backbone.json; why: the
-    # `sampling` field of retrieval/toyworld/train_diffusion.py
-    "toyworld": {"folder": TOYWORLD_FOLDER, "how": "python -m retrieval.toyworld.train_diffusion --preset toyworld"},
+    # `sampling` field of benchmarks/world/train_diffusion.py
+    "toyworld": {"folder": TOYWORLD_FOLDER, "how": "python -m benchmarks.world.train_diffusion --preset toyworld"},
     "tiny-random": {
         "unet_cfg": TINY_UNET_CFG,
         "scheduler_cfg": PIXEL_SCHEDULER_CFG,
@@ -223,9 +224,7 @@ class DiffusionBackbone:
 
     def autocast(self):
         """Mixed precision on GPU (bf16/fp16 autocast over fp32 weights); nothing on CPU."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        return autocast(self.device, self.precision)
 
     # ----- text and images in
     def conditioning(self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -622,7 +621,7 @@ def save_diffusion_folder(
     (tmp / "unet").mkdir(parents=True)
     # 1. UNet: diffusers' config + weights in the chosen dtype (diffusers' from_pretrained reads them back)
     backbone.unet.save_config(tmp / "unet")
-    state = {k: v.detach().to("cpu", _DTYPES[unet_dtype]).contiguous() for k, v in backbone.unet.state_dict().items()}
+    state = {k: v.detach().to("cpu", DTYPES[unet_dtype]).contiguous() for k, v in backbone.unet.state_dict().items()}
     save_file(state, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     # 2. schedulers, codec
     backbone.scheduler.save_pretrained(tmp / "scheduler")

@@ -20,6 +20,8 @@ Animated GIF/WebP and multi-page TIFF give their first frame (what `Image.open` 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -208,3 +210,40 @@ def _unidentified(path: str | os.PathLike) -> BadImage:
     if fmt is not None:
         return BadImage(f"truncated or corrupt ({fmt} header cannot be read)")
     return BadImage(f"not an image (no {'/'.join(PIL_FORMATS)} header)")
+
+
+# ----- folders of images (a concept's photos, negatives)
+@dataclass
+class ImageSet:
+    images: list[Image.Image]                   # RGB
+    paths: list[Path]                           # one per image
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason) of unusable files
+
+
+def read_image_folder(folder: str | Path, min_images: int, what: str = "concept images") -> ImageSet:
+    """Every image file directly in FOLDER (sorted by name), decoded to RGB. Unreadable files are skipped with a
+    warning while at least MIN_IMAGES remain; otherwise the error says how many are needed."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{what}: no folder {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} is a file; give the folder that holds the images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images, paths, skipped = [], [], []
+    for p in files:
+        try:
+            images.append(load_image(p))
+            paths.append(p)
+        except BadImage as e:
+            skipped.append((p, e.reason))
+    if len(images) < min_images:
+        found = f"{len(images)} usable image{'s' * (len(images) != 1)}"
+        why = f" ({len(skipped)} unreadable: " + "; ".join(f"{p.name}: {r}" for p, r in skipped[:5]) + ")" if skipped else ""
+        raise ValueError(
+            f"{what}: {folder} has {found}{why}; at least {min_images} are needed "
+            f"(files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}): add images"
+        )
+    if skipped:
+        warnings.warn(f"{what}: skipped {len(skipped)} unreadable file(s) in {folder}: "
+                      + "; ".join(f"{p.name} ({r})" for p, r in skipped))
+    return ImageSet(images, paths, skipped)
