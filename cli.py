@@ -14,6 +14,9 @@ from typing import List, Optional
 
 import typer
 
+from retrieval.models import DEFAULT_MODEL
+from tokens.defaults import DEFAULT_TOKENS_DIR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 DEFAULT_INDEX_DIR = Path("index")
@@ -34,8 +37,26 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+# Library errors name Python arguments in backticks (`model=tiny-random`, `overwrite=True`, `tokens=['my-dress']`);
+# a user of this CLI reads them as its flags. Where a flag is not the argument's name with dashes:
+_FLAG_OF_ARGUMENT = {"n_vectors": "vectors", "guidance_scale": "guidance", "tokens": "token", "gair_config": "weights"}
+_ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def flags(message: str) -> str:
+    """A library message in this CLI's words: `name=value` -> --name value, `name` -> --name (True: the flag alone)."""
+    def say(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        flag = "--" + _FLAG_OF_ARGUMENT.get(name, name).replace("_", "-")
+        if value is None or value == "True":
+            return flag
+        return f"{flag} {value.strip('[]').replace(chr(39), '').replace(chr(34), '')}"
+
+    return _ARGUMENT.sub(say, message)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {flags(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -44,7 +65,7 @@ def _user_errors():
     from indexes.store import IndexStoreError
     from retrieval.models.clip import ModelLoadError
 
-    return (ModelLoadError, IndexStoreError, FileNotFoundError, NotADirectoryError, ValueError, KeyError)
+    return (ModelLoadError, IndexStoreError, FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError)
 
 
 MODEL_HELP = (
@@ -58,7 +79,7 @@ MODEL_HELP = (
 def index(
     gallery_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images, searched recursively."),
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="Where the index is kept (created if missing)."),
-    model: str = typer.Option("ViT-L-14-quickgelu/openai", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     precision: Precision = typer.Option(Precision.auto, help="auto: bf16/fp16 on GPU, fp32 on CPU."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
@@ -78,15 +99,14 @@ def index(
     Interrupted runs resume from their finished shards. Unusable files are skipped and listed.
     """
     from indexes.vector_index import IndexConfig, IndexType
-    from retrieval.indexer import IndexingConfig, index_gallery
+    from retrieval import Engine
 
     try:
-        config = IndexingConfig(
-            model=model, device=device, precision=precision.value, batch_size=batch_size, workers=workers,
+        summary = Engine(index_dir, model=model, device=device).index(
+            gallery_dir, progress=progress, precision=precision.value, batch_size=batch_size, workers=workers,
             shard_size=shard_size, max_pixels=max_pixels,
             index=IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target),
         )
-        summary = index_gallery(gallery_dir, index_dir, config, progress=progress)
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(summary.format())
@@ -99,11 +119,11 @@ def reindex(
     recall_target: float = typer.Option(0.95, min=0.5, max=1.0, help="recall@10 target for approximate types."),
 ):
     """Rebuild the FAISS index with another type from the stored embeddings (no image is re-embedded)."""
-    from indexes.store import rebuild_index
     from indexes.vector_index import IndexConfig, IndexType
+    from retrieval import Engine
 
     try:
-        manifest = rebuild_index(index_dir, IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target))
+        manifest = Engine(index_dir).reindex(IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target))
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(f"rebuilt {index_dir}: {manifest['count']} images, index {json.dumps(manifest['index']['params'])}")
@@ -121,7 +141,7 @@ def query(
     token: List[str] = typer.Option(
         [], "--token", help="A custom token from --tokens-dir: `*` in the query stands for it (its parent word is "
                             "added after it); with several, write <NAME> for each. Repeat for several."),
-    tokens_dir: Path = typer.Option(Path("custom_tokens"), help="The token store (see `tokens list`)."),
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help="The token store (see `tokens list`)."),
     gair: bool = typer.Option(
         False, "--gair", help="Generation Aided Image Retrieval (Perera et al., Algorithm 1): generate an image for "
                               "the query mixed with and without the token at each --weights w, keep the w whose image "
@@ -150,81 +170,37 @@ def query(
     With --token, the query is composed with a custom token (`learn-token`); with --gair it is also visualised:
     the generated images show what the engine understood (see --report).
     """
-    from retrieval.composed import STAR
-    from retrieval.report import results_html, write_html
-    from retrieval.search import run_queries
+    from retrieval import Engine, GairConfig
+    from retrieval.gair import parse_weights
 
     texts = [text] if text is not None else []
     if queries is not None:
         texts += [line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         _fail("give a query TEXT or --queries FILE")
-    stored = [n for t in texts for n in re.findall(r"<([^<>\s]+)>", t) if (Path(tokens_dir) / f"{n}.safetensors").is_file()]
-    if stored and not token:
-        _fail(f"the query names <{stored[0]}>, a token in {tokens_dir}: add --token {stored[0]} to use it")
-    if token or gair or any(STAR in t for t in texts):
-        return _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights, attributes, concept_images,
-                               diffusion, steps, guidance, n_context, seed, device, as_json, report, progress)
     try:
-        store, results = run_queries(index_dir, texts, k=k, model=model, device=device)
-    except _user_errors() as e:
-        _fail(str(e))
-    if as_json:
-        for r in results:
-            typer.echo(json.dumps(r.to_json()))
-    else:
-        for r in results:
-            typer.echo(f"# {r.query}")
-            for h in r.hits:
-                typer.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
-    if report is not None:
-        write_html(report, results_html(results, store.manifest["gallery_root"]))
-        typer.echo(f"wrote {report}", err=True)
-
-
-def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights, attributes, concept_images, diffusion,
-                    steps, guidance, n_context, seed, device, as_json, report, progress):
-    """`query` with custom tokens (retrieval.gair.PersonalSearch)."""
-    from indexes.store import IndexStore
-    from retrieval.composed import plan_query
-    from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, PersonalSearch, parse_weights
-    from retrieval.report import composed_html, write_html
-    from retrieval.models.pairing import load_models
-    from retrieval.io.images import read_image_folder
-    from tokens.store import TokenStore
-    from tokens.token_file import check_model
-
-    try:
-        # 1. everything checkable before loading a model: index, tokens (made for the index's model?), options
-        store = IndexStore(index_dir)
-        if model is not None:
-            store.check_model(model)
-        token_store = TokenStore(tokens_dir)
-        loaded = {name: token_store.load(name) for name in dict.fromkeys(token)}
-        for name, t in loaded.items():
-            check_model(t.info, store.model, where=str(token_store.path(name)))
-        for t in texts:
-            plan_query(t, list(loaded.values()))  # query errors before any model loads
+        # 1. every check that needs no model, then the models (once), then the queries
+        engine = Engine(index_dir, tokens_dir, model=model, diffusion=diffusion, device=device)
+        engine.check_queries(texts, token, gair)
         config = GairConfig(weights=parse_weights(weights), steps=steps, guidance_scale=guidance, seed=seed,
                             n_context=n_context)
         words = [a.strip() for a in attributes.split(",")] if attributes is not None else None
-        images = read_image_folder(concept_images, 1, "--concept-images").images if concept_images is not None else None
-        # 2. models, then the queries
-        clip, backbone = load_models(store.model, diffusion, need_diffusion=gair, device=device)
-        engine = PersonalSearch(clip, store, loaded, backbone, cache_dir=Path(tokens_dir) / CONTEXT_CACHE_DIR)
-        results = engine.query_many(texts, list(loaded), k=k, gair=gair, attributes=words, config=config,
+        images = engine.read_concept_images(concept_images) if concept_images is not None else None
+        results = engine.query_many(texts, token, k=k, gair=gair, attributes=words, gair_config=config,
                                     concept_images=images, progress=progress)
     except _user_errors() as e:
         _fail(str(e))
     for r in results:
-        if r.truncated:
+        if getattr(r, "truncated", False):
             typer.secho(f"warning: {r.query!r} is longer than the text encoder's context and was truncated",
                         fg=typer.colors.YELLOW, err=True)
         if as_json:
             typer.echo(json.dumps(r.to_json()))
             continue
-        typer.echo(f"# {r.query}\n#   encoded as: {r.composed}")
-        if r.gair is not None:
+        typer.echo(f"# {r.query}")
+        if hasattr(r, "composed"):
+            typer.echo(f"#   encoded as: {r.composed}")
+        if getattr(r, "gair", None) is not None:
             typer.echo(f"#   GAIR w* = {r.gair.w:g}   (attributes: {', '.join(r.attributes)})")
             for w, s, c, x in zip(r.gair.weights, r.gair.scores, r.gair.concept_similarity, r.gair.context_similarity):
                 mark = "  <- w*" if w == r.gair.w else ""
@@ -232,21 +208,16 @@ def _composed_query(texts, index_dir, k, model, token, tokens_dir, gair, weights
         for h in r.hits:
             typer.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
     if report is not None:
-        shown = images
-        if shown is None:
-            folders = {t.info.concept_images for t in loaded.values() if t.info.concept_images}
-            shown = [p for f in sorted(folders) if Path(f).is_dir() for p in sorted(Path(f).iterdir()) if p.is_file()][:4]
-        write_html(report, composed_html(results, store.manifest["gallery_root"], shown))
-        typer.echo(f"wrote {report}", err=True)
+        typer.echo(f"wrote {engine.report(results, report, images)}", err=True)
 
 
 @app.command()
 def info(index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="The index folder.")):
     """Show an index's manifest, counts and skipped files."""
-    from indexes.store import IndexStore
+    from retrieval import Engine
 
     try:
-        store = IndexStore(index_dir)
+        store = Engine(index_dir).store
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(json.dumps(store.manifest, indent=2))
@@ -322,7 +293,6 @@ DIFFUSION_HELP = (
     "ViT-H-14/laion2b_s32b_b79k -> sd21, toyworld -> toyworld, tiny-random -> tiny-random)."
 )
 TOKENS_DIR_HELP = "The token store: a folder of <name>.safetensors files (created on first use)."
-DEFAULT_TOKENS_DIR = Path("custom_tokens")
 
 
 @app.command("learn-token")
@@ -346,7 +316,7 @@ def learn_token_command(
     ),
     n_negatives: int = typer.Option(16, min=1, help="Negatives to sample when no --negatives folder is given."),
     negative_steps: int = typer.Option(50, min=1, help="Sampler steps when sampling negatives."),
-    model: str = typer.Option("ViT-L-14-quickgelu/openai", help=TOKEN_MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=TOKEN_MODEL_HELP),
     diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
     tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
     seed: int = typer.Option(0, help="Seeds the image, prompt, noise and timestep draws (and sampled negatives)."),
@@ -362,17 +332,15 @@ def learn_token_command(
     The token then works in prompts for generation (`generate`) and for CLIP retrieval. A NaN loss stops training
     and keeps the last good token (the summary says so).
     """
-    from tokens.learn import LearnRequest, learn_token
+    from retrieval import Engine
 
     try:
-        request = LearnRequest(
-            name=name, images=images, parent=parent, method=method.value, steps=steps, n_vectors=vectors,
-            init_caption=init_caption, negatives=negatives, model=model, diffusion=diffusion, tokens_dir=tokens_dir,
-            seed=seed, overwrite=overwrite, device=device,
+        result = Engine(tokens_dir=tokens_dir, model=model, diffusion=diffusion, device=device).learn_token(
+            name, images, parent, progress=progress, method=method.value, steps=steps, n_vectors=vectors,
+            init_caption=init_caption, negatives=negatives, seed=seed, overwrite=overwrite,
             overrides={"n_negatives": n_negatives, "negative_steps": negative_steps},
             context_attributes=tuple(a.strip() for a in (context_attributes or "").split(",") if a.strip()),
         )
-        result = learn_token(request, progress=progress)
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(result.format())
@@ -384,24 +352,25 @@ def generate(
     token: List[str] = typer.Option([], "--token", help="A token name from --tokens-dir (repeat for several)."),
     n: int = typer.Option(4, min=1, help="Images to generate."),
     out: Path = typer.Option(Path("grid.png"), help="Where the grid of images is written (PNG)."),
-    steps: int = typer.Option(50, min=1, help="Sampling steps (with the diffusion model's sampler: DDIM for Stable Diffusion, Euler ancestral for toyworld)."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    steps: Optional[int] = typer.Option(
+        None, min=1, help="Sampling steps (default: the diffusion model's own setting: 50 DDIM for Stable Diffusion, "
+                          "25 Euler ancestral for toyworld)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the diffusion model's: SD 7.5, toyworld 4)."),
     negative_prompt: str = typer.Option("", help="The unconditional prompt of classifier-free guidance."),
     seed: int = typer.Option(0, help="Image i starts from noise seeded seed + i."),
-    model: str = typer.Option("ViT-L-14-quickgelu/openai", help=TOKEN_MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=TOKEN_MODEL_HELP),
     diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
     tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
 ):
     """Generate images for a prompt with custom tokens and write them as one grid, e.g.
-    generate "a photo of a * dress on a beach" --token my-dress."""
-    from tokens.generate import GenerateRequest, generate_images
+    generate "a photo of a * on a beach" --token my-dress. As in queries, the token's parent word is added after
+    it (a * -> a <my-dress> dress) unless the prompt already says it."""
+    from retrieval import Engine
 
     try:
-        result = generate_images(GenerateRequest(
-            prompt=prompt, tokens=tuple(token), n=n, out=out, model=model, diffusion=diffusion, tokens_dir=tokens_dir,
-            steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, seed=seed, device=device,
-        ))
+        result = Engine(tokens_dir=tokens_dir, model=model, diffusion=diffusion, device=device).generate(
+            prompt, token, n=n, steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, seed=seed, out=out)
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(f"wrote {len(result.images)} images for {result.prompt!r} to {result.out}")
@@ -473,6 +442,30 @@ def tokens_delete(
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(f"deleted {path}")
+
+
+@app.command()
+def serve(
+    index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="The index to search."),
+    tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help=TOKENS_DIR_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; any address but loopback requires --api-key."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="PERSONAL_RETRIEVAL_API_KEY", help="Require this key (header X-API-Key) on every /api request; "
+                                                        "needed to listen beyond this machine."),
+    model: Optional[str] = typer.Option(None, help="Must equal the index's model; default: the index's model."),
+    diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
+):
+    """Serve a web page and a JSON API over the index and the token store: search by words, tokens, photos and
+    mixes, learn tokens, see GAIR's images and choose w. The models load once; the API is listed at /docs."""
+    from retrieval.server import serve as run_server
+
+    try:
+        run_server(index_dir, tokens_dir, host=host, port=port, api_key=api_key, model=model, diffusion=diffusion,
+                   device=device)
+    except _user_errors() as e:
+        _fail(str(e))
 
 
 def main() -> None:

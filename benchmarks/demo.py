@@ -15,16 +15,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery
-from retrieval.report import results_html, write_html
-from retrieval.search import QueryResult, run_queries
 from benchmarks.world import world_config, write_split
 from benchmarks.world.captions import CONTEXT_WORDS, garment_phrase
+from retrieval import Engine, GairConfig, IndexSummary, QueryResult
+from retrieval.composed import insert_concept
+from retrieval.io.images import load_image
+from tokens.learn import LearnRequest, request_config
+from tokens.trainer import json_safe
 
 DEMO_QUERIES = 4  # queries asked by the demo: one per concept, for the first concepts
 DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours)
@@ -64,10 +68,9 @@ def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, 
     out = Path(out_dir)
     # 1. the world's test split: 50 concepts, few-shot + evaluation images, PerVL files
     paths = write_split(out / "world", world_config("pervl"), split="test")
-    # 2. the gallery is every image of the split
-    gallery = paths.images
-    config = IndexingConfig(model=model, device=device)
-    summary = index_gallery(gallery, out / "index", config, progress=progress)
+    # 2. the gallery is every image of the split; one engine (its models load once) for everything below
+    engine = Engine(out / "index", tokens_dir=out / "tokens", model=model, device=device)
+    summary = engine.index(paths.images, progress=progress)
     # 3. queries with a known answer: the words of an evaluation image (garment and place). Its concept's
     #    look-alikes (same words, same place, other unnamed details) share the caption: words alone cannot
     #    single it out, which is what custom tokens are for.
@@ -78,36 +81,21 @@ def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, 
         "caption": [f"a person wearing {garment_phrase(r.category, r.colour, r.pattern)} {CONTEXT_WORDS[r.context].places[0]}"
                     for r in evals.itertuples()],
     })
-    store, results = run_queries(out / "index", queries["caption"].tolist(), k=k, device=device)
+    results = engine.query_many(queries["caption"].tolist(), k=k)
     # gallery paths are relative to the images root, as PerVL's image_name ("train/image/000123.jpg")
     ranks = [next((h.rank for h in r.hits if h.path == t), None) for r, t in zip(results, queries["image_name"])]
     # 4. the page
-    html = write_html(out / "results.html", results_html(results, store.manifest["gallery_root"]))
+    html = engine.report(results, out / "results.html")
     result = DemoResult(summary=summary, results=results, target_ranks=ranks, targets=queries["image_name"].tolist(),
                         concepts=[str(c) for c in evals["pair_id"]], html=html)
     # 5. a custom token for the first concept, then composed and GAIR queries
     if tokens:
-        result.token = token_demo(out, paths, scenes, model, k, device, token_steps, sample_steps, progress)
+        result.token = token_demo(engine, out, paths, scenes, k, token_steps, sample_steps, progress)
     return result
 
 
-def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, device: str, steps: int,
+def token_demo(engine: Engine, out: Path, paths, scenes: pd.DataFrame, k: int, steps: int,
                sample_steps: int | None, progress: bool) -> TokenDemo:
-    import shutil
-    import time
-
-    from indexes.store import IndexStore
-    from retrieval.composed import insert_concept
-    from retrieval.gair import GairConfig, PersonalSearch
-    from retrieval.io.images import load_image
-    from retrieval.report import composed_html
-    from dataclasses import asdict
-
-    from retrieval.models.pairing import load_models
-    from tokens.learn import LearnRequest, learn_token, request_config
-    from tokens.trainer import json_safe
-    from tokens.store import TokenStore
-
     # the first concept: its few-shot images in a folder of their own, its evaluation captions as queries
     first = scenes[scenes["role"] == "few-shot"].iloc[0]
     pair_id, parent = str(first["pair_id"]), str(first["category"])
@@ -120,27 +108,24 @@ def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, devic
     captions = pd.read_csv(paths.captions)
     mine = captions[captions["pair_id"].astype(str) == pair_id]
     # learn the token (reused on a rerun with the same model and steps)
-    store = TokenStore(out / "tokens")
     name = f"concept-{pair_id}"
     t0 = time.perf_counter()
     # 8 negatives at the toy model's sampler steps keep the demo within minutes on 2 CPU cores
-    overrides = {"n_negatives": 8, "negative_steps": sample_steps or DEMO_SAMPLE_STEPS}
-    request = LearnRequest(name=name, images=folder, parent=parent, method="ours", steps=steps, model=model,
-                           tokens_dir=store.root, seed=0, overwrite=True, device=device, overrides=overrides)
-    info = store.info(name) if store.exists(name) else None
-    clip, backbone = load_models(model, device=device)  # once, for learning and for the queries
-    reused = info is not None and info.model == model and info.config == json_safe(asdict(request_config(request)))
+    options = dict(method="ours", steps=steps, seed=0, overwrite=True,
+                   overrides={"n_negatives": 8, "negative_steps": sample_steps or DEMO_SAMPLE_STEPS})
+    request = LearnRequest(name=name, images=folder, parent=parent, model=engine.model, **options)
+    info = engine.tokens.info(name) if engine.tokens.exists(name) else None
+    reused = info is not None and info.model == engine.model and info.config == json_safe(asdict(request_config(request)))
     if not reused:
-        learn_token(request, progress=progress, models=(clip, backbone))
+        engine.learn_token(name, folder, parent, progress=progress, **options)
     seconds = time.perf_counter() - t0
     # the queries three ways
-    engine = PersonalSearch(clip, IndexStore(out / "index"), store, backbone)
     queries = [insert_concept(c, "*") for c in mine["caption"]]
     targets = mine["image_name"].tolist()
-    everything = engine.index.count
+    everything = engine.store.count
     words = engine.query_many([q.replace("*", parent) for q in queries], [], k=everything)  # the parent word in the token's place
     plain = engine.query_many(queries, [name], k=everything)
-    gair = engine.query_many(queries, [name], k=everything, gair=True, config=GairConfig(steps=sample_steps),
+    gair = engine.query_many(queries, [name], k=everything, gair=True, gair_config=GairConfig(steps=sample_steps),
                              progress=progress)  # every query and weight in one batched generation
     ranks = {key: [next(h.rank for h in r.hits if h.path == t) for r, t in zip(results, targets)]
              for key, results in (("words", words), ("token", plain), ("token+gair", gair))}
@@ -149,5 +134,5 @@ def token_demo(out: Path, paths, scenes: pd.DataFrame, model: str, k: int, devic
         r.hits = r.hits[:k]
     gair_results = gair
     concept_images = [load_image(folder / Path(n).name) for n in shots[:4]]
-    html = write_html(out / "gair.html", composed_html(gair_results, engine.index.manifest["gallery_root"], concept_images))
+    html = engine.report(gair_results, out / "gair.html", concept_images)
     return TokenDemo(name, pair_id, parent, seconds, reused, queries, targets, ranks, ws, html)

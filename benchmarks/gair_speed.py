@@ -74,7 +74,7 @@ def main(argv=None) -> list[dict]:
             single = timed(lambda: run_gair([plan], backbone, concept, ["red"],
                                             GairConfig(weights=weights, steps=steps, batch_size=1), cache), a.repeats)
             rows.append({"W": n, "batched_s": batched - plain, "one_at_a_time_s": single - plain})
-    print(f"| \\|W\\| | GAIR extra s/query, batched | one weight at a time | speed-up |")
+    print("| \\|W\\| | GAIR extra s/query, batched | one weight at a time | speed-up |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['W']} | {r['batched_s']:.2f} | {r['one_at_a_time_s']:.2f} | {r['one_at_a_time_s'] / r['batched_s']:.2f}x |")

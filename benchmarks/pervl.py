@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -232,13 +231,12 @@ class Benchmark:
         return token_train_config(method, **over)
 
     def tokens(self, method: str, seed: int, split: PervlSplit, images: Path, shots: dict[str, list[str]]):
-        """{pair_id: CustomToken} learned for every concept in ONE batched loop, cached per (method, seed)."""
+        """{pair_id: CustomToken} learned for every concept in ONE batched loop (tokens.learn.learn_tokens), cached
+        per (method, seed)."""
         from retrieval.io.atomic import write_json
         from retrieval.io.images import load_image
-        from tokens.methods import fill_prompt
-        from tokens.negatives import sampled_negatives
+        from tokens.learn import ConceptImages, learn_tokens
         from tokens.token_file import load_token_file, save_token_file
-        from tokens.trainer import prepare_concept, to_custom_token, train_tokens
 
         config = self.train_config(method, seed)
         folder = self.cache / "tokens" / f"{method}-seed{seed}"
@@ -248,26 +246,18 @@ class Benchmark:
             "negative_steps": self.cfg.negative_steps}, default=str))
         if (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
             return {p: load_token_file(folder / f"c{p}.safetensors") for p in shots}
-        clip, backbone = self.models(config.uses_sd or config.uses_ce)
-        neg_steps = self.cfg.negative_steps or (backbone.sampling["steps"] if backbone is not None else 50)
-        neg_guidance = backbone.sampling["guidance_scale"] if backbone is not None else 7.5
-        prepared = []
-        for i, (pair_id, names) in enumerate(shots.items()):
-            parent = self.parent_of(split, pair_id)
-            negatives = None
-            if config.uses_ce:
-                prompt = fill_prompt(config.class_template, "", parent)
-                negatives = sampled_negatives(backbone, prompt, config.n_negatives, seed, neg_steps, neg_guidance,
-                                              self.cache / "negatives").images
-            ims = [load_image(fsl_image_path(images, n)) for n in names]
-            prepared.append(prepare_concept(f"c{pair_id}", parent, ims, clip, backbone, config, negatives, seed=seed * 1000 + i))
-        t0 = time.perf_counter()
-        trained = train_tokens(prepared, clip, backbone, config, progress=self.cfg.progress)
-        self.timings[f"train {method} seed {seed}"] = time.perf_counter() - t0
+        clip, backbone = self.models(config.needs_diffusion(negatives_given=False))
+        if backbone is not None:  # negatives are sampled the diffusion model's own way (steps, guidance)
+            config = replace(config, negative_steps=self.cfg.negative_steps or backbone.sampling["steps"],
+                             negative_guidance=backbone.sampling["guidance_scale"])
+        concepts = [ConceptImages(f"c{pair_id}", self.parent_of(split, pair_id),
+                                  [load_image(fsl_image_path(images, n)) for n in names], seed=seed * 1000 + i)
+                    for i, (pair_id, names) in enumerate(shots.items())]
+        learned = learn_tokens(clip, backbone, config, concepts, self.cache / "negatives", progress=self.cfg.progress)
+        self.timings[f"train {method} seed {seed}"] = learned[0].info.training["seconds"]  # the batched loop's
         folder.mkdir(parents=True, exist_ok=True)
         out = {}
-        for pair_id, concept, t in zip(shots, prepared, trained):
-            token = to_custom_token(t, config, self.cfg.model, backbone.spec if backbone is not None else "", concept=concept)
+        for pair_id, token in zip(shots, learned):
             save_token_file(folder / f"c{pair_id}.safetensors", token)
             out[pair_id] = token
         write_json(folder / "key.json", key)  # last: the tokens are complete

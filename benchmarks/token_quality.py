@@ -5,7 +5,7 @@
 
 Data: the toy world's `test` split (`write_split`, world preset `pervl`). The N concepts are the first concept of
 each of the first N groups (different words); each token is learned from the concept's few-shot images with its
-category as the parent word, all N concepts of a method in ONE batched loop (`tokens.trainer.train_tokens`).
+category as the parent word, all N concepts of a method in ONE batched loop (`tokens.learn.learn_tokens`).
 Negatives (ours, pt) are sampled from the diffusion model for the parent prompt, as `learn-token` does.
 
 Discrimination (Perera et al., Table 3's three questions). Every image x is scored by the token's prompt,
@@ -47,11 +47,10 @@ from benchmarks.world.evaluate import classify
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
 from benchmarks.world.split import plan_split
+from retrieval.io.images import image_grid, load_image
 from retrieval.models.pairing import load_models
+from tokens.learn import ConceptImages, learn_tokens
 from tokens.methods import METHODS, MODEL_DEFAULTS, fill_prompt, token_train_config
-from tokens.negatives import sampled_negatives
-from retrieval.io.images import load_image
-from tokens.trainer import prepare_concept, train_tokens
 
 SCORE_TEMPLATE = MODEL_DEFAULTS["toyworld"]["class_template"]  # the toy grammar's "a person wearing {g}."
 SD_TEMPLATES = MODEL_DEFAULTS["toyworld"]["sd_templates"]      # the grammar's forms
@@ -123,7 +122,7 @@ def run(args) -> list[dict]:
     by_concept = {c.pair_id: [q for q in plan.queries if q.scene.concept == c.pair_id] for c in plan.concepts}
     image_dir = paths.images / "train" / "image"
     configs = {m: token_train_config(m) for m in args.methods}
-    need_diffusion = any(c.uses_sd or (c.uses_ce and args.negatives_source == "diffusion") for c in configs.values())
+    need_diffusion = any(c.needs_diffusion(negatives_given=args.negatives_source == "world") for c in configs.values())
     clip, backbone = load_models(args.model, args.diffusion, need_diffusion=need_diffusion, device=args.device)
 
     def feats_of(scenes):
@@ -147,43 +146,36 @@ def run(args) -> list[dict]:
                  "gen_object": float("nan"), "gen_context": float("nan"), "s_per_step": float("nan"), "s_per_concept_step": float("nan")})
     # 3. each method: one batched training of all concepts, then the measurements
     fsl_images = {c.pair_id: [load_image(image_dir / im.name) for im in plan.fsl[c.pair_id]] for c in concepts}
+    parent_scenes = category_scenes(world, args.negatives, seed=777) if args.negatives_source == "world" else {}
     for method in args.methods:
         config = token_train_config(method, steps=args.steps, lr=args.lr, n_vectors=args.vectors, seed=args.seed,
                                     sd_templates=SD_TEMPLATES, class_template=SCORE_TEMPLATE,
                                     n_negatives=args.negatives, negative_steps=args.sample_steps,
                                     negative_guidance=args.guidance, min_images=1)
-        prepared = []
-        for i, c in enumerate(concepts):
-            negatives = None
-            if config.uses_ce and args.negatives_source == "world":  # rendered scenes of the parent, own stream
-                negatives = [render_scene(s, world) for s in category_scenes(world, args.negatives, seed=777)[c.category]]
-            elif config.uses_ce:
-                prompt = fill_prompt(config.class_template, "", c.category)
-                negatives = sampled_negatives(backbone, prompt, config.n_negatives, args.seed, config.negative_steps,
-                                              config.negative_guidance, out / "negatives").images
-            prepared.append(prepare_concept(f"c{c.pair_id}", c.category, fsl_images[c.pair_id], clip, backbone, config,
-                                            negatives, seed=args.seed + i))
-        t0 = time.perf_counter()
-        trained = train_tokens(prepared, clip, backbone, config, progress=not args.no_progress)
-        seconds = time.perf_counter() - t0
+        to_learn = []
+        for c in concepts:
+            negatives = None  # sampled from the diffusion model for the parent prompt (ours, pt)
+            if config.uses_ce and parent_scenes:  # rendered scenes of the parent, from their own stream
+                negatives = [render_scene(s, world) for s in parent_scenes[c.category]]
+            to_learn.append(ConceptImages(f"c{c.pair_id}", c.category, fsl_images[c.pair_id], negatives))
+        learned = learn_tokens(clip, backbone, config, to_learn, out / "negatives", progress=not args.no_progress)
+        seconds = learned[0].info.training["seconds"]  # the batched loop's, all concepts
         per = []
-        for c, p, t in zip(concepts, prepared, trained):
-            vectors = {p.placeholder: t.vectors.to(clip.device)}
-            prompt = fill_prompt(SCORE_TEMPLATE, p.placeholder, c.category)
+        for c, t in zip(concepts, learned):
+            vectors = {t.placeholder: t.vectors.to(clip.device)}
+            prompt = fill_prompt(SCORE_TEMPLATE, t.placeholder, c.category)
             others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
             rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
             m = evaluate_prompt(clip, prompt, vectors, c, eval_feats[c.pair_id], others, class_feats[c.category], rest)
             if backbone is None:  # no diffusion model loaded (pt with rendered negatives): no generation columns
                 per.append({**m, "gen_object": float("nan"), "gen_context": float("nan")})
                 continue
-            g = generation_accuracy(backbone, clip, world, c, p.placeholder, vectors, [q.scene for q in by_concept[c.pair_id]],
+            g = generation_accuracy(backbone, clip, world, c, t.placeholder, vectors, [q.scene for q in by_concept[c.pair_id]],
                                     args.gen_per_context, args.sample_steps, args.guidance, args.seed)
             if args.save_images:
-                from tokens.generate import grid
-
-                grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{c.pair_id}.png")
+                image_grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{c.pair_id}.png")
             per.append({**m, "gen_object": g["gen_object"], "gen_context": g["gen_context"]})
-        steps_run = max(t.summary["steps"] for t in trained) or 1
+        steps_run = max(t.info.training["steps"] for t in learned) or 1
         rows.append({"method": method, **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
                      "s_per_step": seconds / steps_run, "s_per_concept_step": seconds / steps_run / len(concepts)})
     return rows

@@ -12,6 +12,7 @@ complete):  work/shard-000012/{input.json, embeddings.npy, metadata.parquet, ski
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,6 @@ def finished_shards(work_dir: Path, model: str, gallery_root: str) -> list[tuple
         try:
             shard, out = read_shard(folder)
         except (OSError, ValueError, KeyError) as e:  # unreadable: ignore it, its files get re-embedded
-            import warnings
-
             warnings.warn(f"ignoring unreadable shard {folder.name}: {e}")
             continue
         if shard.model == model and shard.gallery_root == gallery_root:

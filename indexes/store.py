@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_json
 from indexes.vector_index import (
     IndexConfig,
     SearchParams,
@@ -38,6 +37,7 @@ from indexes.vector_index import (
     search,
     to_gpu_if_available,
 )
+from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_json
 
 INDEX_FORMAT_VERSION = 1
 METRIC = "inner_product"
@@ -72,8 +72,8 @@ def read_manifest(index_dir: str | Path) -> dict | None:
     version = manifest.get("format_version")
     if version != INDEX_FORMAT_VERSION:
         raise IndexStoreError(
-            f"{index_dir} has index format {version}; this program reads format {INDEX_FORMAT_VERSION}. "
-            "Re-index the gallery into a new --index-dir."
+            f"{index_dir} has index format {version}; this program reads format {INDEX_FORMAT_VERSION}: "
+            "re-index the gallery into a new `index_dir`."
         )
     return manifest
 
@@ -165,13 +165,14 @@ def commit_generation(
 
 
 class IndexStore:
-    """An opened, committed index folder (read side)."""
+    """An opened, committed index folder (read side): its manifest, metadata, skipped files and embeddings."""
 
-    def __init__(self, index_dir: str | Path):
+    def __init__(self, index_dir: str | Path, manifest: dict | None = None):
+        """MANIFEST: the folder's manifest when the caller has just read it (see `open_committed`)."""
         self.dir = Path(index_dir)
-        manifest = read_manifest(self.dir)
+        manifest = manifest if manifest is not None else read_manifest(self.dir)
         if manifest is None:
-            raise IndexStoreError(f"no index in {self.dir}: build one with `cli.py index GALLERY_DIR --index-dir {self.dir}`")
+            raise IndexStoreError(f"no index in {self.dir}: index a gallery into `index_dir={self.dir}` first")
         self.manifest = manifest
         self.gen_dir = self.dir / manifest["directory"]
         self.metadata = pd.read_parquet(self.gen_dir / "metadata.parquet")
@@ -198,9 +199,9 @@ class IndexStore:
         """Refuse a query model that differs from the one the index was built with."""
         if model != self.model:
             raise IndexStoreError(
-                f"the index in {self.dir} was built with --model {self.model}, this query uses --model {model}: "
-                f"query with --model {self.model}, or re-index with `cli.py index GALLERY --model {model} "
-                "--index-dir NEW_DIR`"
+                f"the index in {self.dir} was built with `model={self.model}`, this query uses `model={model}`: "
+                f"query with `model={self.model}`, or index the gallery again with `model={model}` into a new "
+                "`index_dir`"
             )
 
     def vectors_for_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -209,7 +210,7 @@ class IndexStore:
         return unit_rows(self.embeddings[rows])
 
     @property
-    def index(self):
+    def faiss_index(self):
         if self._index is None:
             index = load_index(self.gen_dir / "index.faiss")
             apply_search_params(index, self.params)
@@ -223,11 +224,18 @@ class IndexStore:
             raise IndexStoreError(f"queries of shape {queries.shape} for an index of dim {self.manifest['dim']}")
         if self.count == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        return search(self.index, self.params, queries, k, vectors_for_ids=self.vectors_for_ids)
+        return search(self.faiss_index, self.params, queries, k, vectors_for_ids=self.vectors_for_ids)
 
     def paths(self, ids: np.ndarray) -> list[str]:
         rows = self._row_of_id.loc[np.asarray(ids).ravel()].to_numpy()
         return self.metadata["path"].to_numpy()[rows].tolist()
+
+
+def open_committed(index_dir: str | Path) -> IndexStore | None:
+    """The committed generation of INDEX_DIR, opened (each of its files read once), or None if none was ever
+    committed there. What an indexing pass diffs the gallery against."""
+    manifest = read_manifest(index_dir)
+    return None if manifest is None else IndexStore(index_dir, manifest)
 
 
 def rebuild_index(index_dir: str | Path, index_config: IndexConfig) -> dict:

@@ -1,7 +1,7 @@
 """Composed queries with custom tokens: the query planner and its text features (Perera et al., Sec. 4.4).
 
 A user writes a query with `*` where their concept goes ("a person wearing a * in front of a brick wall") and
-names the token (`--token my-dress`); several concepts are written inline as `<name>`. The planner builds the
+names the token (`tokens=["my-dress"]`); several concepts are written inline as `<name>`. The planner builds the
 paper's [t, *, c]: the token's placeholder followed by its parent word c ("a person wearing a <my-dress> dress in
 front of a brick wall"); a parent the user already wrote after the slot is not repeated.
 
@@ -32,12 +32,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from tokens.token_file import CustomToken
+from tokens.token_file import STAR, CustomToken, check_model, placeholder_names
 
-STAR = "*"
 # The attribute words of Perera et al.'s GAIR on DeepFashion2 (Sec. 4.4): the context query's A.
 PAPER_ATTRIBUTES: tuple[str, ...] = ("red", "old", "worn", "bright", "dark", "pink")
-_NAMED = re.compile(r"<([A-Za-z0-9][A-Za-z0-9._-]{0,63})>")
 
 
 class QueryError(ValueError):
@@ -90,10 +88,10 @@ def plan_query(text: str, tokens: Sequence[CustomToken]) -> ComposedQuery:
         raise QueryError("the query is empty: write what to find, e.g. \"a person wearing a * on a beach\"")
     by_name = {t.info.name: t for t in tokens}
     stars = text.count(STAR)
-    named = _NAMED.findall(text)
+    named = placeholder_names(text)
     # 1. what the query refers to, against what was given
     if stars and not tokens:
-        raise QueryError("the query has '*' but no token was given: add --token NAME (see `tokens list`)")
+        raise QueryError("the query has '*' but no token was given: add `tokens=[NAME]` (see `tokens list`)")
     if stars and len(tokens) > 1:
         raise QueryError(
             f"'*' stands for one token but {len(tokens)} were given: write each token's placeholder instead "
@@ -102,13 +100,14 @@ def plan_query(text: str, tokens: Sequence[CustomToken]) -> ComposedQuery:
     unknown = sorted({n for n in named if n not in by_name})
     if unknown:
         raise QueryError(
-            f"the query names {', '.join('<' + n + '>' for n in unknown)} but no --token gives "
-            f"{'it' if len(unknown) == 1 else 'them'}: add --token {unknown[0]}"
+            f"the query names {', '.join('<' + n + '>' for n in unknown)} but no given token has "
+            f"{'that name' if len(unknown) == 1 else 'those names'}: add `tokens=[{unknown[0]!r}]`"
         )
     unused = [t.info.name for t in tokens if not (stars or t.info.name in named)]
     if unused:
         raise QueryError(
-            f"token {unused[0]!r} is given but the query does not use it: write * (one token) or <{unused[0]}> where "
+            f"token {unused[0]!r} is given but the query does not use it (it does not use <{unused[0]}> or *): write * "
+            f"(one token) or <{unused[0]}> where "
             f"the concept goes, e.g. \"a person wearing a * on a beach\""
         )
     # 2. split into pieces and slots; the parent word follows each slot unless already written
@@ -133,8 +132,6 @@ def plan_query(text: str, tokens: Sequence[CustomToken]) -> ComposedQuery:
 
 def check_query_model(plan: ComposedQuery, model: str, width: int) -> None:
     """Refuse tokens made for another CLIP than MODEL (the index's): their vectors mean nothing in its space."""
-    from tokens.token_file import check_model
-
     for t in plan.tokens:
         check_model(t.info, model, width, where="query")
 
@@ -174,7 +171,7 @@ def attribute_vectors(clip, words: Sequence[str]) -> dict[str, torch.Tensor]:
     for w in words:
         ids = clip.tokenizer.encode(w)
         if not ids:
-            raise QueryError(f"attribute {w!r} has no tokens: give words, e.g. --attributes red,old,worn")
+            raise QueryError(f"attribute {w!r} has no tokens: give words, e.g. `attributes=red,old,worn`")
         out[attribute_placeholder(w)] = table[torch.tensor(ids, device=table.device)]
     return out
 
@@ -182,7 +179,7 @@ def attribute_vectors(clip, words: Sequence[str]) -> dict[str, torch.Tensor]:
 def check_attributes(attributes: Sequence[str]) -> tuple[str, ...]:
     words = tuple(" ".join(a.split()) for a in attributes if a and a.strip())
     if not words:
-        raise QueryError("no attribute words for the context query: give e.g. --attributes red,old,worn")
+        raise QueryError("no attribute words for the context query: give e.g. `attributes=red,old,worn`")
     bad = [a for a in words if STAR in a or "<" in a or ">" in a]
     if bad:
         raise QueryError(f"attribute words cannot hold '*', '<' or '>': {bad}")
@@ -216,7 +213,7 @@ def mix(composed: np.ndarray, context_mean: np.ndarray, w: float) -> np.ndarray:
 
 # ----- aligned hidden states for the diffusion conditioning
 def slot_spans(tokens, row: int) -> list[tuple[int, int]]:
-    """(start, length) of each placeholder occurrence in ROW of a PromptTokens, in order of position."""
+    """(start, length) of each placeholder occurrence in ROW of a TokenizedPrompts, in order of position."""
     spans: list[list[int]] = []
     for _, pos, _, j in sorted((s for s in tokens.slots if s[0] == row), key=lambda s: s[1]):
         if j == 0 or not spans:

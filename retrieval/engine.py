@@ -1,0 +1,305 @@
+"""The engine: one object that opens an index folder and a token folder, loads the paired models once, and offers
+every operation: index a gallery, learn a custom token, query (words, custom tokens, GAIR), generate, report.
+
+The CLI, the demo, the benchmarks and notebooks are thin callers of it (STYLE.md 14): like a diffusers pipeline,
+it holds its parts (CLIP, diffusion backbone, index, token store) and takes them in its constructor when the caller
+already has them (tests hand it tiny ones). Models load on first use, once: the CLIP when something is encoded,
+the diffusion model only when something is generated or a method's loss needs it.
+
+    from retrieval import Engine
+    engine = Engine("my.index", tokens_dir="my_tokens", model="toyworld")
+    engine.index("photos/")
+    engine.learn_token("my-dress", images="photos_of_my_dress/", parent="dress", steps=300)
+    result = engine.query("a person wearing a * on the grass", tokens=["my-dress"], gair=True)
+
+Errors name Python arguments in backticks (`tokens=[...]`); the CLI says them as its flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from indexes.store import IndexStore, IndexStoreError, read_manifest, rebuild_index
+from indexes.vector_index import IndexConfig
+from retrieval.composed import (
+    PAPER_ATTRIBUTES,
+    ComposedQuery,
+    QueryError,
+    check_attributes,
+    check_query_model,
+    composed_feature,
+    plan_query,
+    truncated,
+)
+from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, GairOutcome, run_gair
+from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery
+from retrieval.io.atomic import write_atomic
+from retrieval.io.images import image_grid, read_image_folder
+from retrieval.models.clip import DEFAULT_MODEL
+from retrieval.models.diffusion import DiffusionBackbone
+from retrieval.models.encoders import ClipEncoder
+from retrieval.models.pairing import AUTO, load_clip_encoder, load_paired_diffusion
+from retrieval.models.precision import resolve_precision
+from retrieval.report import composed_html, results_html, write_html
+from retrieval.search import Hit, QueryResult, search_texts, search_vectors
+from tokens.learn import DEFAULT_TOKENS_DIR, LearnRequest, LearnResult, learn_token, needs_diffusion
+from tokens.store import TokenStore
+from tokens.token_file import STAR, CustomToken, placeholder_names
+
+
+@dataclass
+class ComposedResult:
+    """A composed query's answer: the plan, the hits, and GAIR's record when it ran."""
+
+    query: str                                  # as written
+    composed: str                               # [t, *, c] as encoded
+    model: str
+    hits: list[Hit]
+    tokens: tuple[str, ...]
+    attributes: tuple[str, ...]
+    truncated: bool = False
+    gair: GairOutcome | None = None
+
+    def to_json(self) -> dict:
+        out = {
+            "query": self.query,
+            "composed": self.composed,
+            "model": self.model,
+            "tokens": list(self.tokens),
+            "results": [{"rank": h.rank, "score": round(h.score, 6), "path": h.path, "id": h.id} for h in self.hits],
+        }
+        if self.truncated:
+            out["truncated"] = True
+        if self.gair is not None:
+            out["attributes"] = list(self.attributes)
+            out["gair"] = self.gair.to_json()
+        return out
+
+
+@dataclass
+class Generated:
+    """Images generated for a prompt (`Engine.generate`)."""
+
+    prompt: str                                 # as encoded: `*` replaced by the placeholder, parent word added
+    images: list[Image.Image]
+    out: Path | None = None                     # the grid written, when asked
+
+
+TokenRef = str | CustomToken  # a token by its name in the store, or a loaded one
+
+
+class Engine:
+    """The index at INDEX_DIR (None: no index yet, or none needed), the token store at TOKENS_DIR and the models.
+
+    model: the CLIP SPEC; default the index's, else DEFAULT_MODEL. diffusion: the diffusion SPEC ("auto": the one
+    paired with the CLIP). clip / backbone: already-loaded parts to use instead of loading (backbone must be
+    conditioned on that clip)."""
+
+    def __init__(self, index_dir: str | Path | None = None, tokens_dir: str | Path = DEFAULT_TOKENS_DIR, *,
+                 model: str | None = None, diffusion: str = AUTO, device: str = "auto",
+                 clip: ClipEncoder | None = None, backbone: DiffusionBackbone | None = None):
+        if backbone is not None:
+            if clip is not None and backbone.clip is not clip:
+                raise ValueError("`backbone` must be conditioned on the same ClipEncoder object as `clip`")
+            clip = backbone.clip
+        if clip is not None:
+            if model is not None and model != clip.spec:
+                raise ValueError(f"`model={model}` but the `clip` given is {clip.spec}")
+            model = clip.spec
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        manifest = read_manifest(self.index_dir) if self.index_dir is not None else None
+        self.model = model or (manifest["model"] if manifest else DEFAULT_MODEL)
+        self.diffusion, self.device = diffusion, device
+        self.tokens = TokenStore(tokens_dir)
+        self.cache_dir = self.tokens.root / CONTEXT_CACHE_DIR  # GAIR's context images
+        self._clip, self._backbone, self._store = clip, backbone, None
+        if manifest is not None:
+            self.store.check_model(self.model)  # refuse before a possibly large model loads
+
+    # ----- the parts, loaded once on first use
+    @property
+    def clip(self) -> ClipEncoder:
+        if self._clip is None:
+            self._clip = load_clip_encoder(self.model, self.device)
+        return self._clip
+
+    @property
+    def backbone(self) -> DiffusionBackbone:
+        if self._backbone is None:
+            self._backbone = load_paired_diffusion(self.clip, self.diffusion, self.device)
+        return self._backbone
+
+    @property
+    def store(self) -> IndexStore:
+        """The committed index (reopened after `index` / `reindex` commit a new generation)."""
+        if self._store is None:
+            if self.index_dir is None:
+                raise IndexStoreError("this engine has no index: pass `index_dir` to Engine(...)")
+            self._store = IndexStore(self.index_dir)
+        return self._store
+
+    # ----- indexing
+    def index(self, gallery_dir: str | Path, *, progress: bool = True, **options) -> IndexSummary:
+        """Index (or update the index of) GALLERY_DIR into index_dir. OPTIONS: any `IndexingConfig` field but
+        model and device (batch_size, workers, shard_size, max_pixels, precision, index=IndexConfig(...))."""
+        if self.index_dir is None:
+            raise IndexStoreError("this engine has no index folder: pass `index_dir` to Engine(...)")
+        allowed = {f.name for f in fields(IndexingConfig)} - {"model", "device"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"Engine.index() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        config = IndexingConfig(model=self.model, device=self.device, **options)
+        # the CLIP this engine already holds embeds the gallery when it runs at the indexing precision
+        held = self._clip
+        encoder = held if held is not None and held.precision == resolve_precision(config.precision, held.device) else None
+        summary = index_gallery(gallery_dir, self.index_dir, config, progress=progress, encoder=encoder)
+        self._store = None
+        return summary
+
+    def reindex(self, index_config: IndexConfig) -> dict:
+        """Rebuild the FAISS index with another type or tuning from the stored embeddings; returns the manifest."""
+        manifest = rebuild_index(self.store.dir, index_config)
+        self._store = None
+        return manifest
+
+    # ----- custom tokens
+    def learn_token(self, name: str, images: str | Path, parent: str, *, progress: bool = True, **options) -> LearnResult:
+        """Learn a token from the images in the folder IMAGES and the parent word, and save it in the token store.
+        OPTIONS: any `tokens.learn.LearnRequest` field (method, steps, n_vectors, init_caption, negatives, seed,
+        overwrite, overrides, context_attributes)."""
+        fixed = {"name", "images", "parent", "model", "diffusion", "tokens_dir", "device"}
+        allowed = {f.name for f in fields(LearnRequest)} - fixed
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"Engine.learn_token() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        request = LearnRequest(name=name, images=Path(images), parent=parent, model=self.model, diffusion=self.diffusion,
+                               tokens_dir=self.tokens.root, device=self.device, **options)
+        backbone = self.backbone if needs_diffusion(request) else None
+        return learn_token(request, progress=progress, models=(self.clip, backbone))
+
+    def token(self, ref: TokenRef) -> CustomToken:
+        """A token by name from the store (checked against this engine's CLIP), or the token given."""
+        if isinstance(ref, CustomToken):
+            return ref
+        return self.tokens.load(ref, model=self.model)
+
+    # ----- queries
+    def plan(self, text: str, tokens: Sequence[TokenRef] = ()) -> ComposedQuery:
+        """[t, *, c] for TEXT with TOKENS (retrieval.composed.plan_query), tokens checked against the CLIP."""
+        plan = plan_query(text, [self.token(t) for t in tokens])
+        check_query_model(plan, self.model, self.clip.width)
+        return plan
+
+    @staticmethod
+    def is_composed(texts: Sequence[str], tokens: Sequence[TokenRef] = (), gair: bool = False) -> bool:
+        """Does answering TEXTS need the custom-token path (tokens given, `*` written, or GAIR asked for)?"""
+        return bool(tokens) or gair or any(STAR in t for t in texts)
+
+    def check_queries(self, texts: Sequence[str], tokens: Sequence[TokenRef] = (), gair: bool = False) -> None:
+        """Every check that needs no model, before any loads: errors (QueryError) say how to write the query."""
+        if not texts:
+            raise QueryError("no query given: pass at least one text")
+        if not tokens:
+            stored = [n for t in texts for n in placeholder_names(t) if self.tokens.exists(n)]
+            if stored:
+                raise QueryError(f"the query names <{stored[0]}>, a token in {self.tokens.root}: add `tokens=[{stored[0]!r}]` to use it")
+        if self.is_composed(texts, tokens, gair):
+            loaded = [self.token(t) for t in tokens]
+            for text in texts:
+                plan_query(text, loaded)
+
+    def query(self, text: str, tokens: Sequence[TokenRef] = (), **options) -> QueryResult | ComposedResult:
+        """One query (see `query_many`)."""
+        return self.query_many([text], tokens, **options)[0]
+
+    def query_many(self, texts: Sequence[str], tokens: Sequence[TokenRef] = (), *, k: int = 10, gair: bool = False,
+                   attributes: Sequence[str] | None = None, gair_config: GairConfig = GairConfig(),
+                   concept_images: Sequence[Image.Image] | None = None,
+                   progress: bool = False) -> list[QueryResult] | list[ComposedResult]:
+        """Answer TEXTS. Words only (no TOKENS, no `*`, no GAIR): plain text search, `QueryResult`s. With custom
+        tokens: composed queries (`*` or <name> in the text), `ComposedResult`s; with GAIR (Perera et al.,
+        Algorithm 1) the images of every query and weight are generated in batches of `gair_config.batch_size`."""
+        if k < 1:
+            raise ValueError(f"`k={k}`: ask for at least one result")
+        self.check_queries(texts, tokens, gair)
+        if not self.is_composed(texts, tokens, gair):
+            return search_texts(self.store, self.clip, list(texts), k)
+        plans = [self.plan(t, tokens) for t in texts]
+        attrs = [self.attributes_for(p, attributes) if p.tokens else () for p in plans]
+        outcomes: list[GairOutcome | None] = [None] * len(plans)
+        if gair:
+            if not all(p.tokens for p in plans):
+                raise QueryError("GAIR mixes the query with and without a token: pass `tokens=[NAME]` and write * in the query")
+            means = np.stack([self.concept_mean(p, concept_images) for p in plans])
+            outcomes = run_gair(plans, self.backbone, means, attrs, gair_config, self.cache_dir, progress)
+            vectors = np.stack([o.query_vector for o in outcomes])
+        else:
+            vectors = np.stack([composed_feature(self.clip, p) for p in plans])
+        hits = search_vectors(self.store, vectors.astype(np.float32), k) if self.index_dir is not None else [[] for _ in plans]
+        return [ComposedResult(t, p.composed, self.model, h, tuple(x.info.name for x in p.tokens), tuple(a),
+                               truncated(self.clip, p, a), o)
+                for t, p, h, a, o in zip(texts, plans, hits, attrs, outcomes)]
+
+    def concept_mean(self, plan: ComposedQuery, concept_images: Sequence[Image.Image] | None = None) -> np.ndarray:
+        """Mean CLIP feature of the concept images: of CONCEPT_IMAGES if given, else the token files' stored means
+        (averaged over the query's tokens)."""
+        if concept_images:
+            return self.clip.encode_pil(list(concept_images)).mean(0)
+        stored = [np.asarray(t.info.concept_feature, np.float32) for t in plan.tokens]
+        if not plan.tokens or any(s.shape != (self.clip.dim,) for s in stored):
+            missing = [t.info.name for t, s in zip(plan.tokens, stored) if s.shape != (self.clip.dim,)]
+            raise QueryError(
+                f"GAIR scores generated images against the concept images, but token(s) {', '.join(missing) or '(none)'} "
+                "carry no concept feature (learned by an older version): pass `concept_images=DIR`"
+            )
+        return np.mean(stored, axis=0)
+
+    def attributes_for(self, plan: ComposedQuery, attributes: Sequence[str] | None) -> tuple[str, ...]:
+        """ATTRIBUTES, else the tokens' own context_attributes, else the paper's DeepFashion2 list (Sec. 4.4)."""
+        if attributes:
+            return check_attributes(attributes)
+        own = [a for t in plan.tokens for a in t.info.context_attributes]
+        return check_attributes(list(dict.fromkeys(own))) if own else PAPER_ATTRIBUTES
+
+    def read_concept_images(self, folder: str | Path) -> list[Image.Image]:
+        """The images of a folder of concept photos (unreadable files skipped), for GAIR's score and the report."""
+        return read_image_folder(folder, 1, "concept images").images
+
+    # ----- seeing what the engine understood
+    def generate(self, prompt: str, tokens: Sequence[TokenRef] = (), *, n: int = 4, steps: int | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
+                 out: str | Path | None = None) -> Generated:
+        """N images for PROMPT, planned as queries are ([t, *, c]: `*` is the token, its parent word follows);
+        image i starts from noise seeded seed + i. steps / guidance_scale: default the diffusion model's own sampler
+        settings. OUT: also write them as one PNG grid there (atomically)."""
+        if n < 1 or (steps is not None and steps < 1):
+            raise ValueError("`n` and `steps` must be >= 1")
+        plan = self.plan(prompt, tokens)
+        backbone = self.backbone
+        steps, guidance = GairConfig(steps=steps, guidance_scale=guidance_scale).steps_and_guidance(backbone)
+        images = backbone.generate([plan.composed], {k: v.to(self.clip.device) for k, v in plan.vectors.items()}, n=n,
+                                   negative_prompt=negative_prompt, guidance_scale=guidance, steps=steps, seed=seed)
+        path = None
+        if out is not None:
+            path, sheet = Path(out), image_grid(images)
+            write_atomic(path, lambda p: sheet.save(p, format="PNG"), suffix=".png")
+        return Generated(plan.composed, images, path)
+
+    def report(self, results: Sequence[QueryResult] | Sequence[ComposedResult], path: str | Path,
+               concept_images: Sequence[Image.Image] | None = None) -> Path:
+        """A self-contained HTML page of RESULTS at PATH: thumbnails; for composed queries the concept images
+        (CONCEPT_IMAGES, else up to 4 from the folders the tokens were learned from) and GAIR's images."""
+        root = self.store.manifest["gallery_root"]
+        if not results or not isinstance(results[0], ComposedResult):
+            return write_html(path, results_html(results, root))
+        shown = list(concept_images) if concept_images else None
+        if shown is None:
+            folders = {self.token(n).info.concept_images for r in results for n in r.tokens}
+            shown = [p for f in sorted(x for x in folders if x) if Path(f).is_dir()
+                     for p in sorted(Path(f).iterdir()) if p.is_file()][:4]
+        return write_html(path, composed_html(results, root, shown))

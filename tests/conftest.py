@@ -14,15 +14,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tiny import register_tiny_arch, tiny_clip, tiny_diffusion
 
+
+# ----- the tiny models (tests/tiny.py builds them; a test that changes its model builds its own there)
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """The `tiny-random` CLIP (real tokenizer, 49408-row vocabulary, width 32) on the CPU in fp32."""
-    from retrieval.models.encoders import ClipEncoder
-
-    return ClipEncoder.from_spec("tiny-random", device="cpu", precision="fp32")
+    return tiny_clip()
 
 
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory):
+    """The name of an open_clip architecture with the tiny-random CLIP's config (for `ARCH/PATH` specs)."""
+    return register_tiny_arch(tmp_path_factory.mktemp("open_clip_configs"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The `tiny-random` diffusion backbone with its tiny-random CLIP (`.clip`) on the CPU in fp32: the whole
+    tiny stack, one per test module."""
+    return tiny_diffusion()
+
+
+# ----- generated galleries
 def write_gallery(root: Path, n: int, seed: int = 0, size: int = 48, subdirs: int = 3) -> list[str]:
     """Write N distinct random-colour images (jpg and png, in a few sub-folders); returns their relative paths."""
     rng = np.random.default_rng(seed)

@@ -95,6 +95,7 @@ def test_python_cli_and_console_script_are_one_app():
     assert scripts == {"personal-retrieval": "cli:app"}
 
 
+@pytest.mark.slow  # ~13 s; its parts (index, query, learn, GAIR) have fast tests in test_cli, test_tokens, test_gair
 def test_demo_runs_end_to_end_and_reruns_incrementally(tmp_path):
     args = ["demo", "--out", str(tmp_path / "demo"), "--model", "tiny-random", "--device", "cpu", "--no-progress",
             "--token-steps", "2", "--sample-steps", "2"]

@@ -2,117 +2,41 @@
 saved StableDiffusionPipeline, guided sampling, the training loss, saving, and load errors.
 
 Everything is tiny and seeded (diffusers' get_dummy_components style); nothing is downloaded: the CLIP
-tokenizer is built from open_clip's bundled BPE vocabulary.
+tokenizer is built from open_clip's bundled BPE vocabulary. The tiny models are in tests/tiny.py, the `tiny`
+fixture (the tiny-random backbone) in conftest.py.
 """
 
-import gzip
 import json
 
 import pytest
 import torch
 
-from retrieval.models.encoders import ClipEncoder
 from retrieval.models.clip import save_model_folder
 from retrieval.models.diffusion import (
+    SAMPLERS,
     DiffusionBackbone,
     DiffusionLoadError,
-    SAMPLERS,
     SpaceToDepthCodec,
     TextConditioning,
     load_diffusion,
     make_sampler,
     save_diffusion_folder,
 )
+from retrieval.models.encoders import ClipEncoder
+from tests.tiny import WIDTH, tiny_diffusion, tiny_sd_clip, tiny_sd_components, tiny_text_model, write_clip_tokenizer
 
 PROMPT = "a photo of a dress"
-WIDTH, LAYERS, HEADS = 32, 2, 2
-
-
-# ----- tiny components
-def write_clip_tokenizer(folder, pad_token="<|endoftext|>"):
-    """A transformers CLIPTokenizer folder (vocab.json + merges.txt) built from open_clip's bundled BPE file,
-    the same vocabulary OpenAI's tokenizer has; never downloaded."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]  # ids 49406, 49407
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=77)  # as SD's tokenizers
-
-
-def tiny_text_model(layers=LAYERS):
-    """transformers' CLIPTextModel as in OpenAI CLIP (quick_gelu), seeded."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=layers,
-        num_attention_heads=HEADS, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
-    return CLIPTextModel(config).eval()
-
-
-def copy_into_open_clip(hf, clip):
-    """Copy a transformers CLIPTextModel's weights into an open_clip CLIP's text tower (its first n blocks)."""
-    t = getattr(hf, "text_model", hf)  # transformers 4.x wraps the tower in .text_model, 5.x does not
-    with torch.no_grad():
-        clip.token_embedding.weight.copy_(t.embeddings.token_embedding.weight)
-        clip.positional_embedding.copy_(t.embeddings.position_embedding.weight)
-        for layer, block in zip(t.encoder.layers, clip.transformer.resblocks):
-            a = layer.self_attn
-            block.ln_1.weight.copy_(layer.layer_norm1.weight), block.ln_1.bias.copy_(layer.layer_norm1.bias)
-            block.attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-            block.attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
-            block.attn.out_proj.weight.copy_(a.out_proj.weight), block.attn.out_proj.bias.copy_(a.out_proj.bias)
-            block.ln_2.weight.copy_(layer.layer_norm2.weight), block.ln_2.bias.copy_(layer.layer_norm2.bias)
-            block.mlp.c_fc.weight.copy_(layer.mlp.fc1.weight), block.mlp.c_fc.bias.copy_(layer.mlp.fc1.bias)
-            block.mlp.c_proj.weight.copy_(layer.mlp.fc2.weight), block.mlp.c_proj.bias.copy_(layer.mlp.fc2.bias)
-        clip.ln_final.weight.copy_(t.final_layer_norm.weight), clip.ln_final.bias.copy_(t.final_layer_norm.bias)
-
-
-def tiny_sd_components(text_encoder, tokenizer):
-    """diffusers' get_dummy_components for StableDiffusionPipeline, with our text encoder and tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=WIDTH, norm_num_groups=2,
-    )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
-    )
-    return dict(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
 
 
 @pytest.fixture(scope="module")
 def sd_world(tmp_path_factory):
     """A tiny SD 1.x pipeline saved to a folder, and the open_clip CLIP (saved and re-loaded) holding the same
     text tower: the situation of ViT-L-14-quickgelu/openai beside CompVis/stable-diffusion-v1-4."""
-    import open_clip
     from diffusers import StableDiffusionPipeline
 
     root = tmp_path_factory.mktemp("sd")
     hf = tiny_text_model()
-    cfg = {
-        "embed_dim": WIDTH, "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": WIDTH, "heads": HEADS, "layers": LAYERS},
-    }
-    clip = open_clip.model.CLIP(**json.loads(json.dumps(cfg)))
-    copy_into_open_clip(hf, clip)
+    clip, cfg = tiny_sd_clip(hf)
     encoder = ClipEncoder.from_spec(str(save_model_folder(clip, cfg, root / "clip")), device="cpu", precision="fp32")
     pipe = StableDiffusionPipeline(**tiny_sd_components(hf, write_clip_tokenizer(root / "tok")))
     pipe.set_progress_bar_config(disable=True)
@@ -121,16 +45,12 @@ def sd_world(tmp_path_factory):
     return dict(root=root, pipe=pipe, encoder=encoder, backbone=backbone, hf=hf)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_diffusion("tiny-random", device="cpu")
-
-
 # ----- SD text conditioning equals diffusers'
 def test_sd1_conditioning_equals_diffusers(sd_world):
     """Our conditioning == StableDiffusionPipeline.encode_prompt: same tokens, eot padding, final layer."""
     backbone, pipe = sd_world["backbone"], sd_world["pipe"]
-    assert backbone.text == TextConditioning(pad_id=49407, skip_last_layers=0)  # read from the saved tokenizer/ and text_encoder/
+    # read from the saved tokenizer/ and text_encoder/
+    assert backbone.text == TextConditioning(pad_id=49407, skip_last_layers=0)
     ours = backbone.conditioning([PROMPT, ""])
     theirs, _ = pipe.encode_prompt([PROMPT, ""], torch.device("cpu"), 1, False)
     assert ours.shape == theirs.shape == (2, 77, WIDTH)
@@ -172,8 +92,14 @@ def test_sample_equals_stable_diffusion_pipeline(sd_world):
     cond, uncond = backbone.conditioning([PROMPT]), backbone.conditioning([""])
     ours = backbone.sample(cond, uncond, guidance_scale=5.0, steps=3, seed=7)
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
-    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, guidance_scale=5.0,
-                  num_inference_steps=3, output_type="pt").images
+    theirs = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        latents=noise,
+        guidance_scale=5.0,
+        num_inference_steps=3,
+        output_type="pt",
+    ).images
     assert ours.shape == theirs.shape == (1, 3, 16, 16)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -183,18 +109,23 @@ def test_cross_attention_width_must_match_the_clip(tiny):
 
     from retrieval.models.clip import LoadedClip
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
     loaded = LoadedClip(open_clip.model.CLIP(**cfg), None, open_clip.get_tokenizer("ViT-B-32"), "width-16")
     with pytest.raises(DiffusionLoadError, match="cross_attention_dim=32 but the CLIP text width is 16"):
-        DiffusionBackbone(tiny.unet, tiny.scheduler, tiny.codec, ClipEncoder(loaded, device="cpu", precision="fp32"), device="cpu")
+        DiffusionBackbone(
+            tiny.unet, tiny.scheduler, tiny.codec, ClipEncoder(loaded, device="cpu", precision="fp32"), device="cpu"
+        )
 
 
 # ----- sampling
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_batched_sampling_equals_per_image(sampler):
     """Row i's image depends on its seed only, also for stochastic samplers (DDPM, Euler ancestral: noise every step)."""
-    tiny = load_diffusion("tiny-random", device="cpu")
+    tiny = tiny_diffusion()  # its own: the test sets its sampler
     tiny.sample_scheduler = make_sampler(sampler, tiny.scheduler.config)
     cond = tiny.conditioning(["a red dress", "a blue skirt on a beach", "a photo of a coat"])
     uncond = tiny.conditioning([""])
@@ -210,15 +141,23 @@ def test_batched_sampling_equals_per_image(sampler):
 def test_the_sampling_setting_picks_the_sampler_and_is_saved(tmp_path):
     from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
-    tiny = load_diffusion("tiny-random", device="cpu")
+    tiny = tiny_diffusion()  # its own: the test sets its sampler
     assert isinstance(tiny.sample_scheduler, DDIMScheduler) and tiny.sampling["sampler"] == "ddim"
-    euler = DiffusionBackbone(tiny.unet, tiny.scheduler, tiny.codec, tiny.clip, tiny.text, device="cpu",
-                              sampling={"sampler": "euler-a", "steps": 7})
+    euler = DiffusionBackbone(
+        tiny.unet,
+        tiny.scheduler,
+        tiny.codec,
+        tiny.clip,
+        tiny.text,
+        device="cpu",
+        sampling={"sampler": "euler-a", "steps": 7},
+    )
     assert isinstance(euler.sample_scheduler, EulerAncestralDiscreteScheduler)
     assert euler.sample_scheduler.config.prediction_type == tiny.scheduler.config.prediction_type
     assert euler.sampling == {"sampler": "euler-a", "steps": 7, "guidance_scale": 7.5}
     reloaded = load_diffusion(str(save_diffusion_folder(euler, tmp_path / "euler")), device="cpu")
-    assert reloaded.sampling == euler.sampling and isinstance(reloaded.sample_scheduler, EulerAncestralDiscreteScheduler)
+    assert reloaded.sampling == euler.sampling
+    assert isinstance(reloaded.sample_scheduler, EulerAncestralDiscreteScheduler)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         make_sampler("plms", tiny.scheduler.config)
 
@@ -228,7 +167,9 @@ def test_guidance_scale_one_is_the_conditional_prediction(tiny):
     conditional_only = tiny.sample(cond, None, guidance_scale=1.0, steps=3)
     assert torch.equal(conditional_only, tiny.sample(cond, uncond, guidance_scale=1.0, steps=3))
     # CFG with uncond == cond is eps_u + g (eps_c - eps_u) = eps_c: the batched [uncond; cond] path agrees
-    torch.testing.assert_close(tiny.sample(cond, cond, guidance_scale=7.5, steps=3), conditional_only, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tiny.sample(cond, cond, guidance_scale=7.5, steps=3), conditional_only, atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="uncond"):
         tiny.sample(cond, None, guidance_scale=3.0)
 
@@ -287,11 +228,14 @@ def test_v_prediction_loss(tiny):
 
 # ----- saving and loading
 def test_save_and_load_folder(tiny, tmp_path):
-    folder = save_diffusion_folder(tiny, tmp_path / "model", extra_config={"steps": 3}, extra_files={"train_log.json": [1, 2]})
+    folder = save_diffusion_folder(
+        tiny, tmp_path / "model", extra_config={"steps": 3}, extra_files={"train_log.json": [1, 2]}
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["backbone.json", "scheduler", "train_log.json", "unet"]
     meta = json.loads((folder / "backbone.json").read_text())
     assert meta["format_version"] == 1 and meta["clip"] == "tiny-random" and meta["training"] == {"steps": 3}
-    assert meta["codec"] == {"kind": "space-to-depth", "factor": 2} and meta["text"] == {"pad_id": 49407, "skip_last_layers": 0}
+    assert meta["codec"] == {"kind": "space-to-depth", "factor": 2}
+    assert meta["text"] == {"pad_id": 49407, "skip_last_layers": 0}
     loaded = load_diffusion(str(folder), device="cpu")  # its CLIP comes from the spec in backbone.json
     for (k, a), (_, b) in zip(tiny.unet.state_dict().items(), loaded.unet.state_dict().items()):
         assert b.dtype == torch.float32

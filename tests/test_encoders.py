@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval.models.clip import TINY_MODEL_CFG, ModelLoadError, load_clip, parse_spec, save_model_folder
 from retrieval.models.encoders import ClipEncoder
-from retrieval.models.clip import ModelLoadError, TINY_MODEL_CFG, load_clip, parse_spec, save_model_folder
 
 
 def test_parse_spec_forms(tmp_path):
@@ -36,15 +36,14 @@ def test_local_folder_round_trip(tmp_path, tiny_encoder):
     np.testing.assert_allclose(loaded.encode_images(pix), tiny_encoder.encode_images(pix), atol=1e-6)
 
 
-def test_checkpoint_file_spec(tmp_path, tiny_encoder):
+def test_checkpoint_file_spec(tmp_path, tiny_arch):
     """NAME/PATH: an open_clip architecture plus a local checkpoint file."""
     import open_clip
-
-    model = open_clip.create_model("RN50")  # random weights; only the file path matters here
     from safetensors.torch import save_file
 
+    model = open_clip.create_model(tiny_arch)  # random weights; only the file path matters here
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    loaded = load_clip(f"RN50/{tmp_path / 'w.safetensors'}")
+    loaded = load_clip(f"{tiny_arch}/{tmp_path / 'w.safetensors'}")
     got = loaded.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
 
@@ -52,7 +51,7 @@ def test_checkpoint_file_spec(tmp_path, tiny_encoder):
 @pytest.mark.parametrize(
     "spec, words",
     [
-        ("ViT-L-14-quickgelu/openai", ["offline", "HF_HUB_OFFLINE", "--model /path/to/folder"]),
+        ("ViT-L-14-quickgelu/openai", ["offline", "HF_HUB_OFFLINE", "/path/to/folder"]),
         ("No-Such-Arch/openai", ["unknown open_clip architecture"]),
         ("ViT-B-32", ["names no weights", "ViT-B-32/openai"]),
         ("ViT-B-32/not-a-tag", ["not a known tag"]),
@@ -70,7 +69,7 @@ def test_folder_without_weights_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="no weights"):
         load_clip(str(tmp_path))
     with pytest.raises(ModelLoadError, match="no open_clip_config.json"):
-        load_clip(str(tmp_path / "..") )
+        load_clip(str(tmp_path / ".."))
 
 
 def test_outputs_are_unit_float32(tiny_encoder):
@@ -118,7 +117,9 @@ def test_pooling_uses_true_end_of_text_not_argmax(tiny_encoder):
     assert h.shape == (1, 77, tiny_encoder.width)
     ref = tiny_encoder.model.ln_final(h)  # noqa: F841 (shape only)
     np.testing.assert_allclose(
-        f.detach().numpy(), (h[0, int(toks.eot[0])] @ tiny_encoder.model.text_projection).detach().numpy()[None], atol=1e-6
+        f.detach().numpy(),
+        (h[0, int(toks.eot[0])] @ tiny_encoder.model.text_projection).detach().numpy()[None],
+        atol=1e-6,
     )
 
 

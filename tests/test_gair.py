@@ -23,9 +23,9 @@ from retrieval.composed import (
     plan_query,
     slot_spans,
 )
-from retrieval.gair import GairConfig, PersonalSearch, gair_scores, parse_weights, run_gair
+from retrieval.engine import Engine
+from retrieval.gair import GairConfig, gair_scores, parse_weights, run_gair
 from retrieval.search import search_vectors
-from retrieval.models.diffusion import load_diffusion
 from tokens.store import TokenStore
 from tokens.token_file import CustomToken, TokenInfo, TokenModelMismatch
 
@@ -33,11 +33,6 @@ runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_diffusion("tiny-random", device="cpu")
 
 
 def make_token(clip, name="my-dress", parent="dress", n=3, seed=0, model=None, vectors=None, feature=None):
@@ -73,7 +68,7 @@ def test_several_tokens_inline(tiny):
     ("a person wearing a * dress", [], "no token was given"),
     ("a person wearing a dress", ["my-dress"], "does not use it"),
     ("a person wearing a * and a *", ["my-dress", "a-bag"], "stands for one token"),
-    ("a <other> on a beach", ["my-dress"], "no --token gives"),
+    ("a <other> on a beach", ["my-dress"], "no given token has that name"),
     ("   ", ["my-dress"], "empty"),
 ])
 def test_planner_errors_say_how_to_write_the_query(tiny, text, names, message):
@@ -85,7 +80,7 @@ def test_planner_errors_say_how_to_write_the_query(tiny, text, names, message):
 def test_a_token_for_another_model_is_refused(tiny, tmp_path):
     store = TokenStore(tmp_path)
     store.save(make_token(tiny.clip, model="ViT-B-32/openai"))
-    engine = PersonalSearch(tiny.clip, None, store, tiny)
+    engine = Engine(tokens_dir=store.root, backbone=tiny)
     with pytest.raises(TokenModelMismatch, match="ViT-B-32/openai"):
         engine.plan("a * on a beach", ["my-dress"])
 
@@ -227,18 +222,18 @@ def world(tiny, tmp_path):
 def test_python_entry_point_w1_is_the_plain_composed_query(tiny, world):
     idx, store, _ = world
     index = IndexStore(idx)
-    engine = PersonalSearch(tiny.clip, index, store, tiny)
+    engine = Engine(index.dir, tokens_dir=store.root, backbone=tiny)
     plain = engine.query("a person wearing a * on a beach", ["my-dress"], k=5)
     expected = search_vectors(index, composed_feature(tiny.clip, engine.plan("a person wearing a * on a beach", ["my-dress"]))[None], 5)[0]
     assert [h.id for h in plain.hits] == [h.id for h in expected] and plain.gair is None
-    one = engine.query("a person wearing a * on a beach", ["my-dress"], k=5, gair=True, config=GairConfig(weights=(1.0,), steps=2))
+    one = engine.query("a person wearing a * on a beach", ["my-dress"], k=5, gair=True, gair_config=GairConfig(weights=(1.0,), steps=2))
     assert [h.id for h in one.hits] == [h.id for h in plain.hits]
     np.testing.assert_allclose([h.score for h in one.hits], [h.score for h in plain.hits], atol=1e-5)
-    zero = engine.query("a person wearing a * on a beach", ["my-dress"], k=5, gair=True, config=GairConfig(weights=(0.0,), steps=2))
+    zero = engine.query("a person wearing a * on a beach", ["my-dress"], k=5, gair=True, gair_config=GairConfig(weights=(0.0,), steps=2))
     ctx = context_features(tiny.clip, engine.plan("a person wearing a * on a beach", ["my-dress"]), PAPER_ATTRIBUTES).mean(0)
     assert [h.id for h in zero.hits] == [h.id for h in search_vectors(index, mix(ctx, ctx, 0.0)[None], 5)[0]]
-    with pytest.raises(QueryError, match="--concept-images"):
-        engine.query("a * on a beach", ["old-style"], gair=True, config=GairConfig(weights=(0.0, 1.0), steps=1))
+    with pytest.raises(QueryError, match="`concept_images=DIR`"):
+        engine.query("a * on a beach", ["old-style"], gair=True, gair_config=GairConfig(weights=(0.0, 1.0), steps=1))
 
 
 def test_cli_query_with_token_gair_json_and_report(world, tmp_path):

@@ -154,8 +154,8 @@ def test_colours_of_the_other_kinds(bad_dir):
 @pytest.mark.parametrize(
     "mode, value, expected",
     [
-        ("I", 32768, 128),      # 32-bit integer TIFF holding 16-bit data
-        ("F", 0.5, 128),        # float TIFF in 0..1
+        ("I", 32768, 128),  # 32-bit integer TIFF holding 16-bit data
+        ("F", 0.5, 128),  # float TIFF in 0..1
         ("I;16B", 65535, 255),  # big-endian 16-bit
     ],
 )

@@ -106,7 +106,7 @@ def test_bad_files_are_skipped_and_listed(tmp_path, tiny_encoder):
 
 def test_model_mismatch_is_refused(gallery, tmp_path, tiny_encoder):
     run(gallery, tmp_path / "idx", tiny_encoder)
-    with pytest.raises(IndexStoreError, match="built with --model tiny-random"):
+    with pytest.raises(IndexStoreError, match="built with `model=tiny-random`"):
         index_gallery(gallery, tmp_path / "idx", IndexingConfig(model="ViT-B-32/random"), progress=False)
     with pytest.raises(IndexStoreError, match="tiny-random.*ViT-B-32/random"):
         IndexStore(tmp_path / "idx").check_model("ViT-B-32/random")

@@ -108,9 +108,9 @@ def test_quick_synthetic_profile_gives_a_complete_table_and_resumes(tmp_path, mo
     assert summary["methods"]["ours+gair"]["gair_w_mean"] == pytest.approx(ranks.loc[ranks["method"] == "ours+gair", "gair_w"].mean())
 
     # an interrupted or repeated run resumes from the caches: nothing is trained or generated again
-    import tokens.trainer
+    import tokens.learn
 
-    monkeypatch.setattr(tokens.trainer, "train_tokens", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(tokens.learn, "train_tokens", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("retrieval.gair.run_gair", lambda *a, **k: pytest.fail("generated again"))
     again = pervl.main(args)
     assert {m: r["mrr"] for m, r in again["methods"].items()} == {m: r["mrr"] for m, r in summary["methods"].items()}

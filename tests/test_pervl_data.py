@@ -8,7 +8,12 @@ import pytest
 from PIL import Image
 
 from benchmarks.pervl_data import (
-    PervlFormatError, fsl_image_path, missing_images, normalize_pair_id, query_image_path, read_split,
+    PervlFormatError,
+    fsl_image_path,
+    missing_images,
+    normalize_pair_id,
+    query_image_path,
+    read_split,
 )
 
 REAL = Path(__file__).resolve().parents[2] / "shared/pervl/deep_fashion"
@@ -26,13 +31,23 @@ def test_real_test_split():
     assert set(split.queries["pair_id"]) == set(split.fsl_train)
     assert min(map(len, split.fsl_train.values())) == 10 and max(map(len, split.fsl_train.values())) == 21
     assert split.fsl_train["10071"][:2] == ["127479.jpg", "127481.jpg"]
-    assert split.queries.iloc[0].to_dict() == {"image_name": "train/image/043380.jpg", "pair_id": "3430",
-                                               "caption": "a person poses on a plush white couch."}
+    assert split.queries.iloc[0].to_dict() == {
+        "image_name": "train/image/043380.jpg",
+        "pair_id": "3430",
+        "caption": "a person poses on a plush white couch.",
+    }
     assert split.queries["caption"].str.contains("person").all()
     assert set(split.categories) == set(split.fsl_train)
-    assert Counter(split.categories.values()) == {"skirt": 15, "short sleeve top": 11, "vest": 8, "vest dress": 5,
-                                                  "trousers": 5, "long sleeve top": 3, "sling dress": 2,
-                                                  "long sleeve dress": 1}
+    assert Counter(split.categories.values()) == {
+        "skirt": 15,
+        "short sleeve top": 11,
+        "vest": 8,
+        "vest dress": 5,
+        "trousers": 5,
+        "long sleeve top": 3,
+        "sling dress": 2,
+        "long sleeve dress": 1,
+    }
 
 
 @needs_real
@@ -67,13 +82,17 @@ def test_missing_images_on_stand_ins(tmp_path):
     present = split.pair_ids[:3]
     for pair_id in present:
         names = [fsl_image_path(tmp_path, n) for n in split.fsl_train[pair_id]]
-        names += [query_image_path(tmp_path, n) for n in split.queries.loc[split.queries.pair_id == pair_id, "image_name"]]
+        names += [
+            query_image_path(tmp_path, n) for n in split.queries.loc[split.queries.pair_id == pair_id, "image_name"]
+        ]
         for i, path in enumerate(names):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.full((8, 8, 3), i * 10 % 256, np.uint8)).save(path)
     missing = missing_images(split, tmp_path)
     expected = [fsl_image_path(tmp_path, n) for p in split.pair_ids[3:] for n in split.fsl_train[p]]
-    expected += [query_image_path(tmp_path, n) for n in split.queries.loc[~split.queries.pair_id.isin(present), "image_name"]]
+    expected += [
+        query_image_path(tmp_path, n) for n in split.queries.loc[~split.queries.pair_id.isin(present), "image_name"]
+    ]
     assert missing == expected
     assert len(missing_images(split, tmp_path / "nowhere")) == 653 + 221
 
@@ -81,8 +100,13 @@ def test_missing_images_on_stand_ins(tmp_path):
 # ----- id conventions and broken files
 
 
-def write_annotations(root: Path, fsl: str, captions: str, categories: str = "unique_pair_ids,pair_id_categories\n42,skirt\n7,vest\n",
-                      short: str | None = None) -> Path:
+def write_annotations(
+    root: Path,
+    fsl: str,
+    captions: str,
+    categories: str = "unique_pair_ids,pair_id_categories\n42,skirt\n7,vest\n",
+    short: str | None = None,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "test_fsl_train.txt").write_text(fsl)
     (root / "test_captions.csv").write_text(captions)
@@ -93,8 +117,10 @@ def write_annotations(root: Path, fsl: str, captions: str, categories: str = "un
 
 
 FSL = "codes_infer/0042:\n000001.jpg\n000002.jpg\n\ncodes_infer/7:\n000003.jpg\n"
-CAPTIONS = ("image_name,pair_id,caption\ntrain/image/000010.jpg,42,a person on a beach.\n"
-            "train/image/000011.jpg,007,\"by a wall, a person stands.\"\n")
+CAPTIONS = (
+    "image_name,pair_id,caption\ntrain/image/000010.jpg,42,a person on a beach.\n"
+    'train/image/000011.jpg,007,"by a wall, a person stands."\n'
+)
 
 
 def test_zero_padded_ids_are_normalised(tmp_path):
@@ -113,13 +139,16 @@ def test_windows_line_endings_and_trailing_spaces_are_read(tmp_path):
     assert read_split(write_annotations(tmp_path, fsl, CAPTIONS), "test").n_fsl_images == 3
 
 
-@pytest.mark.parametrize("fsl, message", [
-    ("000001.jpg\ncodes_infer/42:\n000002.jpg\n", r"test_fsl_train.txt:1: .*before any"),
-    ("codes_infer/42:\n000001.jpg\nsome words here\n", r"test_fsl_train.txt:3: expected"),
-    ("codes_infer/42:\n000001.jpg\ncodes_infer/42:\n000002.jpg\n", "listed twice"),
-    ("codes_infer/42:\n\ncodes_infer/7:\n000003.jpg\n", "no few-shot images"),
-    ("", "no `codes_infer"),
-])
+@pytest.mark.parametrize(
+    "fsl, message",
+    [
+        ("000001.jpg\ncodes_infer/42:\n000002.jpg\n", r"test_fsl_train.txt:1: .*before any"),
+        ("codes_infer/42:\n000001.jpg\nsome words here\n", r"test_fsl_train.txt:3: expected"),
+        ("codes_infer/42:\n000001.jpg\ncodes_infer/42:\n000002.jpg\n", "listed twice"),
+        ("codes_infer/42:\n\ncodes_infer/7:\n000003.jpg\n", "no few-shot images"),
+        ("", "no `codes_infer"),
+    ],
+)
 def test_malformed_fsl_lines_are_named(tmp_path, fsl, message):
     with pytest.raises(PervlFormatError, match=message):
         read_split(write_annotations(tmp_path, fsl, CAPTIONS), "test")
@@ -133,7 +162,9 @@ def test_inconsistent_files_are_errors(tmp_path):
     with pytest.raises(PervlFormatError, match=r"only in the captions \['9'\]"):
         read_split(write_annotations(tmp_path / "b", FSL, CAPTIONS + "train/image/000012.jpg,9,a person.\n"), "test")
     with pytest.raises(PervlFormatError, match="no category"):
-        read_split(write_annotations(tmp_path / "c", FSL, CAPTIONS, "unique_pair_ids,pair_id_categories\n42,skirt\n"), "test")
+        read_split(
+            write_annotations(tmp_path / "c", FSL, CAPTIONS, "unique_pair_ids,pair_id_categories\n42,skirt\n"), "test"
+        )
     with pytest.raises(PervlFormatError, match="also listed as few-shot"):
         read_split(write_annotations(tmp_path / "d", FSL, CAPTIONS.replace("000010", "000001")), "test")
     with pytest.raises(PervlFormatError, match="empty field"):

@@ -53,12 +53,6 @@ WIDTH = 32  # tiny-random's text width
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The tiny-random diffusion backbone with its tiny-random CLIP (fp32, CPU)."""
-    return load_diffusion("tiny-random", device="cpu")
-
-
 def blobs(rgb, n, seed=0, size=32):
     """N noisy images around one colour, with a square of another colour: a 'concept'."""
     rng = np.random.default_rng(seed)
@@ -273,7 +267,7 @@ def test_token_file_round_trip(tmp_path):
     assert json.loads(meta["subspace"])["words"] == ["red", "striped"] and json.loads(meta["config"])["lr"] == 5e-4
     loaded = load_token_file(path, model="tiny-random", width=WIDTH)
     assert torch.equal(loaded.vectors, token.vectors) and loaded.info == token.info
-    with pytest.raises(TokenModelMismatch, match="made for --model tiny-random .* this run uses --model toyworld"):
+    with pytest.raises(TokenModelMismatch, match="made for `model=tiny-random` .* this run uses `model=toyworld`"):
         load_token_file(path, model="toyworld")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(TokenFileError, match="not a readable safetensors"):
@@ -291,7 +285,7 @@ def test_store_list_show_delete_and_taken_names(tmp_path):
     store.save(make_token("a"))
     store.save(make_token("b", model="toyworld", width=16))
     assert store.names() == ["a", "b"] and [e.info.model for e in store.entries()] == ["tiny-random", "toyworld"]
-    with pytest.raises(TokenExistsError, match="already exists .*--overwrite"):
+    with pytest.raises(TokenExistsError, match="already exists .*`overwrite=True`"):
         store.save(make_token("a", seed=1))
     store.save(make_token("a", seed=1), overwrite=True)
     assert torch.equal(store.load("a").vectors, make_token("a", seed=1).vectors)
@@ -313,14 +307,10 @@ def test_diffusers_load_textual_inversion_reads_our_file(tmp_path):
 
     from retrieval.models.encoders import ClipEncoder
     from retrieval.models.clip import LoadedClip
-    from tests.test_diffusion import HEADS, LAYERS, copy_into_open_clip, tiny_sd_components, tiny_text_model, write_clip_tokenizer
+    from tests.tiny import tiny_sd_clip, tiny_sd_components, tiny_text_model, write_clip_tokenizer
 
     hf = tiny_text_model()
-    cfg = {"embed_dim": WIDTH, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": WIDTH, "heads": HEADS, "layers": LAYERS}}
-    model = open_clip.model.CLIP(**cfg).eval()
-    copy_into_open_clip(hf, model)
+    model, _ = tiny_sd_clip(hf)  # the open_clip CLIP holding hf's text tower
     clip = ClipEncoder(LoadedClip(model, None, open_clip.get_tokenizer("ViT-B-32"), "sd-tiny"), device="cpu", precision="fp32")
     pipe = StableDiffusionPipeline(**tiny_sd_components(hf, write_clip_tokenizer(tmp_path / "tok")))
 

@@ -21,6 +21,7 @@ GENERATED_SCENES = 32
 GENERATED_FLOOR = {"context": 0.80, "colour": 0.70}
 
 
+@pytest.mark.slow  # 12 training steps: 5-22 s on 2 shared cores; test_training_is_seeded stays fast
 def test_smoke_recipe_trains_and_saves(tiny_encoder, tmp_path):
     config = diffusion_train_config("smoke", steps=12, ema_decay=0.0)
     result = train_diffusion(config, clip=tiny_encoder, device="cpu", progress=False)
@@ -65,6 +66,7 @@ def test_committed_toyworld_model_loads_and_generates():
     assert (DEFAULT_OUT / "eval.json").is_file()
 
 
+@pytest.mark.slow  # 32 captions x 25 sampling steps: 10-18 s on 2 cores (the load test above stays fast)
 def test_committed_toyworld_model_draws_what_the_caption_says():
     """A few held-out captions (their (context, category, colour) never occurred in training), generated with the
     model's own sampler settings and read back by the toy CLIP, clear the issue's targets."""

@@ -3,11 +3,14 @@ conditioned on exactly that CLIP, and both load through the users' loaders."""
 
 import json
 
+import pytest
+
 from retrieval.models.encoders import ClipEncoder
 from benchmarks.world import train
 from retrieval.models.diffusion import load_diffusion, text_fingerprint
 
 
+@pytest.mark.slow  # end to end: trains both smoke models and writes their folders (run with -m slow)
 def test_one_command_trains_clip_then_diffusion_on_it(tmp_path):
     train.main(["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--grid", ""])
     clip_folder, diffusion_folder = tmp_path / "clip", tmp_path / "diffusion"

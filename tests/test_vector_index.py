@@ -114,7 +114,7 @@ def test_flat_search_breaks_ties_by_ascending_id():
     base = clustered(600, seed=3)
     copies = np.concatenate([np.arange(600), rng.integers(0, 600, 400), np.full(100, 5)])  # rows of `base`
     vectors = base[copies]
-    ids = rng.permutation(len(vectors)).astype(np.int64) * 3                                    # shuffled ids
+    ids = rng.permutation(len(vectors)).astype(np.int64) * 3  # shuffled ids
     queries = np.concatenate([base[:40], base[[5]], clustered(40, seed=3, stream=1)])
     index, params = build_index(vectors, ids, IndexConfig(index_type="flat"))
     for k in (1, 4, 10, 150):
@@ -231,8 +231,8 @@ def test_auto_chooses_flat_then_ivf_then_ivfpq_past_the_memory_budget():
     assert choose_index_type(1_000, 768, config) == IndexType.FLAT
     assert choose_index_type(config.flat_max_vectors, 768, config) == IndexType.FLAT
     assert choose_index_type(config.flat_max_vectors + 1, 768, config) == IndexType.IVF
-    assert choose_index_type(1_000_000, 768, config) == IndexType.IVF          # 3 GB of float32 < 8 GiB
-    assert choose_index_type(5_000_000, 768, config) == IndexType.IVFPQ        # 15 GB > 8 GiB
+    assert choose_index_type(1_000_000, 768, config) == IndexType.IVF  # 3 GB of float32 < 8 GiB
+    assert choose_index_type(5_000_000, 768, config) == IndexType.IVFPQ  # 15 GB > 8 GiB
     small_budget = IndexConfig(memory_budget_bytes=1 << 30)
     assert choose_index_type(1_000_000, 768, small_budget) == IndexType.IVFPQ
 
@@ -278,8 +278,11 @@ def test_load_reports_missing_and_corrupt_files(tmp_path, built):
     path = tmp_path / "index.faiss"
     save_index(built["ivf"][0], path)
     data = path.read_bytes()
-    for name, content in [("truncated", data[: len(data) // 2]), ("garbage", b"\x00not an index" * 100),
-                          ("empty", b"")]:
+    for name, content in [
+        ("truncated", data[: len(data) // 2]),
+        ("garbage", b"\x00not an index" * 100),
+        ("empty", b""),
+    ]:
         bad = tmp_path / f"{name}.faiss"
         bad.write_bytes(content)
         with pytest.raises(ValueError, match="not a readable FAISS index.*rebuild"):

@@ -15,39 +15,58 @@ vocabulary basis). Only the token's vectors train: the CLIP (its embedding table
 | initialization | initial vectors: parent word, caption (one vector per token), auto caption             | tests/test_tokens.py    |
 | negatives      | reading image folders safely; negatives sampled for the parent prompt, cached          | tests/test_tokens.py    |
 | trainer        | prepare_concept (computed once), train_tokens (many concepts, one batched loop)        | tests/test_tokens.py    |
-| token_file     | the safetensors token file diffusers loads, with its metadata                          | tests/test_tokens.py    |
+| token_file     | the safetensors token file diffusers loads, with its metadata; the placeholder syntax  | tests/test_tokens.py    |
+|                | (`<name>`, `*`: STAR, PLACEHOLDER_PATTERN, placeholder_names)                          |                         |
 | store          | TokenStore: a folder of tokens (list, show, delete, overwrite rules)                   | tests/test_tokens.py    |
-| learn          | learn_token: folder of images -> stored token (the `learn-token` command)              | tests/test_tokens.py    |
-| generate       | generate_images: a prompt with tokens -> grid of images (the `generate` command)       | tests/test_tokens.py    |
+| learn          | learn_tokens: concepts' images -> tokens (the one learning sequence, batched);         | tests/test_tokens.py    |
+|                | learn_token: folder of images -> stored token (the `learn-token` command)              |                         |
 
 Measured by benchmarks/token_quality.py (toy world: AUCs, generation accuracy, seconds per step).
+
+The names below are imported on first use (`retrieval.io.lazy`): `import tokens.defaults` and the CLI's
+`--help` load no model code.
 """
 
-__all__: list[str] = []
+from retrieval.io.lazy import lazy_exports
 
-from tokens.generate import GenerateRequest, GenerateResult, generate_images
-from tokens.initialization import Initialization, initialize
-from tokens.learn import DEFAULT_TOKEN_MODEL, DEFAULT_TOKENS_DIR, LearnRequest, LearnResult, learn_token
-from tokens.methods import (
-    METHOD_DEFAULTS,
-    METHODS,
-    TokenTrainConfig,
-    balanced_bce,
-    nearest_vocabulary_basis,
-    pca_basis,
-    project_to_subspace,
-    token_train_config,
-)
-from tokens.negatives import sampled_negatives
-from tokens.store import TokenExistsError, TokenNotFoundError, TokenStore
-from tokens.token_file import CustomToken, TokenFileError, TokenInfo, TokenModelMismatch, load_token_file, save_token_file
-from tokens.trainer import ConceptData, TrainedToken, evaluate_losses, prepare_concept, to_custom_token, train_tokens
-
-__all__ += [
-    "ConceptData", "CustomToken", "DEFAULT_TOKEN_MODEL", "DEFAULT_TOKENS_DIR", "GenerateRequest", "GenerateResult",
-    "Initialization", "LearnRequest", "LearnResult", "METHODS", "METHOD_DEFAULTS", "TokenExistsError", "TokenFileError",
-    "TokenInfo", "TokenModelMismatch", "TokenNotFoundError", "TokenStore", "TokenTrainConfig", "TrainedToken",
-    "balanced_bce", "evaluate_losses", "generate_images", "initialize", "learn_token", "load_token_file",
-    "nearest_vocabulary_basis", "pca_basis", "prepare_concept", "project_to_subspace",
-    "sampled_negatives", "save_token_file", "to_custom_token", "token_train_config", "train_tokens",
-]
+_EXPORTS = {
+    "ConceptData": "tokens.trainer",
+    "ConceptImages": "tokens.learn",
+    "CustomToken": "tokens.token_file",
+    "DEFAULT_TOKENS_DIR": "tokens.defaults",
+    "Initialization": "tokens.initialization",
+    "LearnRequest": "tokens.learn",
+    "LearnResult": "tokens.learn",
+    "METHODS": "tokens.methods",
+    "METHOD_DEFAULTS": "tokens.methods",
+    "NAME_PATTERN": "tokens.token_file",
+    "PLACEHOLDER_PATTERN": "tokens.token_file",
+    "STAR": "tokens.token_file",
+    "TokenExistsError": "tokens.store",
+    "TokenFileError": "tokens.token_file",
+    "TokenInfo": "tokens.token_file",
+    "TokenModelMismatch": "tokens.token_file",
+    "TokenNotFoundError": "tokens.store",
+    "TokenStore": "tokens.store",
+    "TokenTrainConfig": "tokens.methods",
+    "TrainedToken": "tokens.trainer",
+    "balanced_bce": "tokens.methods",
+    "evaluate_losses": "tokens.trainer",
+    "initialize": "tokens.initialization",
+    "learn_token": "tokens.learn",
+    "learn_tokens": "tokens.learn",
+    "load_token_file": "tokens.token_file",
+    "nearest_vocabulary_basis": "tokens.methods",
+    "needs_diffusion": "tokens.learn",
+    "pca_basis": "tokens.methods",
+    "placeholder_names": "tokens.token_file",
+    "prepare_concept": "tokens.trainer",
+    "project_to_subspace": "tokens.methods",
+    "sampled_negatives": "tokens.negatives",
+    "save_token_file": "tokens.token_file",
+    "to_custom_token": "tokens.trainer",
+    "token_train_config": "tokens.methods",
+    "train_tokens": "tokens.trainer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -58,12 +58,12 @@ def initialize(clip, parent: str, config: TokenTrainConfig, image_features: torc
     kind = "caption"
     if caption.strip().lower() == "auto":
         if image_features is None or not len(attributes):
-            raise ValueError("an `auto` caption needs the concept's image features and an attribute vocabulary")
+            raise ValueError("`init_caption=auto` needs the concept's image features and an attribute vocabulary")
         caption, kind = auto_caption(clip, image_features, parent, attributes, config.auto_caption_words, config.class_template), "auto"
     ids = token_ids(clip, caption)
     if not ids:
-        raise ValueError(f"--init-caption {caption!r} has no tokens: give a short description such as 'a red tea kettle'")
+        raise ValueError(f"`init_caption` {caption!r} has no tokens: give a short description such as 'a red tea kettle'")
     limit = clip.context_length - 12
     if len(ids) > limit:
-        raise ValueError(f"--init-caption has {len(ids)} tokens; at most {limit} fit in a prompt with the template: shorten it")
+        raise ValueError(f"`init_caption` has {len(ids)} tokens; at most {limit} fit in a prompt with the template: shorten it")
     return Initialization(table[torch.tensor(ids)].clone(), kind, caption, _decode(clip, ids))

@@ -1,31 +1,89 @@
-"""Learn one token end to end, from a folder of images to a file in the token store (what `cli.py learn-token` runs).
+"""Learn tokens: concepts' images -> CustomTokens (`learn_tokens`), and one folder -> the token store (`learn_token`).
+
+`learn_tokens` is the one token-learning sequence; `learn_token` (what `cli.py learn-token` runs) and the
+benchmarks (benchmarks/pervl.py, benchmarks/token_quality.py) call it:
+ 1. negatives for l_CE: a concept's own, or images sampled for "image of a <parent>" (cached, tokens.negatives);
+ 2. each concept prepared once (tokens.trainer.prepare_concept);
+ 3. all concepts trained in ONE batched loop (tokens.trainer.train_tokens);
+ 4. each result with the metadata its file carries (tokens.trainer.to_custom_token).
 
 Steps of `learn_token`:
  1. check the request: a valid name not already taken (unless overwrite), a parent word, the config;
  2. read the concept's images (unreadable files skipped with a warning while at least `min_images` remain);
- 3. load the models: the CLIP (--model) and, when the method needs it, the diffusion model (--diffusion; default:
-    the one paired with --model) conditioned on that same CLIP;
- 4. negatives for l_CE: a user folder, or images sampled for "image of a <parent>" (cached in the store);
- 5. prepare and train (tokens.trainer), then save the token with its metadata (tokens.token_file).
+ 3. load the models: the CLIP (`model`) and, when the method needs it (`needs_diffusion`), the diffusion model
+    (`diffusion`; default: the one paired with `model`) conditioned on that same CLIP;
+ 4. `learn_tokens` on that one concept, its negatives from the `negatives` folder or sampled (cached in the store);
+ 5. save the token in the store (tokens.store).
 """
 
 from __future__ import annotations
 
-import json
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.models.encoders import ClipEncoder
-from retrieval.models.pairing import load_models
-from tokens.methods import TokenTrainConfig, fill_prompt, model_defaults, token_train_config
+from PIL import Image
+
 from retrieval.io.images import read_image_folder
+from retrieval.models import DEFAULT_MODEL
+from retrieval.models.pairing import load_models
+from tokens.defaults import DEFAULT_TOKENS_DIR
+from tokens.methods import TokenTrainConfig, fill_prompt, model_defaults, token_train_config
 from tokens.negatives import sampled_negatives
 from tokens.store import TokenStore
-from tokens.token_file import check_name
+from tokens.token_file import CustomToken, check_name
 from tokens.trainer import prepare_concept, to_custom_token, train_tokens
 
-DEFAULT_TOKEN_MODEL = "ViT-L-14-quickgelu/openai"  # the text tower of Stable Diffusion 1.x (ENVIRONMENT.md)
-DEFAULT_TOKENS_DIR = Path("custom_tokens")
+
+
+@dataclass
+class ConceptImages:
+    """One concept to learn a token for (`learn_tokens`)."""
+
+    name: str                                   # token name; placeholder <name>
+    parent: str                                 # parent word, e.g. "dress"
+    images: Sequence[Image.Image]               # the concept's images
+    negatives: Sequence[Image.Image] | None = None  # images of the parent for l_CE; None: sampled (ours, pt)
+    seed: int | None = None                     # seeds its draws; None: config.seed + its place in the list
+    source: str = ""                            # where the images came from (kept in the token file)
+    context_attributes: tuple[str, ...] = ()    # GAIR's attribute words for it (kept in the token file)
+
+
+def learn_tokens(clip, backbone, config: TokenTrainConfig, concepts: Sequence[ConceptImages],
+                 negatives_dir: str | Path | None, progress: bool = True) -> list[CustomToken]:
+    """The tokens of CONCEPTS, trained together in ONE batched loop (steps in the module docstring), in their order.
+    CLIP and BACKBONE are the caller's (`load_models`); BACKBONE may be None when the method needs no diffusion model
+    (`TokenTrainConfig.needs_diffusion`). Negatives a concept lacks are sampled and cached in NEGATIVES_DIR."""
+    # 0. check inputs: a diffusion model where one is needed, negatives only where l_CE uses them
+    if not concepts:
+        raise ValueError("no concepts to learn tokens for")
+    lacking = [c.name for c in concepts if c.negatives is None]
+    if backbone is None and config.needs_diffusion(negatives_given=not lacking):
+        why = "trains through it (l_SD)" if config.uses_sd else f"samples negatives with it for {', '.join(lacking)}"
+        raise ValueError(f"method {config.method} {why}: pass a diffusion `backbone`, or `negatives` for every concept")
+    given = [c.name for c in concepts if c.negatives is not None]
+    if given and not config.uses_ce:
+        raise ValueError(f"method {config.method} has no classification loss (l_CE), but {', '.join(given)} "
+                         "came with `negatives`: leave them out")
+    prepared = []
+    for i, c in enumerate(concepts):
+        # 1. negatives of l_CE: the concept's own, or sampled for "image of a <parent>" (Perera et al. Sec. 4.2)
+        negatives = c.negatives
+        if config.uses_ce and negatives is None:
+            prompt = fill_prompt(config.class_template, "", c.parent)
+            negatives = sampled_negatives(backbone, prompt, config.n_negatives, config.seed, config.negative_steps,
+                                          config.negative_guidance, negatives_dir).images
+        # 2. what training reuses every step, computed once
+        seed = config.seed + i if c.seed is None else c.seed
+        prepared.append(prepare_concept(c.name, c.parent, c.images, clip, backbone, config, negatives, seed=seed))
+    # 3. one batched loop for all of them
+    trained = train_tokens(prepared, clip, backbone, config, progress=progress)
+    # 4. the tokens with their metadata
+    diffusion = backbone.spec if backbone is not None else ""
+    return [to_custom_token(t, config, model=clip.spec, diffusion=diffusion, concept=p, concept_images=c.source,
+                            context_attributes=c.context_attributes)
+            for c, p, t in zip(concepts, prepared, trained)]
 
 
 @dataclass(frozen=True)
@@ -38,7 +96,7 @@ class LearnRequest:
     n_vectors: int | None = None                # None: 10, or the caption's token count
     init_caption: str | None = None             # None: the parent word; "auto"; or a caption
     negatives: Path | None = None               # folder of negative images; None: sampled from the diffusion model
-    model: str = DEFAULT_TOKEN_MODEL            # CLIP SPEC
+    model: str = DEFAULT_MODEL            # CLIP SPEC
     diffusion: str | None = None                # diffusion SPEC; None/"auto": paired with model
     tokens_dir: Path = DEFAULT_TOKENS_DIR       # the token store
     seed: int = 0
@@ -82,49 +140,48 @@ def request_config(request: LearnRequest) -> TokenTrainConfig:
     return token_train_config(request.method, seed=request.seed, **overrides)
 
 
+def needs_diffusion(request: LearnRequest) -> bool:
+    """Whether `learn_token(request)` uses a diffusion model: the method trains through one (l_SD), or samples its
+    l_CE negatives with one (no `negatives` folder given). A caller holding a lazily loaded one loads it only then."""
+    return request_config(request).needs_diffusion(negatives_given=request.negatives is not None)
+
+
 def learn_token(request: LearnRequest, progress: bool = True, models: tuple | None = None) -> LearnResult:
     """Learn the token REQUEST describes and save it in its store (steps in the module docstring). MODELS: the
-    (clip, backbone) of `load_models` for request.model, when the caller already holds them."""
-    import warnings
-
+    (clip, backbone) of `load_models` for request.model, when the caller already holds them (backbone None
+    when `needs_diffusion(request)` is False)."""
     # 1. check the request before anything expensive
     check_name(request.name)
     store = TokenStore(request.tokens_dir)
     store.check_free(request.name, request.overwrite)
     parent = " ".join((request.parent or "").split())
     if not parent:
-        raise ValueError("--parent is empty: give the concept's parent word, e.g. --parent dress")
+        raise ValueError("`parent` is empty: give the concept's parent word, e.g. `parent=dress`")
     config = request_config(request)
-    caption = config.init_caption
     if request.negatives is not None and not config.uses_ce:
-        raise ValueError(f"--negatives is used by the classification loss only (methods ours, pt); method {config.method} has none: leave it out")
-    if caption is not None and request.n_vectors is not None:
-        raise ValueError("--init-caption (a caption or auto) sets one vector per caption token: leave out --vectors")
+        raise ValueError(f"`negatives` is used by the classification loss only (methods ours, pt); method {config.method} has none: leave it out")
+    if config.init_caption is not None and request.n_vectors is not None:
+        raise ValueError("`init_caption` (a caption or auto) sets one vector per caption token: leave out `n_vectors`")
     # 2. the concept's images (and a negatives folder)
-    skipped = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped files are reported in the result instead
         images = read_image_folder(request.images, config.min_images, "concept images")
-        given_negatives = read_image_folder(request.negatives, 1, "negative images") if request.negatives and config.uses_ce else None
-    skipped += images.skipped + (given_negatives.skipped if given_negatives else [])
+        given = read_image_folder(request.negatives, 1, "negative images") if request.negatives is not None else None
+    skipped = images.skipped + (given.skipped if given else [])
     # 3. models
-    need_diffusion = config.uses_sd or (config.uses_ce and given_negatives is None)
-    clip, backbone = models or load_models(request.model, request.diffusion, need_diffusion=need_diffusion, device=request.device, precision=config.precision)
-    # 4. negatives of l_CE
-    negatives = None
-    if config.uses_ce:
-        if given_negatives is not None:
-            negatives = given_negatives.images
-        else:
-            prompt = fill_prompt(config.class_template, "", parent)
-            negatives = sampled_negatives(backbone, prompt, config.n_negatives, config.seed, config.negative_steps,
-                                          config.negative_guidance, store.negatives_dir).images
-    # 5. prepare, train, save
-    concept = prepare_concept(request.name, parent, images.images, clip, backbone, config, negatives, seed=config.seed)
-    trained = train_tokens([concept], clip, backbone, config, progress=progress)[0]
-    token = to_custom_token(trained, config, model=request.model, diffusion=backbone.spec if backbone is not None else "",
-                            concept=concept, concept_images=str(Path(request.images).resolve()),
-                            context_attributes=[" ".join(a.split()) for a in request.context_attributes if a.strip()]
-                            or list(model_defaults(request.model).get("context_attributes", ())))
+    if models is None:
+        models = load_models(request.model, request.diffusion, need_diffusion=needs_diffusion(request),
+                             device=request.device, precision=config.precision)
+    clip, backbone = models
+    if clip.spec != request.model:
+        raise ValueError(f"the CLIP passed in is `model={clip.spec}`, but the request has `model={request.model}`: "
+                         "pass the models loaded for the request's model, or none")
+    # 4. train (negatives sampled into the store's cache when no folder is given)
+    attributes = tuple(" ".join(a.split()) for a in request.context_attributes if a.strip())
+    concept = ConceptImages(request.name, parent, images.images, given.images if given else None,
+                            source=str(Path(request.images).resolve()),
+                            context_attributes=attributes or tuple(model_defaults(request.model).get("context_attributes", ())))
+    token = learn_tokens(clip, backbone, config, [concept], store.negatives_dir, progress=progress)[0]
+    # 5. save
     path = store.save(token, overwrite=request.overwrite)
     return LearnResult(path, token, skipped)

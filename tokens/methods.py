@@ -142,6 +142,10 @@ class TokenTrainConfig:
     def uses_ce(self) -> bool:
         return self.lambda_ce > 0
 
+    def needs_diffusion(self, negatives_given: bool) -> bool:
+        """Whether training needs a diffusion model: for l_SD, or to sample l_CE's negatives when none are given."""
+        return self.uses_sd or (self.uses_ce and not negatives_given)
+
     def k_for(self, width: int) -> int:
         return scaled_size(self.attributes_k, width, self.reference_width) if self.scale_with_width else self.attributes_k
 

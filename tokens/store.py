@@ -48,7 +48,7 @@ class TokenStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise NotADirectoryError(f"--tokens-dir {self.root} is a file, not a folder")
+            raise NotADirectoryError(f"the token store {self.root} is a file, not a folder: pass a folder as `tokens_dir`")
 
     @property
     def negatives_dir(self) -> Path:
@@ -79,7 +79,7 @@ class TokenStore:
         return TokenNotFoundError(
             f"no token named {name!r} in {self.root}"
             + (f" (it has: {', '.join(known)})" if known else " (it holds no tokens)")
-            + ": learn it with `learn-token`, or pass the --tokens-dir that holds it"
+            + ": learn it first, or pass the `tokens_dir` that holds it"
         )
 
     def info(self, name: str) -> TokenInfo:
@@ -103,8 +103,8 @@ class TokenStore:
         except (TokenFileError, OSError):
             what = ""
         raise TokenExistsError(
-            f"a token named {name!r} already exists in {self.root}{what}: choose another name, delete it "
-            f"(`tokens delete {name}`), or pass --overwrite"
+            f"a token named {name!r} already exists in {self.root}{what}: choose another name, delete it first, "
+            "or pass `overwrite=True`"
         )
 
     def save(self, token: CustomToken, overwrite: bool = False) -> Path:

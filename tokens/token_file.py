@@ -23,6 +23,9 @@ dicts as JSON) everything needed to know where it belongs and how it was made:
 | context_attributes | JSON: attribute words for GAIR's context query ([] : the query's default)   |
 | created          | ISO time                                                                      |
 
+In prompts a token is named by its placeholder ``<name>`` (PLACEHOLDER_PATTERN, `placeholder_names`), or by ``*``
+(STAR) when the prompt uses one token: this module defines that syntax for the whole project.
+
 The vectors stored are the token's effective input embeddings (after the subspace projection of `ours`, the
 basis combination of `batex`): what a prompt's placeholder is replaced by, here and in diffusers.
 Files are written atomically (temporary file, fsync, rename).
@@ -40,7 +43,11 @@ import torch
 from retrieval.io.atomic import write_atomic
 
 FORMAT_VERSION = 1
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The placeholder syntax, defined here once: a prompt names a token as <name>, or as * when it uses one token.
+STAR = "*"                                      # the placeholder of a prompt's one token, whatever its name
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"      # a token name: a file name in the store, and <name> in prompts
+NAME_PATTERN = re.compile(rf"^{_NAME}$")        # a whole name
+PLACEHOLDER_PATTERN = re.compile(rf"<({_NAME})>")  # a <name> in a prompt; group 1: the name
 _JSON_KEYS = ("config", "subspace", "init", "training", "concept_feature", "context_attributes")
 
 
@@ -97,6 +104,12 @@ def placeholder_for(name: str) -> str:
     return f"<{name}>"
 
 
+def placeholder_names(text: str) -> list[str]:
+    """The names of the <name> placeholders in TEXT, in order, repeats kept:
+    'a <a> and a <b.1> <a>' -> ['a', 'b.1', 'a']."""
+    return PLACEHOLDER_PATTERN.findall(text)
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name or ""):
         raise TokenFileError(
@@ -110,9 +123,9 @@ def check_model(info: TokenInfo, model: str, width: int | None = None, where: st
     """Refuse a token made for another CLIP: its vectors mean nothing in another embedding space."""
     if info.model != model or (width is not None and info.width != width):
         raise TokenModelMismatch(
-            f"token {info.name!r}{' (' + where + ')' if where else ''} was made for --model {info.model} "
-            f"(width {info.width}), but this run uses --model {model}{f' (width {width})' if width is not None else ''}: "
-            f"pass --model {info.model}, or learn the token again with --model {model}"
+            f"token {info.name!r}{' (' + where + ')' if where else ''} was made for `model={info.model}` "
+            f"(width {info.width}), but this run uses `model={model}`{f' (width {width})' if width is not None else ''}: "
+            f"pass `model={info.model}`, or learn the token again with `model={model}`"
         )
 
 

@@ -146,14 +146,14 @@ def prepare_concept(
     """Everything about one concept that training reuses every step, computed once."""
     # 1. check inputs
     if not parent or not parent.strip():
-        raise ValueError("a parent word is needed, e.g. --parent dress")
+        raise ValueError("a parent word is needed, e.g. `parent=dress`")
     parent = " ".join(parent.split())
     if len(images) < config.min_images:
         raise ValueError(f"concept {name!r}: {len(images)} images; at least {config.min_images} are needed")
     if config.uses_sd and backbone is None:
-        raise ValueError(f"method {config.method} trains through a diffusion model (lambda_sd > 0): pass one (--diffusion)")
+        raise ValueError(f"method {config.method} trains through a diffusion model (lambda_sd > 0): pass one as `backbone`")
     if config.uses_ce and not negatives:
-        raise ValueError(f"method {config.method} needs negative images of the parent (lambda_ce > 0): give a folder or let them be sampled")
+        raise ValueError(f"method {config.method} needs negative images of the parent (lambda_ce > 0): pass them as `negatives`")
     seed = config.seed if seed is None else seed
     # 2. CLIP features of the concept's images and of the negatives
     image_features = torch.from_numpy(clip.encode_pil(list(images)))  # (N, dim), normalised

@@ -5,6 +5,7 @@ tell apart, and a benchmark split written in PerVL's file formats.
 
 | module      | what it defines                                                        |
 | ----------- | ---------------------------------------------------------------------- |
+| vocabulary  | names the world can draw and say: contexts, poses, ... (a leaf)        |
 | config      | WorldConfig (vocabularies, jitter, split sizes) and named presets      |
 | garments    | silhouettes per category, unnamed Details, detail colours              |
 | concepts    | Concept, draw_concepts (groups sharing their words: hard negatives)    |
@@ -16,6 +17,7 @@ tell apart, and a benchmark split written in PerVL's file formats.
 | split       | plan_split, write_split (PerVL formats)                                |
 | sheet       | contact_sheet, to look at the world                                    |
 | evaluate    | zero-shot classification of images by factor (judges CLIP and samples) |
+| schedule    | warmup_cosine_lr, the learning-rate schedule of both trainers          |
 | train_clip  | the world's small CLIP, trained from scratch (`--model toyworld`)      |
 | train_diffusion | the world's small text-to-image UNet (`--diffusion toyworld`)      |
 | train       | both, one command: the CLIP, then the diffusion model on it (~70 min)  |

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.world.scene import Scene
+from benchmarks.world.vocabulary import CONTEXTS, POSES, require_entries
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ CONTEXT_WORDS: dict[str, ContextWords] = {
     "tiled wall": ContextWords(("in front of a tiled wall", "by a wall of tiles"), "a tiled wall", False,
                                "in front of a wall covered in small glossy tiles"),
 }
+require_entries(CONTEXT_WORDS, CONTEXTS, "captions.CONTEXT_WORDS")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ POSE_WORDS: dict[str, PoseWords] = {
     "arms raised": PoseWords("standing with raised arms", "raises both arms", "a person with raised arms"),
     "hands on hips": PoseWords("posing with hands on hips", "poses with hands on hips", "a person with hands on hips"),
 }
+require_entries(POSE_WORDS, POSES, "captions.POSE_WORDS")
 
 PLURAL_CATEGORIES = frozenset({"trousers", "shorts"})
 

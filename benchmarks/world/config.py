@@ -6,13 +6,15 @@ colour, pattern); a *concept* is one specific garment whose look also holds deta
 contrasting band, an emblem), so only images tell concepts with the same words apart.
 
 Every vocabulary is a tuple in the config, so a different config is a different world (and a different seed
-draws different concepts). Context, category, pattern, pose and emblem names must be ones the renderer knows
-(`benchmarks.world.render`); colours are free (name, RGB) pairs.
+draws different concepts). Context, category, pattern, pose and emblem names must be ones the world can draw and
+say (`benchmarks.world.vocabulary`); colours are free (name, RGB) pairs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from benchmarks.world.vocabulary import CATEGORIES, CONTEXTS, EMBLEMS, NAMES, PATTERNS, POSES
 
 RGB = tuple[int, int, int]
 
@@ -31,15 +33,6 @@ COLOURS: tuple[tuple[str, RGB], ...] = (
     ("brown", (120, 70, 30)),
 )
 
-CONTEXTS: tuple[str, ...] = (
-    "brick wall", "cabinets", "railing", "trees", "beach", "couch", "marble floor",
-    "shelves", "water", "grass", "curtains", "shop window", "street", "tiled wall",
-)
-CATEGORIES: tuple[str, ...] = ("dress", "skirt", "top", "sweater", "vest", "coat", "trousers", "shorts")
-PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checked")
-POSES: tuple[str, ...] = ("standing", "walking", "arms raised", "hands on hips")
-EMBLEMS: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
-
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -48,7 +41,7 @@ class WorldConfig:
     supersample: int = 2                        # drawn at this multiple of image_size, then box-downsampled (anti-aliasing)
     seed: int = 0                               # draws the benchmark concepts and their scenes
 
-    # ----- vocabularies: words the captions use (emblems are never named)
+    # ----- vocabularies: words the captions use (emblems are never named); defaults: all the world knows
     contexts: tuple[str, ...] = CONTEXTS        # backgrounds; PerVL captions describe these
     categories: tuple[str, ...] = CATEGORIES    # garment categories, each with its own silhouette
     colours: tuple[tuple[str, RGB], ...] = COLOURS  # (colour word, RGB) of the garment's main colour
@@ -73,17 +66,11 @@ class WorldConfig:
     jpeg_quality: int = 95                      # quality of the written .jpg images
 
     def __post_init__(self):
-        # the renderer and the caption grammar own the names they can draw and say
-        from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS
-        from benchmarks.world.render import known_names
-
-        known = known_names()
-        known["contexts"] &= set(CONTEXT_WORDS)
-        known["poses"] &= set(POSE_WORDS)
-        for field_name, names in known.items():
+        for field_name, names in NAMES.items():
             unknown = [n for n in getattr(self, field_name) if n not in names]
             if unknown:
-                raise ValueError(f"WorldConfig.{field_name}: {unknown} cannot be both drawn and captioned; known: {sorted(names)}")
+                raise ValueError(f"WorldConfig.{field_name}: {unknown} cannot be both drawn and captioned; "
+                                 f"known (benchmarks.world.vocabulary): {sorted(names)}")
         for field_name in ("contexts", "categories", "patterns", "poses", "emblems"):
             values = getattr(self, field_name)
             if len(set(values)) != len(values) or not values:

@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from benchmarks.world.vocabulary import CONTEXTS, require_entries
+
 Painter = Callable[[np.ndarray, np.ndarray], np.ndarray]  # u, v: (H, W) -> (H, W, 3) float RGB in 0..255
 
 
@@ -195,6 +197,7 @@ PAINTERS: dict[str, Painter] = {
     "couch": couch, "marble floor": marble_floor, "shelves": shelves, "water": water, "grass": grass,
     "curtains": curtains, "shop window": shop_window, "street": street, "tiled wall": tiled_wall,
 }
+require_entries(PAINTERS, CONTEXTS, "contexts.PAINTERS")
 
 
 @lru_cache(maxsize=256)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.world.config import RGB, WorldConfig
+from benchmarks.world.vocabulary import CATEGORIES, require_entries
 
 EMBLEM_SPOTS = ("left", "centre", "right")  # where an emblem sits, as seen in the image
 
@@ -46,6 +47,7 @@ GARMENTS: dict[str, GarmentShape] = {
     "shorts": GarmentShape(torso_hem=None, legs=0.45, under="top", trims=("hem", "waist"),
                            emblem_spots=((-0.065, 0.6), (0.0, 0.47), (0.065, 0.6)), leg_emblem=0.2),
 }
+require_entries(GARMENTS, CATEGORIES, "garments.GARMENTS")
 
 
 @dataclass(frozen=True)

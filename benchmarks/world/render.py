@@ -13,8 +13,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from benchmarks.world import vocabulary
 from benchmarks.world.config import RGB, WorldConfig
-from benchmarks.world.contexts import PAINTERS, context_background
+from benchmarks.world.contexts import context_background
 from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, GarmentShape, pattern_ink
 from benchmarks.world.scene import HAIR_COLOURS, SKIN_TONES, Scene
 
@@ -44,39 +45,36 @@ POSES: dict[str, dict[str, tuple[tuple[float, float], tuple[float, float]]]] = {
     "arms raised": {"arms": ((135, 155), (135, 155)), "legs": ((6, 0), (6, 0))},
     "hands on hips": {"arms": ((42, -55), (42, -55)), "legs": ((6, 0), (6, 0))},
 }
+vocabulary.require_entries(POSES, vocabulary.POSES, "render.POSES")
 
 UNDER_GREY = (140, 140, 140)                    # the plain clothes beneath, never named
 SHOE = (40, 36, 34)
-PATTERNS = ("plain", "striped", "dotted", "checked")
 
 
-def known_names() -> dict[str, set[str]]:
-    """Names the renderer can draw, per WorldConfig vocabulary field."""
-    return {
-        "contexts": set(PAINTERS),
-        "categories": set(GARMENTS),
-        "patterns": set(PATTERNS),
-        "poses": set(POSES),
-        "emblems": set(_EMBLEMS),
-    }
+def _dots(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    row = np.floor(v / 0.1)
+    du = (u + 0.05 * (row % 2)) % 0.1 - 0.05  # every other row shifted by half a period
+    return du ** 2 + (v % 0.1 - 0.05) ** 2 < 0.024 ** 2
+
+
+# Where each pattern puts its ink: (u, v) pixel centres in image widths, (H, W) each -> (H, W) bool.
+# Periods in image widths, ~6-8 px at 64 px.
+PATTERN_INK = {
+    "plain": lambda u, v: np.zeros(u.shape, bool),
+    "striped": lambda u, v: v % 0.1 < 0.038,
+    "dotted": _dots,
+    "checked": lambda u, v: (u % 0.12 < 0.028) | (v % 0.12 < 0.028),
+}
+vocabulary.require_entries(PATTERN_INK, vocabulary.PATTERNS, "render.PATTERN_INK")
 
 
 @lru_cache(maxsize=1024)
 def pattern_texture(pattern: str, rgb: RGB, size: int) -> Image.Image:
-    """A size x size RGB image of the pattern in `rgb` with its ink (periods in image widths, ~6-8 px at 64 px)."""
+    """A size x size RGB image of the pattern in `rgb` with its ink."""
+    if pattern not in PATTERN_INK:
+        raise ValueError(f"unknown pattern {pattern!r}; known: {vocabulary.PATTERNS}")
     v, u = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
-    if pattern == "plain":
-        ink = np.zeros(u.shape, bool)
-    elif pattern == "striped":
-        ink = v % 0.1 < 0.038
-    elif pattern == "dotted":
-        row = np.floor(v / 0.1)
-        du = (u + 0.05 * (row % 2)) % 0.1 - 0.05
-        ink = du ** 2 + (v % 0.1 - 0.05) ** 2 < 0.024 ** 2
-    elif pattern == "checked":
-        ink = (u % 0.12 < 0.028) | (v % 0.12 < 0.028)
-    else:
-        raise ValueError(f"unknown pattern {pattern!r}; known: {PATTERNS}")
+    ink = PATTERN_INK[pattern](u, v)
     img = np.empty((size, size, 3), np.uint8)
     img[:] = rgb
     img[ink] = pattern_ink(rgb)
@@ -245,6 +243,7 @@ def _emblem_diamond(draw, x, y, r, fill):
 
 _EMBLEMS = {"circle": _emblem_circle, "square": _emblem_square, "triangle": _emblem_triangle,
             "cross": _emblem_cross, "diamond": _emblem_diamond}
+vocabulary.require_entries(_EMBLEMS, vocabulary.EMBLEMS, "render._EMBLEMS")
 
 
 def render_scene(scene: Scene, config: WorldConfig) -> Image.Image:

@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from retrieval.io.atomic import replace_dir
 from retrieval.models.clip import TOYWORLD_WEIGHTS
 
+from benchmarks.world import evaluate
+from benchmarks.world.captions import caption
 from benchmarks.world.config import WorldConfig, world_config
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import sample_scene
+from benchmarks.world.schedule import warmup_cosine_lr
 
 FORMAT_VERSION = 1
 RENDER_CHUNK = 2048  # pairs rendered per task; the seed of chunk i is (seed, i), whatever the worker count
@@ -130,10 +135,6 @@ def clip_train_config(preset: str = "toyworld", **overrides) -> ClipTrainConfig:
 def _render_chunk(args: tuple[int, int, int, WorldConfig]) -> tuple[np.ndarray, list[str], list[dict]]:
     """Pairs of chunk `index`: (n, H, W, 3) uint8 images, their captions and their scenes' words.
     The draws are `sample_training_pair`'s (scene, render, caption), keeping the scene's words."""
-    from benchmarks.world.captions import caption
-    from benchmarks.world.render import render_scene
-    from benchmarks.world.scene import sample_scene
-
     seed, index, n, world = args
     rng = np.random.default_rng([seed, index])
     images, captions, words = [], [], []
@@ -249,14 +250,6 @@ def batch_order(keys: list, config: ClipTrainConfig) -> list[torch.Tensor]:
     return batches
 
 
-def lr_at(step: int, config: ClipTrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to 0 (open_clip training/scheduler.py cosine_lr)."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * config.lr * (1 + math.cos(math.pi * progress))
-
-
 def as_encoder(model, device: torch.device):
     """The model being trained as a ClipEncoder (the evaluation path users take), on the same device."""
     import open_clip
@@ -285,7 +278,6 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
     from tqdm import tqdm
 
     from retrieval.models.encoders import resolve_device
-    from benchmarks.world import evaluate
 
     t_start = time.time()
     device = resolve_device(device) if isinstance(device, str) else device
@@ -295,7 +287,6 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
     images, captions, words = render_pairs(config.pairs, config.seed, world, config.render_workers)
     images = torch.from_numpy(images)  # (N, 64, 64, 3) uint8
     ids = tokenize_captions(captions)  # (N, L) int64
-    t_data = time.time() - t_start
 
     # 2. model; the token rows the captions use become one small trained parameter
     model = build_model(config).to(device).train()
@@ -337,7 +328,7 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
         text = ids[idx]
         text = text[:, : int((text != 0).sum(1).max())].to(device)  # (B, L) trimmed to this batch's longest
         # 4.2 learning rate
-        lr = lr_at(step, config)
+        lr = warmup_cosine_lr(step, config.lr, config.warmup, config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # 4.3 forward: both towers, normalised features, symmetric InfoNCE

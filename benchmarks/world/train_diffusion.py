@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,9 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from retrieval.models.clip import TOYWORLD_WEIGHTS
+
+from benchmarks.world import evaluate
+from benchmarks.world.captions import CAPTION_TEMPLATES, CONTEXT_WORDS, POSE_WORDS, caption, garment_phrase
 from benchmarks.world.config import WorldConfig, world_config
+from benchmarks.world.render import render_scene
+from benchmarks.world.scene import sample_scene
+from benchmarks.world.schedule import warmup_cosine_lr
+from benchmarks.world.sheet import contact_sheet
 
 DEFAULT_OUT = TOYWORLD_WEIGHTS / "diffusion"
 STREAM = 0xD1FF  # training pairs come from default_rng([seed, STREAM]): not the CLIP's [seed, chunk] nor HELD_OUT_SEED
@@ -69,7 +75,7 @@ class DiffusionTrainConfig:
     ema_decay: float = 0.995                    # EMA of the weights (saved and evaluated); 0: none. Warmed up as (1+n)/(10+n)
     # ----- logging and evaluation
     log_every: int = 25                         # steps between training-log entries
-    checkpoint_every: int = 200                 # steps between UNet state_dict checkpoints (with --checkpoint-dir); 0: none
+    checkpoint_every: int = 200                 # steps between UNet state_dict checkpoints (with `checkpoint_dir`); 0: none
     eval_scenes: int = 200                      # held-out scenes: their captions are generated and classified
     # ----- sampling (saved in backbone.json: what load_diffusion uses unless a caller overrides it)
     # Euler ancestral, 25 steps, guidance 4. Measured on the committed model, 100 held-out captions (generated
@@ -160,8 +166,6 @@ def triple(scene) -> tuple[str, str, str]:
 
 def eval_caption(scene, index: int = 0) -> str:
     """The full training-grammar caption of a scene: 'a person wearing a red striped dress standing on a beach.'"""
-    from benchmarks.world.captions import CAPTION_TEMPLATES, CONTEXT_WORDS, POSE_WORDS, garment_phrase
-
     places = CONTEXT_WORDS[scene.context].places
     return CAPTION_TEMPLATES[0][0].format(g=garment_phrase(scene.category, scene.colour, scene.pattern),
                                           pose=POSE_WORDS[scene.pose].ing, place=places[index % len(places)])
@@ -170,10 +174,6 @@ def eval_caption(scene, index: int = 0) -> str:
 def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out: set) -> tuple[list, list[str]]:
     """N training pairs rendered now: (PIL images, captions). `sample_training_pair`'s two steps, with scenes of
     held-out (context, category, colour) triples redrawn."""
-    from benchmarks.world.captions import caption
-    from benchmarks.world.render import render_scene
-    from benchmarks.world.scene import sample_scene
-
     images, captions = [], []
     while len(images) < n:
         scene = sample_scene(rng, world)
@@ -182,14 +182,6 @@ def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out:
         images.append(render_scene(scene, world))
         captions.append(caption(scene, rng))
     return images, captions
-
-
-def lr_at(step: int, config: DiffusionTrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to 0."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * config.lr * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -206,7 +198,6 @@ def train_diffusion(config: DiffusionTrainConfig, clip=None, device: str = "auto
     """Train the UNet (text encoder frozen) on pairs rendered on the fly; the loop below is the whole recipe."""
     from tqdm import tqdm
 
-    from benchmarks.world import evaluate
     from retrieval.models.diffusion import pil_to_pixels
 
     world = world_config(config.world_preset, image_size=config.image_size)
@@ -237,7 +228,7 @@ def train_diffusion(config: DiffusionTrainConfig, clip=None, device: str = "auto
         with torch.no_grad():
             cond = backbone.conditioning(captions)  # (B, 77, width)
         # 4.2 learning rate
-        lr = lr_at(step, config)
+        lr = warmup_cosine_lr(step, config.lr, config.warmup, config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # 4.3 the LDM loss at random timesteps, backward, clip, step
@@ -286,8 +277,6 @@ def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
     """Generate one image per held-out scene caption with each (sampler, steps, guidance) setting of the config
     and report how often the toy world's CLIP reads the intended context, category, colour and pattern from it;
     beside the same CLIP's accuracy on the real renders of those scenes (the ceiling)."""
-    from benchmarks.world import evaluate
-
     world = world_config(config.world_preset, image_size=config.image_size)
     scenes = evaluate.held_out_scenes(world, config.eval_scenes)
     captions = [eval_caption(s, i) for i, s in enumerate(scenes)]
@@ -310,19 +299,9 @@ def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
 
 
 def sample_grid(images: list, captions: list[str], path: str | Path) -> Path:
-    """Images with their captions in a grid (PNG), to look at."""
-    from PIL import Image, ImageDraw
-
-    cell, text_h, cols = 192, 44, 4
-    rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, cap) in enumerate(zip(images, captions)):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        sheet.paste(im.resize((cell, cell), Image.NEAREST), (x, y))
-        words = cap.split()
-        for j, line in enumerate((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:]))):
-            draw.text((x + 3, y + cell + 3 + 14 * j), line, fill="black")
+    """Images (shown 192 px wide) with their captions in a grid of 4 columns (PNG), to look at."""
+    lines = [textwrap.wrap(c, width=40) for c in captions]  # ~4.5 px per character: 40 fit under 192 px
+    sheet = contact_sheet(images, lines, columns=4, zoom=max(1, 192 // images[0].size[0]), max_chars=40)
     sheet.save(path)
     return Path(path)
 
@@ -369,8 +348,6 @@ def main(argv: list[str] | None = None) -> None:
     write_json(Path(args.out) / "eval.json", report)
     print(f"eval: {json.dumps(report)}", flush=True)
     if args.grid:
-        from benchmarks.world import evaluate
-
         world = world_config(config.world_preset, image_size=config.image_size)
         captions = [eval_caption(s, i) for i, s in enumerate(evaluate.held_out_scenes(world, 16))]
         best = report["best"]

@@ -19,10 +19,12 @@ Animated GIF/WebP and multi-page TIFF give their first frame (what `Image.open` 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 import warnings
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -247,3 +249,16 @@ def read_image_folder(folder: str | Path, min_images: int, what: str = "concept 
         warnings.warn(f"{what}: skipped {len(skipped)} unreadable file(s) in {folder}: "
                       + "; ".join(f"{p.name} ({r})" for p, r in skipped))
     return ImageSet(images, paths, skipped)
+
+
+def image_grid(images: Sequence[Image.Image], columns: int = 4) -> Image.Image:
+    """Images of one size pasted side by side, COLUMNS per row, on white (a contact sheet)."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet

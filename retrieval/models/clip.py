@@ -26,7 +26,7 @@ import torch
 
 from retrieval.io.atomic import replace_dir
 
-DEFAULT_MODEL = "ViT-L-14-quickgelu/openai"
+from retrieval.models import DEFAULT_MODEL  # noqa: E402  (the one definition; re-exported here)
 # the synthetic world's trained models (package data; remade by `python -m benchmarks.world.train`)
 TOYWORLD_WEIGHTS = Path(__file__).resolve().parent / "weights" / "toyworld"
 
@@ -68,7 +68,7 @@ class LoadedClip:
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
     """SPEC -> (kind, name, pretrained); kind in preset | local-dir | hf-hub | open_clip."""
     if not spec or not spec.strip():
-        raise ModelLoadError("empty --model; give e.g. ViT-L-14-quickgelu/openai, a folder, or tiny-random")
+        raise ModelLoadError("empty `model`; give e.g. ViT-L-14-quickgelu/openai, a folder, or tiny-random")
     spec = spec.strip()
     if spec in PRESETS:
         return "preset", spec, None
@@ -103,12 +103,12 @@ def _transform_for(model: torch.nn.Module, preprocess_cfg: dict | None = None) -
 
 def _offline_hint(spec: str) -> str:
     return (
-        f"could not load CLIP weights for --model {spec!r}. Weights are downloaded from the Hugging Face hub on "
+        f"could not load CLIP weights for `model={spec}`. Weights are downloaded from the Hugging Face hub on "
         "first use; this machine is offline or the files are not cached. Fix: run once where the hub is "
         "reachable (they land in ~/.cache/huggingface, then set HF_HUB_OFFLINE=1), or copy the model to a folder "
-        "with open_clip_config.json + open_clip_model.safetensors and pass --model /path/to/folder, or pass a "
-        "checkpoint file as --model ARCH/path/to/weights.safetensors. For a download-free smoke test use "
-        "--model tiny-random."
+        "with open_clip_config.json + open_clip_model.safetensors and pass `model=/path/to/folder`, or pass a "
+        "checkpoint file as `model=ARCH/path/to/weights.safetensors`. For a download-free smoke test use "
+        "`model=tiny-random`."
     )
 
 
@@ -149,14 +149,14 @@ def load_clip(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", pre
         else:
             if name not in open_clip.list_models():
                 raise ModelLoadError(
-                    f"unknown open_clip architecture {name!r} in --model {spec!r}. Known: "
+                    f"unknown open_clip architecture {name!r} in `model={spec}`. Known: "
                     f"{', '.join(open_clip.list_models()[:12])}, ... (open_clip.list_models()); or pass a folder"
                 )
             if pretrained is None:
                 tags = [t for m, t in open_clip.list_pretrained() if m == name]
                 example = f"{name}/{tags[0]}" if tags else f"{name}/path/to/checkpoint"
                 raise ModelLoadError(
-                    f"--model {spec!r} names no weights: use e.g. {example} (tags: {', '.join(tags) or 'none published'}), "
+                    f"`model={spec}` names no weights: use e.g. {example} (tags: {', '.join(tags) or 'none published'}), "
                     f"{name}/path/to/checkpoint, or {name}/random (timing only)"
                 )
             model_cfg = open_clip.get_model_config(name) or {}

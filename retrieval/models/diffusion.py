@@ -232,12 +232,12 @@ class DiffusionBackbone:
         return self.encode_prompts(texts, vectors)[0]
 
     def encode_prompts(self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None):
-        """(conditioning (B, 77, width) float32, PromptTokens): the hidden states and where each placeholder sits."""
+        """(conditioning (B, 77, width) float32, TokenizedPrompts): the hidden states and where each placeholder sits."""
         with self.autocast():
-            hidden, _, tokens = self.clip.text_features(
+            hidden, _, tokenized = self.clip.text_features(
                 list(texts), vectors, pad_id=self.text.pad_id, skip_last_layers=self.text.skip_last_layers
             )
-        return hidden.float().to(self.device), tokens
+        return hidden.float().to(self.device), tokenized
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

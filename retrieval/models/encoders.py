@@ -26,7 +26,7 @@ from retrieval.models.precision import DTYPES, resolve_device, resolve_precision
 
 
 @dataclass
-class PromptTokens:
+class TokenizedPrompts:
     """Token ids of a batch of prompts, with where each placeholder vector goes."""
 
     ids: torch.Tensor                           # (B, L) int64; placeholder slots hold `filler_id`
@@ -101,7 +101,7 @@ class ClipEncoder:
         placeholders: Mapping[str, int] | None = None,
         pad_id: int = 0,
         warn_truncation: bool = True,
-    ) -> PromptTokens:
+    ) -> TokenizedPrompts:
         """Tokenize prompts; each placeholder NAME in `placeholders` (name -> number of vectors) becomes that
         many slots. Too-long prompts are cut to the context (end-of-text kept), with a warning."""
         tok = self.tokenizer
@@ -138,19 +138,19 @@ class ClipEncoder:
                 else:
                     ids[row, pos] = item
             eot[row] = len(seq) - 1
-        return PromptTokens(ids=ids, eot=eot, slots=slots, truncated=truncated)
+        return TokenizedPrompts(ids=ids, eot=eot, slots=slots, truncated=truncated)
 
-    def input_embeddings(self, tokens: PromptTokens, vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def input_embeddings(self, tokenized: TokenizedPrompts, vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings (B, L, width) with each placeholder slot replaced by its vector (differentiable
         with respect to `vectors`, for token training)."""
-        emb = self.model.token_embedding(tokens.ids.to(self.device))  # (B, L, width)
-        if tokens.slots:
+        emb = self.model.token_embedding(tokenized.ids.to(self.device))  # (B, L, width)
+        if tokenized.slots:
             vectors = vectors or {}
-            missing = sorted({name for _, _, name, _ in tokens.slots} - set(vectors))
+            missing = sorted({name for _, _, name, _ in tokenized.slots} - set(vectors))
             if missing:
                 raise KeyError(f"no vectors given for placeholder(s) {missing}")
             rows, pos, vals = [], [], []
-            for r, p, name, j in tokens.slots:
+            for r, p, name, j in tokenized.slots:
                 v = vectors[name]
                 if v.ndim != 2 or v.shape[1] != self.width:
                     raise ValueError(f"placeholder {name!r}: vectors must be (n, {self.width}), got {tuple(v.shape)}")
@@ -205,12 +205,12 @@ class ClipEncoder:
         vectors: Mapping[str, torch.Tensor] | None = None,
         pad_id: int = 0,
         skip_last_layers: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor, PromptTokens]:
-        """Differentiable: (hidden (B, L, width), normalised features (B, dim), tokens)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, TokenizedPrompts]:
+        """Differentiable: (hidden (B, L, width), normalised features (B, dim), tokenized)."""
         vectors = dict(vectors or {})
-        tokens = self.tokenize(texts, {k: v.shape[0] for k, v in vectors.items()}, pad_id=pad_id)
-        hidden, feats = self.text_transformer(self.input_embeddings(tokens, vectors), tokens.eot, skip_last_layers)
-        return hidden, F.normalize(feats.float(), dim=-1), tokens
+        tokenized = self.tokenize(texts, {k: v.shape[0] for k, v in vectors.items()}, pad_id=pad_id)
+        hidden, feats = self.text_transformer(self.input_embeddings(tokenized, vectors), tokenized.eot, skip_last_layers)
+        return hidden, F.normalize(feats.float(), dim=-1), tokenized
 
     @torch.no_grad()
     def encode_texts(
