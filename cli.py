@@ -45,6 +45,7 @@ _ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 
 def flags(message: str) -> str:
     """A library message in this CLI's words: `name=value` -> --name value, `name` -> --name (True: the flag alone)."""
+
     def say(m: re.Match) -> str:
         name, value = m.group(1), m.group(2)
         flag = "--" + _FLAG_OF_ARGUMENT.get(name, name).replace("_", "-")
@@ -77,7 +78,9 @@ MODEL_HELP = (
 
 @app.command()
 def index(
-    gallery_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of images, searched recursively."),
+    gallery_dir: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="Folder of images, searched recursively."
+    ),
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="Where the index is kept (created if missing)."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
@@ -85,12 +88,19 @@ def index(
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     workers: int = typer.Option(-1, min=-1, help="Decoding processes (-1: one per spare core, at most 4; 0: none)."),
     index_type: IndexTypeOpt = typer.Option(
-        IndexTypeOpt.auto, help="auto: exact search for small galleries, IVF (or IVF-PQ past the memory budget) "
-        "tuned to the recall target for large ones."
+        IndexTypeOpt.auto,
+        help="auto: exact search for small galleries, IVF (or IVF-PQ past the memory budget) "
+        "tuned to the recall target for large ones.",
     ),
-    recall_target: float = typer.Option(0.95, min=0.5, max=1.0, help="recall@10 that approximate indexes are tuned to."),
-    shard_size: int = typer.Option(4096, min=1, help="Images per shard: after a crash, a rerun resumes at a shard boundary."),
-    max_pixels: int = typer.Option(89_478_485, min=1, help="Images with more pixels are skipped (decompression bombs)."),
+    recall_target: float = typer.Option(
+        0.95, min=0.5, max=1.0, help="recall@10 that approximate indexes are tuned to."
+    ),
+    shard_size: int = typer.Option(
+        4096, min=1, help="Images per shard: after a crash, a rerun resumes at a shard boundary."
+    ),
+    max_pixels: int = typer.Option(
+        89_478_485, min=1, help="Images with more pixels are skipped (decompression bombs)."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Index (or update the index of) an image gallery.
@@ -103,8 +113,13 @@ def index(
 
     try:
         summary = Engine(index_dir, model=model, device=device).index(
-            gallery_dir, progress=progress, precision=precision.value, batch_size=batch_size, workers=workers,
-            shard_size=shard_size, max_pixels=max_pixels,
+            gallery_dir,
+            progress=progress,
+            precision=precision.value,
+            batch_size=batch_size,
+            workers=workers,
+            shard_size=shard_size,
+            max_pixels=max_pixels,
             index=IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target),
         )
     except _user_errors() as e:
@@ -123,7 +138,9 @@ def reindex(
     from retrieval import Engine
 
     try:
-        manifest = Engine(index_dir).reindex(IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target))
+        manifest = Engine(index_dir).reindex(
+            IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target)
+        )
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(f"rebuilt {index_dir}: {manifest['count']} images, index {json.dumps(manifest['index']['params'])}")
@@ -132,37 +149,62 @@ def reindex(
 @app.command()
 def query(
     text: Optional[str] = typer.Argument(
-        None, help="The query, e.g. \"a person in a red dress on a beach\", or with a custom token: "
-                   "\"a person wearing a * in front of a brick wall\" --token my-dress."),
+        None,
+        help='The query, e.g. "a person in a red dress on a beach", or with a custom token: '
+        '"a person wearing a * in front of a brick wall" --token my-dress.',
+    ),
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="The index to search."),
     k: int = typer.Option(10, min=1, help="Results per query."),
-    queries: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="File with one query per line (a batch)."),
+    queries: Optional[Path] = typer.Option(
+        None, exists=True, dir_okay=False, help="File with one query per line (a batch)."
+    ),
     model: Optional[str] = typer.Option(None, help="Must equal the index's model; default: the index's model."),
     token: List[str] = typer.Option(
-        [], "--token", help="A custom token from --tokens-dir: `*` in the query stands for it (its parent word is "
-                            "added after it); with several, write <NAME> for each. Repeat for several."),
+        [],
+        "--token",
+        help="A custom token from --tokens-dir: `*` in the query stands for it (its parent word is "
+        "added after it); with several, write <NAME> for each. Repeat for several.",
+    ),
     tokens_dir: Path = typer.Option(DEFAULT_TOKENS_DIR, help="The token store (see `tokens list`)."),
     gair: bool = typer.Option(
-        False, "--gair", help="Generation Aided Image Retrieval (Perera et al., Algorithm 1): generate an image for "
-                              "the query mixed with and without the token at each --weights w, keep the w whose image "
-                              "is closest to both the concept and the context, search with that mixture."),
+        False,
+        "--gair",
+        help="Generation Aided Image Retrieval (Perera et al., Algorithm 1): generate an image for "
+        "the query mixed with and without the token at each --weights w, keep the w whose image "
+        "is closest to both the concept and the context, search with that mixture.",
+    ),
     weights: str = typer.Option("0:1:0.1", help="GAIR weights: comma-separated, or start:stop:step (stop included)."),
     attributes: Optional[str] = typer.Option(
-        None, help="GAIR context words, comma-separated, put in place of the token (default: the token's own, else "
-                   "the paper's red,old,worn,bright,dark,pink)."),
+        None,
+        help="GAIR context words, comma-separated, put in place of the token (default: the token's own, else "
+        "the paper's red,old,worn,bright,dark,pink).",
+    ),
     concept_images: Optional[Path] = typer.Option(
-        None, file_okay=False, help="Folder of the concept's images for GAIR's score and the report (default: the "
-                                    "feature stored in the token, the folder it was learned from)."),
-    diffusion: str = typer.Option("auto", help="Diffusion model for --gair (see `generate --help`); auto: paired with the index's model."),
-    steps: Optional[int] = typer.Option(None, min=1, help="GAIR sampler steps (default: the diffusion model's, SD: 50)."),
-    guidance: Optional[float] = typer.Option(None, help="GAIR guidance scale (default: the diffusion model's, SD: 7.5)."),
+        None,
+        file_okay=False,
+        help="Folder of the concept's images for GAIR's score and the report (default: the "
+        "feature stored in the token, the folder it was learned from).",
+    ),
+    diffusion: str = typer.Option(
+        "auto", help="Diffusion model for --gair (see `generate --help`); auto: paired with the index's model."
+    ),
+    steps: Optional[int] = typer.Option(
+        None, min=1, help="GAIR sampler steps (default: the diffusion model's, SD: 50)."
+    ),
+    guidance: Optional[float] = typer.Option(
+        None, help="GAIR guidance scale (default: the diffusion model's, SD: 7.5)."
+    ),
     n_context: int = typer.Option(1, min=1, help="GAIR context images per query."),
     seed: int = typer.Option(0, help="GAIR noise seed (every w uses the same noise)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
     report: Optional[Path] = typer.Option(
-        None, "--report", "--html", help="Also write a self-contained HTML page: results as thumbnails; with tokens, "
-                                          "the concept images and, with --gair, the image generated for each w."),
+        None,
+        "--report",
+        "--html",
+        help="Also write a self-contained HTML page: results as thumbnails; with tokens, "
+        "the concept images and, with --gair, the image generated for each w.",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar while GAIR generates."),
 ):
     """Search the index by text: prints rank, score and path of the best matches.
@@ -182,18 +224,23 @@ def query(
         # 1. every check that needs no model, then the models (once), then the queries
         engine = Engine(index_dir, tokens_dir, model=model, diffusion=diffusion, device=device)
         engine.check_queries(texts, token, gair)
-        config = GairConfig(weights=parse_weights(weights), steps=steps, guidance_scale=guidance, seed=seed,
-                            n_context=n_context)
+        config = GairConfig(
+            weights=parse_weights(weights), steps=steps, guidance_scale=guidance, seed=seed, n_context=n_context
+        )
         words = [a.strip() for a in attributes.split(",")] if attributes is not None else None
         images = engine.read_concept_images(concept_images) if concept_images is not None else None
-        results = engine.query_many(texts, token, k=k, gair=gair, attributes=words, gair_config=config,
-                                    concept_images=images, progress=progress)
+        results = engine.query_many(
+            texts, token, k=k, gair=gair, attributes=words, gair_config=config, concept_images=images, progress=progress
+        )
     except _user_errors() as e:
         _fail(str(e))
     for r in results:
         if getattr(r, "truncated", False):
-            typer.secho(f"warning: {r.query!r} is longer than the text encoder's context and was truncated",
-                        fg=typer.colors.YELLOW, err=True)
+            typer.secho(
+                f"warning: {r.query!r} is longer than the text encoder's context and was truncated",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
         if as_json:
             typer.echo(json.dumps(r.to_json()))
             continue
@@ -233,9 +280,13 @@ def demo(
     k: int = typer.Option(5, min=1, help="Results per query."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    tokens: bool = typer.Option(True, help="Also learn a custom token for one concept and answer GAIR queries with it."),
+    tokens: bool = typer.Option(
+        True, help="Also learn a custom token for one concept and answer GAIR queries with it."
+    ),
     token_steps: int = typer.Option(300, min=0, help="Optimiser steps of the demo's token."),
-    sample_steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps for negatives and GAIR (default: the diffusion model's)."),
+    sample_steps: Optional[int] = typer.Option(
+        None, min=1, help="Sampler steps for negatives and GAIR (default: the diffusion model's)."
+    ),
 ):
     """Run the engine end to end on the built-in synthetic world, with no download.
 
@@ -247,8 +298,16 @@ def demo(
     from benchmarks.demo import run_demo
 
     try:
-        result = run_demo(out, model=model, k=k, progress=progress, device=device, token_steps=token_steps,
-                          sample_steps=sample_steps, tokens=tokens)
+        result = run_demo(
+            out,
+            model=model,
+            k=k,
+            progress=progress,
+            device=device,
+            token_steps=token_steps,
+            sample_steps=sample_steps,
+            tokens=tokens,
+        )
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(result.summary.format())
@@ -256,8 +315,11 @@ def demo(
         typer.echo(f"# {r.query}   (answer: {target}, concept {concept})")
         for h in r.hits:
             typer.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
-        typer.echo(f"  -> the image this caption describes is at rank {rank}" if rank else
-                   f"  -> the image this caption describes is not in the top {k}")
+        typer.echo(
+            f"  -> the image this caption describes is at rank {rank}"
+            if rank
+            else f"  -> the image this caption describes is not in the top {k}"
+        )
     typer.echo(
         "Queries with the same words name look-alike concepts (same garment words, other unnamed details): words\n"
         "alone cannot tell them apart. Custom tokens learned from a few photos of each concept are meant to."
@@ -265,13 +327,17 @@ def demo(
     typer.echo(f"report: {result.html}")
     t = result.token
     if t is not None:
-        typer.echo(f"\ncustom token {t.token!r} for concept {t.concept} (parent {t.parent!r}), learned from its few-shot "
-                   f"images {'(reused from the last run)' if t.reused else f'in {t.seconds:.0f} s'} (method ours). Rank of each caption's own image among "
-                   f"{result.summary.count} gallery images:")
+        typer.echo(
+            f"\ncustom token {t.token!r} for concept {t.concept} (parent {t.parent!r}), learned from its few-shot "
+            f"images {'(reused from the last run)' if t.reused else f'in {t.seconds:.0f} s'} (method ours). Rank of each caption's own image among "
+            f"{result.summary.count} gallery images:"
+        )
         for i, (q, target) in enumerate(zip(t.queries, t.targets)):
             typer.echo(f"# {q}   (answer: {target})")
-            typer.echo(f"  words only: {t.ranks['words'][i]:>4}   token: {t.ranks['token'][i]:>4}   "
-                       f"token + GAIR: {t.ranks['token+gair'][i]:>4} (w* = {t.gair_w[i]:g})")
+            typer.echo(
+                f"  words only: {t.ranks['words'][i]:>4}   token: {t.ranks['token'][i]:>4}   "
+                f"token + GAIR: {t.ranks['token+gair'][i]:>4} (w* = {t.gair_w[i]:g})"
+            )
         typer.echo(f"report: {t.html}")
 
 
@@ -298,21 +364,30 @@ TOKENS_DIR_HELP = "The token store: a folder of <name>.safetensors files (create
 @app.command("learn-token")
 def learn_token_command(
     name: str = typer.Argument(..., help="The token's name (letters, digits, . _ -); in prompts it is * or <NAME>."),
-    images: Path = typer.Option(..., help="Folder of the concept's images (at least 3 usable; unreadable ones are skipped)."),
-    parent: str = typer.Option(..., help="The concept's parent word, e.g. dress (several words: their mean initialises the token)."),
+    images: Path = typer.Option(
+        ..., help="Folder of the concept's images (at least 3 usable; unreadable ones are skipped)."
+    ),
+    parent: str = typer.Option(
+        ..., help="The concept's parent word, e.g. dress (several words: their mean initialises the token)."
+    ),
     method: MethodOpt = typer.Option(
-        MethodOpt.ours, help="ours: diffusion + classification loss, token in an attribute subspace (Perera et al.); "
-        "ti: textual inversion (diffusion loss); pt: prompt tuning (classification loss); batex: BaTex basis coefficients."
+        MethodOpt.ours,
+        help="ours: diffusion + classification loss, token in an attribute subspace (Perera et al.); "
+        "ti: textual inversion (diffusion loss); pt: prompt tuning (classification loss); batex: BaTex basis coefficients.",
     ),
     steps: Optional[int] = typer.Option(None, min=0, help="Optimiser steps (default: 20000; batex 500)."),
-    vectors: Optional[int] = typer.Option(None, min=1, help="Vectors per token (default 10; with --init-caption: one per caption token)."),
+    vectors: Optional[int] = typer.Option(
+        None, min=1, help="Vectors per token (default 10; with --init-caption: one per caption token)."
+    ),
     init_caption: Optional[str] = typer.Option(
-        None, help="Start from a caption, one vector per caption token (\"a red tea kettle with gold leaf\"), or auto: "
-        "a caption ranked from the attribute vocabulary by CLIP against the images. Default: the parent word."
+        None,
+        help='Start from a caption, one vector per caption token ("a red tea kettle with gold leaf"), or auto: '
+        "a caption ranked from the attribute vocabulary by CLIP against the images. Default: the parent word.",
     ),
     negatives: Optional[Path] = typer.Option(
-        None, help="Folder of negative images of the parent (ours, pt). Default: sampled from the diffusion model for "
-        "\"image of a <parent>\" and cached in --tokens-dir."
+        None,
+        help="Folder of negative images of the parent (ours, pt). Default: sampled from the diffusion model for "
+        '"image of a <parent>" and cached in --tokens-dir.',
     ),
     n_negatives: int = typer.Option(16, min=1, help="Negatives to sample when no --negatives folder is given."),
     negative_steps: int = typer.Option(50, min=1, help="Sampler steps when sampling negatives."),
@@ -322,8 +397,10 @@ def learn_token_command(
     seed: int = typer.Option(0, help="Seeds the image, prompt, noise and timestep draws (and sampled negatives)."),
     overwrite: bool = typer.Option(False, help="Replace a token of the same name."),
     context_attributes: Optional[str] = typer.Option(
-        None, help="Comma-separated words kept with the token for `query --gair`'s context query (default there: "
-                   "red,old,worn,bright,dark,pink, the paper's)."),
+        None,
+        help="Comma-separated words kept with the token for `query --gair`'s context query (default there: "
+        "red,old,worn,bright,dark,pink, the paper's).",
+    ),
     device: str = typer.Option("auto", help="auto (GPU if present, with mixed precision), cpu, cuda, cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar with each loss term."),
 ):
@@ -336,8 +413,17 @@ def learn_token_command(
 
     try:
         result = Engine(tokens_dir=tokens_dir, model=model, diffusion=diffusion, device=device).learn_token(
-            name, images, parent, progress=progress, method=method.value, steps=steps, n_vectors=vectors,
-            init_caption=init_caption, negatives=negatives, seed=seed, overwrite=overwrite,
+            name,
+            images,
+            parent,
+            progress=progress,
+            method=method.value,
+            steps=steps,
+            n_vectors=vectors,
+            init_caption=init_caption,
+            negatives=negatives,
+            seed=seed,
+            overwrite=overwrite,
             overrides={"n_negatives": n_negatives, "negative_steps": negative_steps},
             context_attributes=tuple(a.strip() for a in (context_attributes or "").split(",") if a.strip()),
         )
@@ -353,9 +439,14 @@ def generate(
     n: int = typer.Option(4, min=1, help="Images to generate."),
     out: Path = typer.Option(Path("grid.png"), help="Where the grid of images is written (PNG)."),
     steps: Optional[int] = typer.Option(
-        None, min=1, help="Sampling steps (default: the diffusion model's own setting: 50 DDIM for Stable Diffusion, "
-                          "25 Euler ancestral for toyworld)."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the diffusion model's: SD 7.5, toyworld 4)."),
+        None,
+        min=1,
+        help="Sampling steps (default: the diffusion model's own setting: 50 DDIM for Stable Diffusion, "
+        "25 Euler ancestral for toyworld).",
+    ),
+    guidance: Optional[float] = typer.Option(
+        None, help="Classifier-free guidance scale (default: the diffusion model's: SD 7.5, toyworld 4)."
+    ),
     negative_prompt: str = typer.Option("", help="The unconditional prompt of classifier-free guidance."),
     seed: int = typer.Option(0, help="Image i starts from noise seeded seed + i."),
     model: str = typer.Option(DEFAULT_MODEL, help=TOKEN_MODEL_HELP),
@@ -370,7 +461,15 @@ def generate(
 
     try:
         result = Engine(tokens_dir=tokens_dir, model=model, diffusion=diffusion, device=device).generate(
-            prompt, token, n=n, steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, seed=seed, out=out)
+            prompt,
+            token,
+            n=n,
+            steps=steps,
+            guidance_scale=guidance,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            out=out,
+        )
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(f"wrote {len(result.images)} images for {result.prompt!r} to {result.out}")
@@ -400,7 +499,9 @@ def tokens_list(
             typer.echo(f"{e.name:<24} UNREADABLE: {e.problem}")
         else:
             i = e.info
-            typer.echo(f"{i.name:<24} {i.method:<6} parent={i.parent!r:<12} vectors={i.n_vectors:<3} model={i.model} {i.created}")
+            typer.echo(
+                f"{i.name:<24} {i.method:<6} parent={i.parent!r:<12} vectors={i.n_vectors:<3} model={i.model} {i.created}"
+            )
 
 
 @tokens_app.command("show")
@@ -451,8 +552,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; any address but loopback requires --api-key."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(
-        None, envvar="PERSONAL_RETRIEVAL_API_KEY", help="Require this key (header X-API-Key) on every /api request; "
-                                                        "needed to listen beyond this machine."),
+        None,
+        envvar="PERSONAL_RETRIEVAL_API_KEY",
+        help="Require this key (header X-API-Key) on every /api request; needed to listen beyond this machine.",
+    ),
     model: Optional[str] = typer.Option(None, help="Must equal the index's model; default: the index's model."),
     diffusion: str = typer.Option("auto", help=DIFFUSION_HELP),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
@@ -462,8 +565,16 @@ def serve(
     from retrieval.server import serve as run_server
 
     try:
-        run_server(index_dir, tokens_dir, host=host, port=port, api_key=api_key, model=model, diffusion=diffusion,
-                   device=device)
+        run_server(
+            index_dir,
+            tokens_dir,
+            host=host,
+            port=port,
+            api_key=api_key,
+            model=model,
+            diffusion=diffusion,
+            device=device,
+        )
     except _user_errors() as e:
         _fail(str(e))
 

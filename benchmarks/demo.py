@@ -39,15 +39,15 @@ DEMO_SAMPLE_STEPS = 25  # sampler steps of the demo's negatives (the toy diffusi
 class TokenDemo:
     """Step 5: one concept's token and its queries, answered three ways."""
 
-    token: str                       # token name
-    concept: str                     # pair_id
+    token: str  # token name
+    concept: str  # pair_id
     parent: str
-    seconds: float                   # learning the token
-    reused: bool                     # the token of an earlier run with the same request was reused
-    queries: list[str]               # as written, with *
-    targets: list[str]               # the image each was written for
-    ranks: dict[str, list[int]]      # "words", "token", "token+gair" -> the target's rank per query
-    gair_w: list[float]              # w* per query
+    seconds: float  # learning the token
+    reused: bool  # the token of an earlier run with the same request was reused
+    queries: list[str]  # as written, with *
+    targets: list[str]  # the image each was written for
+    ranks: dict[str, list[int]]  # "words", "token", "token+gair" -> the target's rank per query
+    gair_w: list[float]  # w* per query
     html: Path
 
 
@@ -55,16 +55,23 @@ class TokenDemo:
 class DemoResult:
     summary: IndexSummary
     results: list[QueryResult]
-    target_ranks: list[int | None]   # rank of the image each query was written for (None: not in the top k)
-    targets: list[str]               # that image, relative to the gallery root
-    concepts: list[str]              # the concept (pair_id) it shows
+    target_ranks: list[int | None]  # rank of the image each query was written for (None: not in the top k)
+    targets: list[str]  # that image, relative to the gallery root
+    concepts: list[str]  # the concept (pair_id) it shows
     html: Path
     token: TokenDemo | None = None
 
 
-def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, progress: bool = True,
-             device: str = "auto", token_steps: int = DEMO_TOKEN_STEPS, sample_steps: int | None = None,
-             tokens: bool = True) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "demo",
+    model: str = "toyworld",
+    k: int = 5,
+    progress: bool = True,
+    device: str = "auto",
+    token_steps: int = DEMO_TOKEN_STEPS,
+    sample_steps: int | None = None,
+    tokens: bool = True,
+) -> DemoResult:
     out = Path(out_dir)
     # 1. the world's test split: 50 concepts, few-shot + evaluation images, PerVL files
     paths = write_split(out / "world", world_config("pervl"), split="test")
@@ -76,26 +83,37 @@ def run_demo(out_dir: str | Path = "demo", model: str = "toyworld", k: int = 5, 
     #    single it out, which is what custom tokens are for.
     scenes = pd.read_csv(paths.scenes)
     evals = scenes[scenes["role"] != "few-shot"].drop_duplicates("pair_id").head(DEMO_QUERIES)
-    queries = pd.DataFrame({
-        "image_name": evals["image_name"],
-        "caption": [f"a person wearing {garment_phrase(r.category, r.colour, r.pattern)} {CONTEXT_WORDS[r.context].places[0]}"
-                    for r in evals.itertuples()],
-    })
+    queries = pd.DataFrame(
+        {
+            "image_name": evals["image_name"],
+            "caption": [
+                f"a person wearing {garment_phrase(r.category, r.colour, r.pattern)} {CONTEXT_WORDS[r.context].places[0]}"
+                for r in evals.itertuples()
+            ],
+        }
+    )
     results = engine.query_many(queries["caption"].tolist(), k=k)
     # gallery paths are relative to the images root, as PerVL's image_name ("train/image/000123.jpg")
     ranks = [next((h.rank for h in r.hits if h.path == t), None) for r, t in zip(results, queries["image_name"])]
     # 4. the page
     html = engine.report(results, out / "results.html")
-    result = DemoResult(summary=summary, results=results, target_ranks=ranks, targets=queries["image_name"].tolist(),
-                        concepts=[str(c) for c in evals["pair_id"]], html=html)
+    result = DemoResult(
+        summary=summary,
+        results=results,
+        target_ranks=ranks,
+        targets=queries["image_name"].tolist(),
+        concepts=[str(c) for c in evals["pair_id"]],
+        html=html,
+    )
     # 5. a custom token for the first concept, then composed and GAIR queries
     if tokens:
         result.token = token_demo(engine, out, paths, scenes, k, token_steps, sample_steps, progress)
     return result
 
 
-def token_demo(engine: Engine, out: Path, paths, scenes: pd.DataFrame, k: int, steps: int,
-               sample_steps: int | None, progress: bool) -> TokenDemo:
+def token_demo(
+    engine: Engine, out: Path, paths, scenes: pd.DataFrame, k: int, steps: int, sample_steps: int | None, progress: bool
+) -> TokenDemo:
     # the first concept: its few-shot images in a folder of their own, its evaluation captions as queries
     first = scenes[scenes["role"] == "few-shot"].iloc[0]
     pair_id, parent = str(first["pair_id"]), str(first["category"])
@@ -111,11 +129,18 @@ def token_demo(engine: Engine, out: Path, paths, scenes: pd.DataFrame, k: int, s
     name = f"concept-{pair_id}"
     t0 = time.perf_counter()
     # 8 negatives at the toy model's sampler steps keep the demo within minutes on 2 CPU cores
-    options = dict(method="ours", steps=steps, seed=0, overwrite=True,
-                   overrides={"n_negatives": 8, "negative_steps": sample_steps or DEMO_SAMPLE_STEPS})
+    options = dict(
+        method="ours",
+        steps=steps,
+        seed=0,
+        overwrite=True,
+        overrides={"n_negatives": 8, "negative_steps": sample_steps or DEMO_SAMPLE_STEPS},
+    )
     request = LearnRequest(name=name, images=folder, parent=parent, model=engine.model, **options)
     info = engine.tokens.info(name) if engine.tokens.exists(name) else None
-    reused = info is not None and info.model == engine.model and info.config == json_safe(asdict(request_config(request)))
+    reused = (
+        info is not None and info.model == engine.model and info.config == json_safe(asdict(request_config(request)))
+    )
     if not reused:
         engine.learn_token(name, folder, parent, progress=progress, **options)
     seconds = time.perf_counter() - t0
@@ -123,12 +148,17 @@ def token_demo(engine: Engine, out: Path, paths, scenes: pd.DataFrame, k: int, s
     queries = [insert_concept(c, "*") for c in mine["caption"]]
     targets = mine["image_name"].tolist()
     everything = engine.store.count
-    words = engine.query_many([q.replace("*", parent) for q in queries], [], k=everything)  # the parent word in the token's place
+    words = engine.query_many(
+        [q.replace("*", parent) for q in queries], [], k=everything
+    )  # the parent word in the token's place
     plain = engine.query_many(queries, [name], k=everything)
-    gair = engine.query_many(queries, [name], k=everything, gair=True, gair_config=GairConfig(steps=sample_steps),
-                             progress=progress)  # every query and weight in one batched generation
-    ranks = {key: [next(h.rank for h in r.hits if h.path == t) for r, t in zip(results, targets)]
-             for key, results in (("words", words), ("token", plain), ("token+gair", gair))}
+    gair = engine.query_many(
+        queries, [name], k=everything, gair=True, gair_config=GairConfig(steps=sample_steps), progress=progress
+    )  # every query and weight in one batched generation
+    ranks = {
+        key: [next(h.rank for h in r.hits if h.path == t) for r, t in zip(results, targets)]
+        for key, results in (("words", words), ("token", plain), ("token+gair", gair))
+    }
     ws = [r.gair.w for r in gair]
     for r in gair:
         r.hits = r.hits[:k]

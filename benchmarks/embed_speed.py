@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.models.encoders import ClipEncoder
 from retrieval.gallery import GalleryDataset, collate_gallery, scan_gallery
 from retrieval.indexer import IndexingConfig, index_gallery
+from retrieval.models.encoders import ClipEncoder
 
 
 def write_photo_gallery(root: Path, n: int, size: tuple[int, int] = (1600, 1200), seed: int = 0) -> None:
@@ -40,8 +40,10 @@ def model_only(encoder: ClipEncoder, root: Path, batch_size: int) -> float:
     """images/s of encode_images alone, on batches decoded beforehand."""
     files = scan_gallery(root)
     ds = GalleryDataset(root, files, encoder.preprocess, min_size=encoder.image_size)
-    batches = [collate_gallery([ds[i] for i in range(s, min(s + batch_size, len(files)))]).pixels
-               for s in range(0, len(files), batch_size)]
+    batches = [
+        collate_gallery([ds[i] for i in range(s, min(s + batch_size, len(files)))]).pixels
+        for s in range(0, len(files), batch_size)
+    ]
     encoder.encode_images(batches[0][:2])  # warm-up
     t = time.perf_counter()
     for pixels in batches:
@@ -56,8 +58,14 @@ def end_to_end(encoder: ClipEncoder, root: Path, batch_size: int, workers: int) 
         return summary.images_per_second
 
 
-def bench_embed(archs: list[str], n_images: list[int], batch_size: int = 32, workers: int = -1,
-                photo_size: tuple[int, int] = (1600, 1200), device: str = "auto") -> list[dict]:
+def bench_embed(
+    archs: list[str],
+    n_images: list[int],
+    batch_size: int = 32,
+    workers: int = -1,
+    photo_size: tuple[int, int] = (1600, 1200),
+    device: str = "auto",
+) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch, n in zip(archs, n_images):
@@ -67,9 +75,19 @@ def bench_embed(archs: list[str], n_images: list[int], batch_size: int = 32, wor
             encoder = ClipEncoder.from_spec(f"{arch}/random", device=device)
             mo = model_only(encoder, root, batch_size)
             e2e = end_to_end(encoder, root, batch_size, workers)
-            rows.append({"arch": arch, "images": n, "photo": f"{photo_size[0]}x{photo_size[1]}", "batch": batch_size,
-                         "device": f"{encoder.device.type}/{encoder.precision}", "threads": torch.get_num_threads(),
-                         "model_only_img_s": mo, "end_to_end_img_s": e2e, "ratio": e2e / mo})
+            rows.append(
+                {
+                    "arch": arch,
+                    "images": n,
+                    "photo": f"{photo_size[0]}x{photo_size[1]}",
+                    "batch": batch_size,
+                    "device": f"{encoder.device.type}/{encoder.precision}",
+                    "threads": torch.get_num_threads(),
+                    "model_only_img_s": mo,
+                    "end_to_end_img_s": e2e,
+                    "ratio": e2e / mo,
+                }
+            )
     return rows
 
 
@@ -77,6 +95,8 @@ def format_embed_table(rows: list[dict]) -> str:
     head = "| arch | images | photo size | batch | device | torch threads | model-only img/s | end-to-end img/s | end-to-end / model |"
     lines = [head, "|" + " --- |" * 9]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['images']} | {r['photo']} | {r['batch']} | {r['device']} | {r['threads']} | "
-                     f"{r['model_only_img_s']:.2f} | {r['end_to_end_img_s']:.2f} | {r['ratio']:.1%} |")
+        lines.append(
+            f"| {r['arch']} | {r['images']} | {r['photo']} | {r['batch']} | {r['device']} | {r['threads']} | "
+            f"{r['model_only_img_s']:.2f} | {r['end_to_end_img_s']:.2f} | {r['ratio']:.1%} |"
+        )
     return "\n".join(lines)

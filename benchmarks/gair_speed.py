@@ -25,9 +25,9 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from retrieval import Engine
 from retrieval.composed import composed_feature, plan_query
 from retrieval.gair import GairConfig, run_gair
-from retrieval.models.pairing import load_models
 from tokens.methods import word_embeddings
 from tokens.token_file import CustomToken, TokenInfo
 
@@ -55,11 +55,16 @@ def main(argv=None) -> list[dict]:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    clip, backbone = load_models(a.model, a.diffusion, device=a.device)
+    engine = Engine(model=a.model, diffusion=a.diffusion or "auto", device=a.device)
+    clip, backbone = engine.clip, engine.backbone
     g = torch.Generator().manual_seed(0)
-    vectors = word_embeddings(clip, ["dress"]).repeat(a.vectors, 1) + 0.01 * torch.randn(a.vectors, clip.width, generator=g)
-    token = CustomToken(vectors, TokenInfo(name="t", model=clip.spec, width=clip.width, n_vectors=a.vectors,
-                                           parent="dress", method="ti"))
+    vectors = word_embeddings(clip, ["dress"]).repeat(a.vectors, 1) + 0.01 * torch.randn(
+        a.vectors, clip.width, generator=g
+    )
+    token = CustomToken(
+        vectors,
+        TokenInfo(name="t", model=clip.spec, width=clip.width, n_vectors=a.vectors, parent="dress", method="ti"),
+    )
     plan = plan_query("a wide lawn is behind a person wearing a * with raised arms.", [token])
     concept = np.ones((1, clip.dim), np.float32)
     steps = a.steps or backbone.sampling["steps"]
@@ -68,19 +73,33 @@ def main(argv=None) -> list[dict]:
         plain = timed(lambda: composed_feature(clip, plan), a.repeats)
         for n in a.weights:
             weights = tuple(float(w) for w in np.round(np.linspace(0, 1, n), 6)) if n > 1 else (1.0,)
-            run_gair([plan], backbone, concept, ["red"], GairConfig(weights=weights, steps=steps), cache)  # context cached
-            batched = timed(lambda: run_gair([plan], backbone, concept, ["red"],
-                                             GairConfig(weights=weights, steps=steps, batch_size=64), cache), a.repeats)
-            single = timed(lambda: run_gair([plan], backbone, concept, ["red"],
-                                            GairConfig(weights=weights, steps=steps, batch_size=1), cache), a.repeats)
+            run_gair(
+                [plan], backbone, concept, ["red"], GairConfig(weights=weights, steps=steps), cache
+            )  # context cached
+            batched = timed(
+                lambda: run_gair(
+                    [plan], backbone, concept, ["red"], GairConfig(weights=weights, steps=steps, batch_size=64), cache
+                ),
+                a.repeats,
+            )
+            single = timed(
+                lambda: run_gair(
+                    [plan], backbone, concept, ["red"], GairConfig(weights=weights, steps=steps, batch_size=1), cache
+                ),
+                a.repeats,
+            )
             rows.append({"W": n, "batched_s": batched - plain, "one_at_a_time_s": single - plain})
     print("| \\|W\\| | GAIR extra s/query, batched | one weight at a time | speed-up |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['W']} | {r['batched_s']:.2f} | {r['one_at_a_time_s']:.2f} | {r['one_at_a_time_s'] / r['batched_s']:.2f}x |")
-    print(f"\nmodel {a.model}, diffusion {backbone.spec}, {steps} sampler steps, guidance "
-          f"{backbone.sampling['guidance_scale']}, {torch.get_num_threads()} threads, device {backbone.device}; plain "
-          f"composed query {plain * 1000:.1f} ms; median of {a.repeats}")
+        print(
+            f"| {r['W']} | {r['batched_s']:.2f} | {r['one_at_a_time_s']:.2f} | {r['one_at_a_time_s'] / r['batched_s']:.2f}x |"
+        )
+    print(
+        f"\nmodel {a.model}, diffusion {backbone.spec}, {steps} sampler steps, guidance "
+        f"{backbone.sampling['guidance_scale']}, {torch.get_num_threads()} threads, device {backbone.device}; plain "
+        f"composed query {plain * 1000:.1f} ms; median of {a.repeats}"
+    )
     return rows
 
 

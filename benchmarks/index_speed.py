@@ -42,8 +42,8 @@ from indexes.vector_index import (  # noqa: E402
 )
 
 K = 10
-CHUNK = 100_000        # rows generated per seeded chunk (the data do not depend on --sizes' order)
-PROBE_N = 20_000       # smallest probe build for estimating a build's time; sizes <= 5 * PROBE_N just build
+CHUNK = 100_000  # rows generated per seeded chunk (the data do not depend on --sizes' order)
+PROBE_N = 20_000  # smallest probe build for estimating a build's time; sizes <= 5 * PROBE_N just build
 # The estimate fits t = fixed + per-vector cost to builds on n/40 and n/20 vectors: fixed costs (IVF-PQ's
 # codebook training, capped at train_sample vectors) do not grow with n. HNSW's per-vector cost also grows
 # as log n (graph hops per insertion); IVF's grows slowly with nlist and is taken as constant.
@@ -69,9 +69,9 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, stream: int = 0) -> np
     """
     latent, n_themes, n_sub = min(64, d), 100, 100
     model = np.random.default_rng([seed, 0])
-    basis = np.linalg.qr(model.standard_normal((d, latent)))[0].T.astype(np.float32)   # (latent, d) orthonormal rows
-    shared = model.standard_normal(latent) * 0.8                                        # common direction, norm ~6
-    themes = model.standard_normal((n_themes, latent))                                  # norm ~8
+    basis = np.linalg.qr(model.standard_normal((d, latent)))[0].T.astype(np.float32)  # (latent, d) orthonormal rows
+    shared = model.standard_normal(latent) * 0.8  # common direction, norm ~6
+    themes = model.standard_normal((n_themes, latent))  # norm ~8
     subs = themes[:, None, :] + model.standard_normal((n_themes, n_sub, latent)) * 0.5  # norm ~4 around a theme
     subs = subs.reshape(-1, latent)
     out = np.empty((n, d), np.float32)
@@ -79,7 +79,7 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, stream: int = 0) -> np
         rng = np.random.default_rng([seed, 1 + stream, c])
         m = min(CHUNK, n - a)
         z = subs[rng.integers(len(subs), size=m)] + shared + rng.standard_normal((m, latent)) * 0.7  # (m, latent)
-        x = z.astype(np.float32) @ basis + rng.standard_normal((m, d), dtype=np.float32) * 0.06      # (m, d)
+        x = z.astype(np.float32) @ basis + rng.standard_normal((m, d), dtype=np.float32) * 0.06  # (m, d)
         out[a : a + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -89,8 +89,10 @@ def describe(vectors: np.ndarray, queries: np.ndarray, true_scores: np.ndarray, 
     rng = np.random.default_rng(seed)
     a, b = rng.integers(len(vectors), size=(2, 2000))
     random_pairs = np.einsum("ij,ij->i", vectors[a], vectors[b])
-    return (f"cosine of a query to its 1st neighbour {true_scores[:, 0].mean():.3f}, 10th {true_scores[:, K - 1].mean():.3f}, "
-            f"random pairs {random_pairs.mean():.3f} +- {random_pairs.std():.3f}")
+    return (
+        f"cosine of a query to its 1st neighbour {true_scores[:, 0].mean():.3f}, 10th {true_scores[:, K - 1].mean():.3f}, "
+        f"random pairs {random_pairs.mean():.3f} +- {random_pairs.std():.3f}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,8 +147,13 @@ def bench_one(vectors, ids, queries, true_ids, config: IndexConfig) -> dict:
     # 3. quality and size
     row = {
         "resolved": params.index_type,
-        "setting": (f"nprobe={params.nprobe}" if params.nprobe else f"efSearch={params.ef_search}"
-                    if params.ef_search else "exact"),
+        "setting": (
+            f"nprobe={params.nprobe}"
+            if params.nprobe
+            else f"efSearch={params.ef_search}"
+            if params.ef_search
+            else "exact"
+        ),
         "build_s": build_s,
         "qps": len(queries) / search_s,
         "recall": recall_at_k(found, true_ids, K),
@@ -159,8 +166,14 @@ def bench_one(vectors, ids, queries, true_ids, config: IndexConfig) -> dict:
     return row
 
 
-def bench_search(sizes: list[int], dim: int = 768, types: list[str] = ("flat", "auto", "hnsw", "ivf", "ivfpq"),
-                 n_queries: int = 1000, max_build_seconds: float = 900.0, seed: int = 0) -> list[dict]:
+def bench_search(
+    sizes: list[int],
+    dim: int = 768,
+    types: list[str] = ("flat", "auto", "hnsw", "ivf", "ivfpq"),
+    n_queries: int = 1000,
+    max_build_seconds: float = 900.0,
+    seed: int = 0,
+) -> list[dict]:
     """For each size and type: one row of build_s, qps, speedup over flat, recall@10, index MB (or skipped)."""
     rows = []
     for n in sizes:
@@ -172,8 +185,11 @@ def bench_search(sizes: list[int], dim: int = 768, types: list[str] = ("flat", "
         print(f"\n## n = {n:,}, d = {dim}: generated in {time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
         true_scores, true_ids = exact_search(vectors, ids, queries, K)
-        print(f"exact ground truth for {n_queries} queries: {time.perf_counter() - t0:.1f} s; "
-              f"{describe(vectors, queries, true_scores, seed)}", flush=True)
+        print(
+            f"exact ground truth for {n_queries} queries: {time.perf_counter() - t0:.1f} s; "
+            f"{describe(vectors, queries, true_scores, seed)}",
+            flush=True,
+        )
 
         # 2. each type: estimate, build, measure (auto reuses the row of the type it resolves to)
         done: dict[str, dict] = {}
@@ -195,8 +211,11 @@ def bench_search(sizes: list[int], dim: int = 768, types: list[str] = ("flat", "
                 row.update(bench_one(vectors, ids, queries, true_ids, config))
                 row["note"] = f"estimated build {estimate:.0f} s" if estimate is not None else ""
                 done[kind] = {k: v for k, v in row.items() if k not in ("n", "type")}
-            print(f"{index_type} ({row['resolved']}, {row['setting']}): build {row['build_s']:.1f} s, "
-                  f"{row['qps']:.0f} queries/s, recall@10 {row['recall']:.3f}", flush=True)
+            print(
+                f"{index_type} ({row['resolved']}, {row['setting']}): build {row['build_s']:.1f} s, "
+                f"{row['qps']:.0f} queries/s, recall@10 {row['recall']:.3f}",
+                flush=True,
+            )
             rows.append(row)
         flat = done.get("flat")
         for row in rows:
@@ -209,8 +228,10 @@ def bench_search(sizes: list[int], dim: int = 768, types: list[str] = ("flat", "
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| n | type | resolved | setting | build s | queries/s | x flat | recall@10 | tuned recall@10 | index MB "
-            "| load | note |")
+    head = (
+        "| n | type | resolved | setting | build s | queries/s | x flat | recall@10 | tuned recall@10 | index MB "
+        "| load | note |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if "qps" not in r:
@@ -218,9 +239,11 @@ def format_table(rows: list[dict]) -> str:
             continue
         tuned = f"{r['tuned_recall']:.3f}" if r["tuned_recall"] is not None else "exact"
         speedup = f"{r['speedup']:.1f}" if "speedup" in r else ""
-        lines.append(f"| {r['n']:,} | {r['type']} | {r['resolved']} | {r['setting']} | {r['build_s']:.1f} | "
-                     f"{r['qps']:.0f} | {speedup} | {r['recall']:.3f} | {tuned} | {r['index_mb']:.0f} | {r['load']:.1f} "
-                     f"| {r['note']} |")
+        lines.append(
+            f"| {r['n']:,} | {r['type']} | {r['resolved']} | {r['setting']} | {r['build_s']:.1f} | "
+            f"{r['qps']:.0f} | {speedup} | {r['recall']:.3f} | {tuned} | {r['index_mb']:.0f} | {r['load']:.1f} "
+            f"| {r['note']} |"
+        )
     return "\n".join(lines)
 
 
@@ -230,10 +253,17 @@ def format_table(rows: list[dict]) -> str:
 
 def bench_embed(args: argparse.Namespace) -> list[dict]:
     """Images/s of indexing end to end vs. the model alone (benchmarks/embed_speed.py); prints a table."""
-    from benchmarks.embed_speed import bench_embed as run, format_embed_table
+    from benchmarks.embed_speed import bench_embed as run
+    from benchmarks.embed_speed import format_embed_table
 
-    rows = run(args.archs, args.images, batch_size=args.batch_size, workers=args.workers,
-               photo_size=tuple(args.photo_size), device=args.device)
+    rows = run(
+        args.archs,
+        args.images,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        photo_size=tuple(args.photo_size),
+        device=args.device,
+    )
     print(format_embed_table(rows))
     return rows
 
@@ -242,22 +272,40 @@ def bench_embed(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["search", "embed", "all"], default="search",
-                        help="search: index types (this file); embed: encoder speed; all: both")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--part",
+        choices=["search", "embed", "all"],
+        default="search",
+        help="search: index types (this file); embed: encoder speed; all: both",
+    )
     search_args = parser.add_argument_group("search part")
     search_args.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="database sizes")
     search_args.add_argument("--dim", type=int, default=768, help="vector dimension (ViT-L/14: 768)")
-    search_args.add_argument("--types", nargs="+", default=["flat", "auto", "hnsw", "ivf", "ivfpq"],
-                             choices=[t.value for t in IndexType], help="index types to measure")
+    search_args.add_argument(
+        "--types",
+        nargs="+",
+        default=["flat", "auto", "hnsw", "ivf", "ivfpq"],
+        choices=[t.value for t in IndexType],
+        help="index types to measure",
+    )
     search_args.add_argument("--queries", type=int, default=1000, help="held-out queries, searched as one batch")
-    search_args.add_argument("--max-build-seconds", type=float, default=900.0,
-                             help="skip a type whose build, extrapolated from builds on n/40 and n/20 vectors, would take longer")
+    search_args.add_argument(
+        "--max-build-seconds",
+        type=float,
+        default=900.0,
+        help="skip a type whose build, extrapolated from builds on n/40 and n/20 vectors, would take longer",
+    )
     search_args.add_argument("--seed", type=int, default=0)
     embed_args = parser.add_argument_group("embed part")
-    embed_args.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-L-14-quickgelu"],
-                            help="open_clip architectures, random weights (speed does not depend on them)")
+    embed_args.add_argument(
+        "--archs",
+        nargs="+",
+        default=["ViT-B-32", "ViT-L-14-quickgelu"],
+        help="open_clip architectures, random weights (speed does not depend on them)",
+    )
     embed_args.add_argument("--images", type=int, nargs="+", default=[256, 32], help="gallery size per architecture")
     embed_args.add_argument("--batch-size", type=int, default=32)
     embed_args.add_argument("--workers", type=int, default=-1, help="decoding processes (-1: indexer default)")

@@ -50,8 +50,14 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.pervl_data import PervlSplit, fsl_image_path, missing_images, query_image_path, read_split
-from retrieval.composed import insert_concept
-from tokens.methods import MODEL_DEFAULTS
+from retrieval import Engine
+from retrieval.composed import insert_concept, plan_query
+from retrieval.gair import GairConfig, parse_weights, run_gair
+from retrieval.io.atomic import write_atomic, write_json, write_npy, write_parquet
+from retrieval.io.images import load_image
+from tokens.learn import ConceptImages, learn_tokens
+from tokens.methods import MODEL_DEFAULTS, token_train_config
+from tokens.token_file import load_token_file, save_token_file
 
 FORMAT_VERSION = 1
 METHOD_NAMES = {
@@ -67,11 +73,22 @@ METHOD_NAMES = {
 METHODS = tuple(METHOD_NAMES)
 TOKEN_METHOD = {"pt": "pt", "pt+gair": "pt", "ti": "ti", "batex": "batex", "ours": "ours", "ours+gair": "ours"}
 # Perera et al., Table 4 (DeepFashion2, 50 concepts, MRR x100)
-PAPER_TABLE4 = {"text": 17.6, "text+image": 21.7, "palavra": 28.4, "ideal-words": 37.0, "pt": 51.4, "pt+gair": 45.2,
-                "ours": 56.6, "ours+gair": 58.8}
+PAPER_TABLE4 = {
+    "text": 17.6,
+    "text+image": 21.7,
+    "palavra": 28.4,
+    "ideal-words": 37.0,
+    "pt": 51.4,
+    "pt+gair": 45.2,
+    "ours": 56.6,
+    "ours+gair": 58.8,
+}
 NOT_REPRODUCED = {
-    "palavra": ("PALAVRA", "needs PALAVRA's inversion network, trained on COCO captions; neither the network nor COCO "
-                           "can be had offline, and training it is a project of its own"),
+    "palavra": (
+        "PALAVRA",
+        "needs PALAVRA's inversion network, trained on COCO captions; neither the network nor COCO "
+        "can be had offline, and training it is a project of its own",
+    ),
     "ideal-words": ("Ideal Words", "not implemented in this project yet"),
 }
 PAPER_ATTRIBUTES_NOTE = "red, old, worn, bright, dark, pink (Perera et al., DeepFashion2)"
@@ -84,30 +101,30 @@ SYNTHETIC_CLASS_TEMPLATE = MODEL_DEFAULTS["toyworld"]["class_template"]
 
 @dataclass
 class BenchConfig:
-    annotations: str | None = None              # PerVL annotation folder; None with world="synthetic"
-    images: str | None = None                   # images root holding train/image/
+    annotations: str | None = None  # PerVL annotation folder; None with world="synthetic"
+    images: str | None = None  # images root holding train/image/
     split: str = "test"
-    captions: str = "default"                   # default ({split}_captions.csv), short, detailed
-    shots: int = 5                              # few-shot images per concept and seed
+    captions: str = "default"  # default ({split}_captions.csv), short, detailed
+    shots: int = 5  # few-shot images per concept and seed
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
-    model: str = "ViT-L-14-quickgelu/openai"    # CLIP SPEC (the tokens' and the gallery's)
-    diffusion: str = "auto"                     # diffusion SPEC; auto: paired with model
-    parent: str = "category"                    # "category" or a fixed word
+    model: str = "ViT-L-14-quickgelu/openai"  # CLIP SPEC (the tokens' and the gallery's)
+    diffusion: str = "auto"  # diffusion SPEC; auto: paired with model
+    parent: str = "category"  # "category" or a fixed word
     out: str = "out/pervl"
-    concepts: int = 0                           # first N concepts of the split; 0: all
-    steps: dict = field(default_factory=dict)   # method -> optimiser steps; missing: the method's default
+    concepts: int = 0  # first N concepts of the split; 0: all
+    steps: dict = field(default_factory=dict)  # method -> optimiser steps; missing: the method's default
     vectors: int = 10
     lr: float = 5e-4
     n_negatives: int = 16
-    negative_steps: int | None = None           # None: the diffusion model's default sampler steps
+    negative_steps: int | None = None  # None: the diffusion model's default sampler steps
     sd_templates: tuple[str, ...] | None = None  # None: the token trainer's defaults
     class_template: str | None = None
     gair_weights: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
-    gair_steps: int | None = None               # None: the diffusion model's default
+    gair_steps: int | None = None  # None: the diffusion model's default
     gair_guidance: float | None = None
     attributes: tuple[str, ...] = ("red", "old", "worn", "bright", "dark", "pink")
-    world: str | None = None                    # "synthetic": the toy world's split with its models
+    world: str | None = None  # "synthetic": the toy world's split with its models
     world_seed: int = 0
     world_preset: str = "pervl"
     device: str = "auto"
@@ -116,12 +133,28 @@ class BenchConfig:
 
 # ----- profiles for the synthetic world (2 CPU cores). Steps are the one CPU-bound knob: measured costs are in
 # the closing note of issue 6; the papers' 20000 steps would take days here.
-SYNTHETIC = {"model": "toyworld", "diffusion": "toyworld", "parent": "category", "attributes": SYNTHETIC_ATTRIBUTES,
-             "sd_templates": SYNTHETIC_SD_TEMPLATES, "class_template": SYNTHETIC_CLASS_TEMPLATE,
-             "steps": {"pt": 200, "ti": 200, "ours": 200, "batex": 200}, "n_negatives": 16, "negative_steps": 25,
-             "gair_weights": tuple(round(i / 5, 1) for i in range(6)), "gair_steps": 10}
-QUICK = {"concepts": 10, "seeds": (0,), "steps": {"pt": 100, "ti": 100, "ours": 100, "batex": 100}, "n_negatives": 8,
-         "negative_steps": 10, "gair_weights": (0.0, 0.25, 0.5, 0.75, 1.0), "gair_steps": 8}
+SYNTHETIC = {
+    "model": "toyworld",
+    "diffusion": "toyworld",
+    "parent": "category",
+    "attributes": SYNTHETIC_ATTRIBUTES,
+    "sd_templates": SYNTHETIC_SD_TEMPLATES,
+    "class_template": SYNTHETIC_CLASS_TEMPLATE,
+    "steps": {"pt": 200, "ti": 200, "ours": 200, "batex": 200},
+    "n_negatives": 16,
+    "negative_steps": 25,
+    "gair_weights": tuple(round(i / 5, 1) for i in range(6)),
+    "gair_steps": 10,
+}
+QUICK = {
+    "concepts": 10,
+    "seeds": (0,),
+    "steps": {"pt": 100, "ti": 100, "ours": 100, "batex": 100},
+    "n_negatives": 8,
+    "negative_steps": 10,
+    "gair_weights": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "gair_steps": 8,
+}
 
 
 # ----- the protocol, as functions that tests check by hand
@@ -135,8 +168,12 @@ def metrics(ranks) -> dict[str, float]:
     r = np.asarray(ranks, dtype=np.float64)
     if r.size == 0:
         raise ValueError("no queries")
-    return {"mrr": float(100 * np.mean(1.0 / r)), "r1": float(100 * np.mean(r <= 1)),
-            "r5": float(100 * np.mean(r <= 5)), "r10": float(100 * np.mean(r <= 10))}
+    return {
+        "mrr": float(100 * np.mean(1.0 / r)),
+        "r1": float(100 * np.mean(r <= 1)),
+        "r5": float(100 * np.mean(r <= 5)),
+        "r10": float(100 * np.mean(r <= 10)),
+    }
 
 
 def sample_shots(names: list[str], k: int, seed: int, pair_id: str) -> list[str]:
@@ -157,7 +194,7 @@ class Benchmark:
         self.cfg = config
         self.out = Path(config.out)
         self.cache = self.out / "cache"
-        self._clip = self._backbone = None
+        self._engine = None  # retrieval.Engine: the models, loaded on first use
         self.timings: dict[str, float] = {}
 
     # 1. data
@@ -176,9 +213,12 @@ class Benchmark:
         self.gallery_names = split.queries["image_name"].tolist()  # the gallery: every evaluation image of the split
         if cfg.concepts:  # queries of the first N concepts only; the gallery stays whole
             keep = split.pair_ids[: cfg.concepts]
-            split = PervlSplit(split.split, {p: split.fsl_train[p] for p in keep},
-                               split.queries[split.queries["pair_id"].isin(keep)].reset_index(drop=True),
-                               {p: split.categories[p] for p in keep})
+            split = PervlSplit(
+                split.split,
+                {p: split.fsl_train[p] for p in keep},
+                split.queries[split.queries["pair_id"].isin(keep)].reset_index(drop=True),
+                {p: split.categories[p] for p in keep},
+            )
         missing = missing_images(split, images)
         if missing:
             total = split.n_fsl_images + len(split.queries)
@@ -195,17 +235,13 @@ class Benchmark:
 
     # 2. models
     def models(self, need_diffusion: bool):
-        from retrieval.models.pairing import load_models
-
-        if self._clip is None or (need_diffusion and self._backbone is None):
-            self._clip, self._backbone = load_models(self.cfg.model, self.cfg.diffusion, need_diffusion=need_diffusion, device=self.cfg.device)
-        return self._clip, self._backbone
+        """(clip, backbone or None) of the engine: each loads once, the diffusion model only when needed."""
+        if self._engine is None:
+            self._engine = Engine(model=self.cfg.model, diffusion=self.cfg.diffusion or "auto", device=self.cfg.device)
+        return self._engine.clip, self._engine.backbone if need_diffusion else None
 
     def gallery_features(self, split: PervlSplit, images: Path) -> np.ndarray:
         """(G, dim) unit CLIP features of every evaluation image of the split (the gallery), cached."""
-        from retrieval.io.atomic import write_npy
-        from retrieval.io.images import load_image
-
         clip, _ = self.models(False)
         names = self.gallery_names
         path = self.cache / f"gallery-{_key([self.cfg.model, str(images), names])}.npy"
@@ -218,8 +254,6 @@ class Benchmark:
 
     # 3. tokens
     def train_config(self, method: str, seed: int):
-        from tokens.methods import token_train_config
-
         cfg = self.cfg
         over = {"lr": cfg.lr, "n_vectors": cfg.vectors, "seed": seed, "n_negatives": cfg.n_negatives, "min_images": 1}
         if method in cfg.steps:
@@ -233,26 +267,41 @@ class Benchmark:
     def tokens(self, method: str, seed: int, split: PervlSplit, images: Path, shots: dict[str, list[str]]):
         """{pair_id: CustomToken} learned for every concept in ONE batched loop (tokens.learn.learn_tokens), cached
         per (method, seed)."""
-        from retrieval.io.atomic import write_json
-        from retrieval.io.images import load_image
-        from tokens.learn import ConceptImages, learn_tokens
-        from tokens.token_file import load_token_file, save_token_file
 
         config = self.train_config(method, seed)
         folder = self.cache / "tokens" / f"{method}-seed{seed}"
-        key = json.loads(json.dumps({  # as it reads back from key.json
-            "config": asdict(config), "model": self.cfg.model, "diffusion": self.cfg.diffusion, "shots": shots,
-            "parents": {p: self.parent_of(split, p) for p in shots}, "images": str(images),
-            "negative_steps": self.cfg.negative_steps}, default=str))
+        key = json.loads(
+            json.dumps(
+                {  # as it reads back from key.json
+                    "config": asdict(config),
+                    "model": self.cfg.model,
+                    "diffusion": self.cfg.diffusion,
+                    "shots": shots,
+                    "parents": {p: self.parent_of(split, p) for p in shots},
+                    "images": str(images),
+                    "negative_steps": self.cfg.negative_steps,
+                },
+                default=str,
+            )
+        )
         if (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
             return {p: load_token_file(folder / f"c{p}.safetensors") for p in shots}
         clip, backbone = self.models(config.needs_diffusion(negatives_given=False))
         if backbone is not None:  # negatives are sampled the diffusion model's own way (steps, guidance)
-            config = replace(config, negative_steps=self.cfg.negative_steps or backbone.sampling["steps"],
-                             negative_guidance=backbone.sampling["guidance_scale"])
-        concepts = [ConceptImages(f"c{pair_id}", self.parent_of(split, pair_id),
-                                  [load_image(fsl_image_path(images, n)) for n in names], seed=seed * 1000 + i)
-                    for i, (pair_id, names) in enumerate(shots.items())]
+            config = replace(
+                config,
+                negative_steps=self.cfg.negative_steps or backbone.sampling["steps"],
+                negative_guidance=backbone.sampling["guidance_scale"],
+            )
+        concepts = [
+            ConceptImages(
+                f"c{pair_id}",
+                self.parent_of(split, pair_id),
+                [load_image(fsl_image_path(images, n)) for n in names],
+                seed=seed * 1000 + i,
+            )
+            for i, (pair_id, names) in enumerate(shots.items())
+        ]
         learned = learn_tokens(clip, backbone, config, concepts, self.cache / "negatives", progress=self.cfg.progress)
         self.timings[f"train {method} seed {seed}"] = learned[0].info.training["seconds"]  # the batched loop's
         folder.mkdir(parents=True, exist_ok=True)
@@ -266,10 +315,6 @@ class Benchmark:
     # 4. query vectors per method
     def query_vectors(self, method: str, seed: int, split: PervlSplit, images: Path, shots) -> tuple[np.ndarray, list]:
         """(Q, dim) query vectors, and per query (query text, GAIR w or None)."""
-        from retrieval.composed import plan_query
-        from retrieval.gair import GairConfig, run_gair
-        from retrieval.io.images import load_image
-
         clip, _ = self.models(False)
         q = split.queries
         parents = [self.parent_of(split, p) for p in q["pair_id"]]
@@ -290,34 +335,72 @@ class Benchmark:
             vectors = {t.placeholder: t.vectors.to(clip.device) for t in tokens.values()}
             return clip.encode_texts([p.composed for p in plans], vectors), [(p.composed, None) for p in plans]
         _, backbone = self.models(True)
-        gcfg = GairConfig(weights=tuple(self.cfg.gair_weights), steps=self.cfg.gair_steps,
-                          guidance_scale=self.cfg.gair_guidance, seed=seed)
+        gcfg = GairConfig(
+            weights=tuple(self.cfg.gair_weights),
+            steps=self.cfg.gair_steps,
+            guidance_scale=self.cfg.gair_guidance,
+            seed=seed,
+        )
         concept_means = np.stack([np.asarray(tokens[p].info.concept_feature, np.float32) for p in q["pair_id"]])
         outcomes = []
         chunk = max(1, gcfg.batch_size // len(gcfg.weights))
         for start in range(0, len(plans), chunk):
-            outcomes += run_gair(plans[start : start + chunk], backbone, concept_means[start : start + chunk],
-                                 list(self.cfg.attributes), gcfg, cache_dir=self.cache / "gair_context")
+            outcomes += run_gair(
+                plans[start : start + chunk],
+                backbone,
+                concept_means[start : start + chunk],
+                list(self.cfg.attributes),
+                gcfg,
+                cache_dir=self.cache / "gair_context",
+            )
             if self.cfg.progress:
-                print(f"\r  {method} seed {seed}: GAIR {min(start + chunk, len(plans))}/{len(plans)} queries",
-                      end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r  {method} seed {seed}: GAIR {min(start + chunk, len(plans))}/{len(plans)} queries",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self.cfg.progress:
             print(file=sys.stderr)
         return np.stack([o.query_vector for o in outcomes]), [(p.composed, o.w) for p, o in zip(plans, outcomes)]
 
     # 5. ranks of one (method, seed), cached
     def ranks(self, method: str, seed: int, split: PervlSplit, images: Path, gallery: np.ndarray) -> pd.DataFrame:
-        from retrieval.io.atomic import write_parquet
-
         shots = {p: sample_shots(split.fsl_train[p], self.cfg.shots, seed, p) for p in split.pair_ids}
         cfg = asdict(self.cfg)
-        relevant = {k: cfg[k] for k in ("model", "diffusion", "parent", "shots", "vectors", "lr", "n_negatives",
-                                        "negative_steps", "sd_templates", "class_template", "captions", "split")}
+        relevant = {
+            k: cfg[k]
+            for k in (
+                "model",
+                "diffusion",
+                "parent",
+                "shots",
+                "vectors",
+                "lr",
+                "n_negatives",
+                "negative_steps",
+                "sd_templates",
+                "class_template",
+                "captions",
+                "split",
+            )
+        }
         if method != "text":
             relevant["steps"] = cfg["steps"].get(TOKEN_METHOD.get(method, ""), None)
         if method.endswith("+gair"):
             relevant.update({k: cfg[k] for k in ("gair_weights", "gair_steps", "gair_guidance", "attributes")})
-        key = _key([FORMAT_VERSION, method, seed, relevant, shots, split.queries.to_dict("list"), self.gallery_names, str(images)])
+        key = _key(
+            [
+                FORMAT_VERSION,
+                method,
+                seed,
+                relevant,
+                shots,
+                split.queries.to_dict("list"),
+                self.gallery_names,
+                str(images),
+            ]
+        )
         path = self.cache / "ranks" / f"{method.replace('+', '_')}-seed{seed}-{key}.parquet"
         if path.is_file():
             return pd.read_parquet(path)
@@ -326,13 +409,20 @@ class Benchmark:
         scores = vecs @ gallery.T  # (Q, G)
         where = {n: i for i, n in enumerate(self.gallery_names)}
         ranks = [target_rank(scores[i], where[n]) for i, n in enumerate(split.queries["image_name"])]
-        frame = pd.DataFrame({
-            "method": method, "seed": seed, "pair_id": split.queries["pair_id"].astype(str),
-            "image_name": split.queries["image_name"], "caption": split.queries["caption"],
-            "query": [t for t, _ in info], "rank": ranks, "rr": [1.0 / r for r in ranks],
-            "gair_w": [np.nan if w is None else w for _, w in info],
-            "seconds": time.perf_counter() - t0,
-        })
+        frame = pd.DataFrame(
+            {
+                "method": method,
+                "seed": seed,
+                "pair_id": split.queries["pair_id"].astype(str),
+                "image_name": split.queries["image_name"],
+                "caption": split.queries["caption"],
+                "query": [t for t, _ in info],
+                "rank": ranks,
+                "rr": [1.0 / r for r in ranks],
+                "gair_w": [np.nan if w is None else w for _, w in info],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         write_parquet(path, frame)
         return frame
@@ -363,9 +453,13 @@ class Benchmark:
                 row[k] = float(values.mean())
                 row[f"{k}_std"] = float(values.std(ddof=0))
             sub = ranks[ranks["method"] == method]
-            row.update(n_queries=int(len(sub) // len(self.cfg.seeds)), seeds=list(self.cfg.seeds),
-                       seconds=float(sub.groupby("seed")["seconds"].first().sum()), name=METHOD_NAMES[method],
-                       paper_mrr=PAPER_TABLE4.get(method))
+            row.update(
+                n_queries=int(len(sub) // len(self.cfg.seeds)),
+                seeds=list(self.cfg.seeds),
+                seconds=float(sub.groupby("seed")["seconds"].first().sum()),
+                name=METHOD_NAMES[method],
+                paper_mrr=PAPER_TABLE4.get(method),
+            )
             if method.endswith("+gair"):
                 row["gair_w_mean"] = float(sub["gair_w"].mean())
             methods[method] = row
@@ -373,10 +467,16 @@ class Benchmark:
         return {
             "format_version": FORMAT_VERSION,
             "config": cfg,
-            "split": {"name": split.split, "concepts": len(split.pair_ids), "queries": len(split.queries),
-                      "gallery": len(self.gallery_names)},
+            "split": {
+                "name": split.split,
+                "concepts": len(split.pair_ids),
+                "queries": len(split.queries),
+                "gallery": len(self.gallery_names),
+            },
             "methods": methods,
-            "not_reproduced": {k: {"name": n, "reason": r, "paper_mrr": PAPER_TABLE4[k]} for k, (n, r) in NOT_REPRODUCED.items()},
+            "not_reproduced": {
+                k: {"name": n, "reason": r, "paper_mrr": PAPER_TABLE4[k]} for k, (n, r) in NOT_REPRODUCED.items()
+            },
             "paper_table4": PAPER_TABLE4,
             "seconds": seconds,
             "timings": self.timings,
@@ -384,8 +484,6 @@ class Benchmark:
         }
 
     def write(self, ranks: pd.DataFrame, summary: dict) -> None:
-        from retrieval.io.atomic import write_atomic, write_json, write_parquet
-
         self.out.mkdir(parents=True, exist_ok=True)
         write_parquet(self.out / "ranks.parquet", ranks)
         write_atomic(self.out / "ranks.csv", lambda p: ranks.to_csv(p, index=False), suffix=".csv")
@@ -396,32 +494,47 @@ def markdown(summary: dict) -> str:
     lines = ["| method | MRR | R@1 | R@5 | R@10 | queries | paper MRR (Table 4) |", "|---|---|---|---|---|---|---|"]
     for m in summary["methods"].values():
         paper = "-" if m["paper_mrr"] is None else f"{m['paper_mrr']:.1f}"
-        lines.append(f"| {m['name']} | {m['mrr']:.1f} ± {m['mrr_std']:.1f} | {m['r1']:.1f} | {m['r5']:.1f} | "
-                     f"{m['r10']:.1f} | {m['n_queries']} | {paper} |")
+        lines.append(
+            f"| {m['name']} | {m['mrr']:.1f} ± {m['mrr_std']:.1f} | {m['r1']:.1f} | {m['r5']:.1f} | "
+            f"{m['r10']:.1f} | {m['n_queries']} | {paper} |"
+        )
     for m in summary["not_reproduced"].values():
         lines.append(f"| {m['name']} | not reproduced: {m['reason']} | | | | | {m['paper_mrr']:.1f} |")
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python benchmarks/pervl.py", description=__doc__.split("\n\n")[0],
-                                epilog="See the module docstring for the protocol.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/pervl.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring for the protocol.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--annotations", help="PerVL annotation folder (e.g. ../shared/pervl/deep_fashion)")
     p.add_argument("--images", help="DeepFashion2 root: the folder holding train/image/")
     p.add_argument("--world", choices=("synthetic",), help="run on the synthetic world's split with its small models")
-    p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world (another seed, another world)")
+    p.add_argument(
+        "--world-seed", type=int, default=0, help="seed of the synthetic world (another seed, another world)"
+    )
     p.add_argument("--world-preset", default="pervl", help=argparse.SUPPRESS)
     p.add_argument("--split", default="test", choices=("test", "validation"))
-    p.add_argument("--captions", default="default", choices=("default", "short", "detailed"),
-                   help="default: <split>_captions.csv; short / detailed: the shortened_ / detailed_ variants")
+    p.add_argument(
+        "--captions",
+        default="default",
+        choices=("default", "short", "detailed"),
+        help="default: <split>_captions.csv; short / detailed: the shortened_ / detailed_ variants",
+    )
     p.add_argument("--shots", type=int, default=5, help="few-shot images per concept (default 5)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--model", help="CLIP SPEC (default ViT-L-14-quickgelu/openai; synthetic: toyworld)")
     p.add_argument("--diffusion", help="diffusion SPEC (default: paired with --model)")
-    p.add_argument("--parent", help="'category' (each concept's coarse category, the default) or a fixed word (the paper: dress)")
-    p.add_argument("--steps", type=int, help="optimiser steps for every token method (default: the method's; see profiles)")
+    p.add_argument(
+        "--parent", help="'category' (each concept's coarse category, the default) or a fixed word (the paper: dress)"
+    )
+    p.add_argument(
+        "--steps", type=int, help="optimiser steps for every token method (default: the method's; see profiles)"
+    )
     p.add_argument("--concepts", type=int, help="only the first N concepts (default all; --quick 10)")
     p.add_argument("--attributes", help="GAIR context words, comma-separated (default: " + PAPER_ATTRIBUTES_NOTE + ")")
     p.add_argument("--gair-weights", help="GAIR weights, comma-separated or start:stop:step")
@@ -433,9 +546,19 @@ def parse_args(argv=None) -> BenchConfig:
     a = p.parse_args(argv)
     if a.world is None and not (a.annotations and a.images):
         p.error("give --annotations DIR and --images DIR, or --world synthetic")
-    cfg = BenchConfig(annotations=a.annotations, images=a.images, split=a.split, captions=a.captions, shots=a.shots,
-                      out=a.out, device=a.device, progress=not a.no_progress, world=a.world, world_seed=a.world_seed,
-                      world_preset=a.world_preset)
+    cfg = BenchConfig(
+        annotations=a.annotations,
+        images=a.images,
+        split=a.split,
+        captions=a.captions,
+        shots=a.shots,
+        out=a.out,
+        device=a.device,
+        progress=not a.no_progress,
+        world=a.world,
+        world_seed=a.world_seed,
+        world_preset=a.world_preset,
+    )
     if a.world == "synthetic":
         cfg = replace(cfg, **SYNTHETIC)
     if a.quick:
@@ -444,8 +567,11 @@ def parse_args(argv=None) -> BenchConfig:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         not_here = [m for m in unknown if m in NOT_REPRODUCED]
-        p.error(f"unknown method(s) {unknown}" + (f" ({not_here}: not reproduced, see the module docstring)" if not_here else "")
-                + f"; choose from {','.join(METHODS)}")
+        p.error(
+            f"unknown method(s) {unknown}"
+            + (f" ({not_here}: not reproduced, see the module docstring)" if not_here else "")
+            + f"; choose from {','.join(METHODS)}"
+        )
     cfg = replace(cfg, methods=methods)
     if a.seeds:
         cfg = replace(cfg, seeds=tuple(a.seeds))
@@ -457,8 +583,6 @@ def parse_args(argv=None) -> BenchConfig:
     if a.attributes:
         cfg = replace(cfg, attributes=tuple(w.strip() for w in a.attributes.split(",") if w.strip()))
     if a.gair_weights:
-        from retrieval.gair import parse_weights
-
         cfg = replace(cfg, gair_weights=parse_weights(a.gair_weights))
     return cfg
 
@@ -469,9 +593,11 @@ def main(argv=None) -> dict:
     summary = Benchmark(cfg).run()
     print(markdown(summary))
     s = summary["split"]
-    print(f"\n{s['concepts']} concepts, {s['queries']} queries, gallery {s['gallery']} images; seeds "
-          f"{list(cfg.seeds)}; model {cfg.model}, diffusion {cfg.diffusion}; {time.perf_counter() - t0:.0f} s. "
-          f"Outputs in {cfg.out}/ (summary.json, ranks.csv, ranks.parquet).")
+    print(
+        f"\n{s['concepts']} concepts, {s['queries']} queries, gallery {s['gallery']} images; seeds "
+        f"{list(cfg.seeds)}; model {cfg.model}, diffusion {cfg.diffusion}; {time.perf_counter() - t0:.0f} s. "
+        f"Outputs in {cfg.out}/ (summary.json, ranks.csv, ranks.parquet)."
+    )
     return summary
 
 

@@ -35,7 +35,7 @@ CAPTION_FILES = {
 CAPTION_COLUMNS = ["image_name", "pair_id", "caption"]
 CATEGORY_FILE = "train_coarse_grained_names.csv"
 CATEGORY_COLUMNS = ["unique_pair_ids", "pair_id_categories"]
-FSL_IMAGE_DIR = Path("train/image")             # few-shot images, relative to the images root
+FSL_IMAGE_DIR = Path("train/image")  # few-shot images, relative to the images root
 
 _HEADER = re.compile(r"codes_infer/([^/:\s]+):")
 _IMAGE_NAME = re.compile(r"[^/\\\s]+\.(jpg|jpeg|png)", re.IGNORECASE)
@@ -48,9 +48,9 @@ class PervlFormatError(ValueError):
 @dataclass(frozen=True)
 class PervlSplit:
     split: str
-    fsl_train: dict[str, list[str]]             # pair_id -> few-shot image names as written ("127479.jpg"), file order
-    queries: pd.DataFrame                       # image_name, pair_id, caption: one row per evaluation image
-    categories: dict[str, str]                  # pair_id -> coarse category word ("skirt", "vest dress", ...)
+    fsl_train: dict[str, list[str]]  # pair_id -> few-shot image names as written ("127479.jpg"), file order
+    queries: pd.DataFrame  # image_name, pair_id, caption: one row per evaluation image
+    categories: dict[str, str]  # pair_id -> coarse category word ("skirt", "vest dress", ...)
 
     @property
     def pair_ids(self) -> list[str]:
@@ -96,8 +96,9 @@ def read_fsl_train(path: str | Path) -> dict[str, list[str]]:
                 raise PervlFormatError(f"{where}: concept {current} is listed twice")
             out[current] = []
         elif not _IMAGE_NAME.fullmatch(line):
-            raise PervlFormatError(f"{where}: expected `codes_infer/<pair_id>:` or an image file name like "
-                                   f"127479.jpg, got {raw!r}")
+            raise PervlFormatError(
+                f"{where}: expected `codes_infer/<pair_id>:` or an image file name like 127479.jpg, got {raw!r}"
+            )
         elif current is None:
             raise PervlFormatError(f"{where}: image {line!r} comes before any `codes_infer/<pair_id>:` header")
         elif line in out[current]:
@@ -147,8 +148,9 @@ def read_categories(path: str | Path) -> dict[str, str]:
     return out
 
 
-def read_split(annotations_dir: str | Path, split: str = "test",
-               captions: Literal["default", "short", "detailed"] = "default") -> PervlSplit:
+def read_split(
+    annotations_dir: str | Path, split: str = "test", captions: Literal["default", "short", "detailed"] = "default"
+) -> PervlSplit:
     """Read one split: few-shot lists, evaluation captions (default, short or detailed) and categories."""
     if captions not in CAPTION_FILES:
         raise ValueError(f"captions={captions!r}; choose one of {sorted(CAPTION_FILES)}")
@@ -165,8 +167,10 @@ def read_split(annotations_dir: str | Path, split: str = "test",
         variant = read_captions(variant_path).set_index("image_name")
         absent = queries["image_name"][~queries["image_name"].isin(variant.index)].tolist()
         if absent:
-            raise PervlFormatError(f"{variant_path}: no {captions} caption for {len(absent)} evaluation images of "
-                                   f"{split}, e.g. {absent[:3]}")
+            raise PervlFormatError(
+                f"{variant_path}: no {captions} caption for {len(absent)} evaluation images of "
+                f"{split}, e.g. {absent[:3]}"
+            )
         matched = variant.loc[queries["image_name"]]
         disagree = queries["image_name"][matched["pair_id"].to_numpy() != queries["pair_id"].to_numpy()].tolist()
         if disagree:
@@ -177,8 +181,10 @@ def read_split(annotations_dir: str | Path, split: str = "test",
     only_fsl = sorted(set(fsl) - set(queries["pair_id"]), key=int)
     only_queries = sorted(set(queries["pair_id"]) - set(fsl), key=int)
     if only_fsl or only_queries:
-        raise PervlFormatError(f"{root}: {split}'s few-shot list and captions disagree on concepts: only in the "
-                               f"few-shot list {only_fsl[:10]}, only in the captions {only_queries[:10]}")
+        raise PervlFormatError(
+            f"{root}: {split}'s few-shot list and captions disagree on concepts: only in the "
+            f"few-shot list {only_fsl[:10]}, only in the captions {only_queries[:10]}"
+        )
     shots = {(FSL_IMAGE_DIR / name).as_posix() for names in fsl.values() for name in names}
     leaked = queries["image_name"][queries["image_name"].isin(shots)].tolist()
     if leaked:
@@ -189,8 +195,9 @@ def read_split(annotations_dir: str | Path, split: str = "test",
     uncategorised = [pair_id for pair_id in fsl if pair_id not in all_categories]
     if uncategorised:
         raise PervlFormatError(f"{root / CATEGORY_FILE}: no category for pair_ids {uncategorised[:10]}")
-    return PervlSplit(split=split, fsl_train=fsl, queries=queries,
-                      categories={pair_id: all_categories[pair_id] for pair_id in fsl})
+    return PervlSplit(
+        split=split, fsl_train=fsl, queries=queries, categories={pair_id: all_categories[pair_id] for pair_id in fsl}
+    )
 
 
 def fsl_image_path(images_root: str | Path, name: str) -> Path:

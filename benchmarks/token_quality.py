@@ -47,13 +47,13 @@ from benchmarks.world.evaluate import classify
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
 from benchmarks.world.split import plan_split
+from retrieval import Engine
 from retrieval.io.images import image_grid, load_image
-from retrieval.models.pairing import load_models
 from tokens.learn import ConceptImages, learn_tokens
 from tokens.methods import METHODS, MODEL_DEFAULTS, fill_prompt, token_train_config
 
 SCORE_TEMPLATE = MODEL_DEFAULTS["toyworld"]["class_template"]  # the toy grammar's "a person wearing {g}."
-SD_TEMPLATES = MODEL_DEFAULTS["toyworld"]["sd_templates"]      # the grammar's forms
+SD_TEMPLATES = MODEL_DEFAULTS["toyworld"]["sd_templates"]  # the grammar's forms
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -94,11 +94,15 @@ def evaluate_prompt(clip, prompt, vectors, concept, eval_feats, other_feats, par
     return {
         "auc_concept_parent": auc(s_concept, prompt_scores(clip, parent_feats, prompt, vectors)),
         "auc_concept_others": auc(s_concept, prompt_scores(clip, other_feats, prompt, vectors)),
-        "auc_parent_classes": auc(prompt_scores(clip, parent_feats, prompt, vectors), prompt_scores(clip, class_feats, prompt, vectors)),
+        "auc_parent_classes": auc(
+            prompt_scores(clip, parent_feats, prompt, vectors), prompt_scores(clip, class_feats, prompt, vectors)
+        ),
     }
 
 
-def generation_accuracy(backbone, clip, world, concept, placeholder, vectors, eval_scenes, per_context, steps, guidance, seed):
+def generation_accuracy(
+    backbone, clip, world, concept, placeholder, vectors, eval_scenes, per_context, steps, guidance, seed
+):
     prompts, contexts = [], []
     for s in eval_scenes:
         place = CONTEXT_WORDS[s.context].places[0]
@@ -106,10 +110,15 @@ def generation_accuracy(backbone, clip, world, concept, placeholder, vectors, ev
         contexts += [s.context] * per_context
     images = backbone.generate(prompts, vectors, n=per_context, guidance_scale=guidance, steps=steps, seed=seed)
     got = {f: classify(clip, images, f, world) for f in ("category", "colour", "pattern", "context")}
-    obj = [cat == concept.category and col == concept.colour and pat == concept.pattern
-           for cat, col, pat in zip(got["category"], got["colour"], got["pattern"])]
-    return {"gen_object": float(np.mean(obj)), "gen_context": float(np.mean([c == t for c, t in zip(got["context"], contexts)])),
-            "images": images}
+    obj = [
+        cat == concept.category and col == concept.colour and pat == concept.pattern
+        for cat, col, pat in zip(got["category"], got["colour"], got["pattern"])
+    ]
+    return {
+        "gen_object": float(np.mean(obj)),
+        "gen_context": float(np.mean([c == t for c, t in zip(got["context"], contexts)])),
+        "images": images,
+    }
 
 
 def run(args) -> list[dict]:
@@ -123,7 +132,8 @@ def run(args) -> list[dict]:
     image_dir = paths.images / "train" / "image"
     configs = {m: token_train_config(m) for m in args.methods}
     need_diffusion = any(c.needs_diffusion(negatives_given=args.negatives_source == "world") for c in configs.values())
-    clip, backbone = load_models(args.model, args.diffusion, need_diffusion=need_diffusion, device=args.device)
+    engine = Engine(model=args.model, diffusion=args.diffusion or "auto", device=args.device)  # models load once
+    clip, backbone = engine.clip, engine.backbone if need_diffusion else None
 
     def feats_of(scenes):
         return clip.encode_pil([render_scene(s, world) for s in scenes])
@@ -142,16 +152,33 @@ def run(args) -> list[dict]:
         others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
         rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
         ref.append(evaluate_prompt(clip, prompt, None, c, eval_feats[c.pair_id], others, class_feats[c.category], rest))
-    rows.append({"method": "words", **{k: float(np.mean([r[k] for r in ref])) for k in ref[0]},
-                 "gen_object": float("nan"), "gen_context": float("nan"), "s_per_step": float("nan"), "s_per_concept_step": float("nan")})
+    rows.append(
+        {
+            "method": "words",
+            **{k: float(np.mean([r[k] for r in ref])) for k in ref[0]},
+            "gen_object": float("nan"),
+            "gen_context": float("nan"),
+            "s_per_step": float("nan"),
+            "s_per_concept_step": float("nan"),
+        }
+    )
     # 3. each method: one batched training of all concepts, then the measurements
     fsl_images = {c.pair_id: [load_image(image_dir / im.name) for im in plan.fsl[c.pair_id]] for c in concepts}
     parent_scenes = category_scenes(world, args.negatives, seed=777) if args.negatives_source == "world" else {}
     for method in args.methods:
-        config = token_train_config(method, steps=args.steps, lr=args.lr, n_vectors=args.vectors, seed=args.seed,
-                                    sd_templates=SD_TEMPLATES, class_template=SCORE_TEMPLATE,
-                                    n_negatives=args.negatives, negative_steps=args.sample_steps,
-                                    negative_guidance=args.guidance, min_images=1)
+        config = token_train_config(
+            method,
+            steps=args.steps,
+            lr=args.lr,
+            n_vectors=args.vectors,
+            seed=args.seed,
+            sd_templates=SD_TEMPLATES,
+            class_template=SCORE_TEMPLATE,
+            n_negatives=args.negatives,
+            negative_steps=args.sample_steps,
+            negative_guidance=args.guidance,
+            min_images=1,
+        )
         to_learn = []
         for c in concepts:
             negatives = None  # sampled from the diffusion model for the parent prompt (ours, pt)
@@ -170,21 +197,45 @@ def run(args) -> list[dict]:
             if backbone is None:  # no diffusion model loaded (pt with rendered negatives): no generation columns
                 per.append({**m, "gen_object": float("nan"), "gen_context": float("nan")})
                 continue
-            g = generation_accuracy(backbone, clip, world, c, t.placeholder, vectors, [q.scene for q in by_concept[c.pair_id]],
-                                    args.gen_per_context, args.sample_steps, args.guidance, args.seed)
+            g = generation_accuracy(
+                backbone,
+                clip,
+                world,
+                c,
+                t.placeholder,
+                vectors,
+                [q.scene for q in by_concept[c.pair_id]],
+                args.gen_per_context,
+                args.sample_steps,
+                args.guidance,
+                args.seed,
+            )
             if args.save_images:
                 image_grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{c.pair_id}.png")
             per.append({**m, "gen_object": g["gen_object"], "gen_context": g["gen_context"]})
         steps_run = max(t.info.training["steps"] for t in learned) or 1
-        rows.append({"method": method, **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
-                     "s_per_step": seconds / steps_run, "s_per_concept_step": seconds / steps_run / len(concepts)})
+        rows.append(
+            {
+                "method": method,
+                **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
+                "s_per_step": seconds / steps_run,
+                "s_per_concept_step": seconds / steps_run / len(concepts),
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [("method", "method"), ("auc_concept_parent", "AUC concept/parent"), ("auc_concept_others", "AUC concept/others"),
-            ("auc_parent_classes", "AUC parent/classes"), ("gen_object", "gen object acc"), ("gen_context", "gen context acc"),
-            ("s_per_step", "s/step (batch)"), ("s_per_concept_step", "s/step/concept")]
+    cols = [
+        ("method", "method"),
+        ("auc_concept_parent", "AUC concept/parent"),
+        ("auc_concept_others", "AUC concept/others"),
+        ("auc_parent_classes", "AUC parent/classes"),
+        ("gen_object", "gen object acc"),
+        ("gen_context", "gen context acc"),
+        ("s_per_step", "s/step (batch)"),
+        ("s_per_concept_step", "s/step/concept"),
+    ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r[k] if isinstance(r[k], str) else ("-" if np.isnan(r[k]) else f"{r[k]:.3f}") for k, _ in cols]
@@ -193,7 +244,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="toyworld", help="CLIP SPEC (default: the toy world's)")
     parser.add_argument("--diffusion", default="auto", help="diffusion SPEC (auto: the one paired with --model)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -202,9 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate, every method (the papers')")
     parser.add_argument("--vectors", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=16, help="negatives per parent (ours, pt)")
-    parser.add_argument("--negatives-source", default="diffusion", choices=("diffusion", "world"),
-                        help="diffusion: sampled for the parent prompt (as learn-token does); world: rendered scenes of "
-                             "the parent category (pt then needs no diffusion model)")
+    parser.add_argument(
+        "--negatives-source",
+        default="diffusion",
+        choices=("diffusion", "world"),
+        help="diffusion: sampled for the parent prompt (as learn-token does); world: rendered scenes of "
+        "the parent category (pt then needs no diffusion model)",
+    )
     parser.add_argument("--sample-steps", type=int, default=25, help="sampler steps for negatives and generated images")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--gen-per-context", type=int, default=2)
@@ -220,9 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     table = markdown(rows)
     print(table)
-    print(f"\n{args.concepts} concepts, {args.steps} steps, lr {args.lr}, model {args.model}, diffusion {args.diffusion}, "
-          f"negatives from {args.negatives_source}; "
-          f"{time.perf_counter() - t:.0f} s in all")
+    print(
+        f"\n{args.concepts} concepts, {args.steps} steps, lr {args.lr}, model {args.model}, diffusion {args.diffusion}, "
+        f"negatives from {args.negatives_source}; "
+        f"{time.perf_counter() - t:.0f} s in all"
+    )
     (Path(args.out) / "token_quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 

@@ -30,9 +30,9 @@ SKIP_COLUMNS = ["path", "bytes", "mtime_ns", "reason"]
 class ShardInput:
     """What to embed: files of one gallery, with the model that must embed them."""
 
-    files: pd.DataFrame   # columns path, bytes, mtime_ns
-    model: str            # model spec
-    gallery_root: str     # absolute path of the gallery the paths are relative to
+    files: pd.DataFrame  # columns path, bytes, mtime_ns
+    model: str  # model spec
+    gallery_root: str  # absolute path of the gallery the paths are relative to
 
     def to_json(self) -> dict:
         return {
@@ -47,9 +47,9 @@ class ShardInput:
 class ShardOutput:
     """What came out: one embedding per usable file, and the unusable files with their reason."""
 
-    embeddings: np.ndarray     # (n_ok, dim) float16, L2-normalised before the cast
-    metadata: pd.DataFrame     # (n_ok,) columns META_COLUMNS, row i <-> embeddings[i]
-    skipped: pd.DataFrame      # columns SKIP_COLUMNS
+    embeddings: np.ndarray  # (n_ok, dim) float16, L2-normalised before the cast
+    metadata: pd.DataFrame  # (n_ok,) columns META_COLUMNS, row i <-> embeddings[i]
+    skipped: pd.DataFrame  # columns SKIP_COLUMNS
 
 
 def write_shard(work_dir: Path, number: int, shard: ShardInput, out: ShardOutput) -> Path:
@@ -70,8 +70,11 @@ def read_shard(folder: Path) -> tuple[ShardInput, ShardOutput]:
     info = json.loads((folder / "input.json").read_text())
     if info.get("format_version") != SHARD_FORMAT_VERSION:
         raise ValueError(f"{folder}: shard format {info.get('format_version')} is not {SHARD_FORMAT_VERSION}")
-    shard = ShardInput(files=pd.DataFrame(info["files"], columns=["path", "bytes", "mtime_ns"]),
-                       model=info["model"], gallery_root=info["gallery_root"])
+    shard = ShardInput(
+        files=pd.DataFrame(info["files"], columns=["path", "bytes", "mtime_ns"]),
+        model=info["model"],
+        gallery_root=info["gallery_root"],
+    )
     out = ShardOutput(
         embeddings=np.load(folder / "embeddings.npy", allow_pickle=False),
         metadata=pd.read_parquet(folder / "metadata.parquet"),

@@ -243,7 +243,13 @@ def rebuild_index(index_dir: str | Path, index_config: IndexConfig) -> dict:
     (no image is re-embedded). Commits a new generation; returns its manifest."""
     store = IndexStore(index_dir)
     return commit_generation(
-        index_dir, store.metadata, np.asarray(store.embeddings), store.skipped, model=store.model,
-        gallery_root=store.manifest["gallery_root"], next_id=store.manifest["next_id"], index_config=index_config,
+        index_dir,
+        store.metadata,
+        np.asarray(store.embeddings),
+        store.skipped,
+        model=store.model,
+        gallery_root=store.manifest["gallery_root"],
+        next_id=store.manifest["next_id"],
+        index_config=index_config,
         indexing_config=store.manifest.get("indexing_config"),
     )

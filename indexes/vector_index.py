@@ -38,11 +38,11 @@ from retrieval.io.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
-GPU_MAX_K = 2048            # faiss GPU kernels select at most 2048 results per query and probe at most 2048 lists
-NORM_TOLERANCE = 1e-3       # allowed | ||x|| - 1 |: catches unnormalised input, accepts fp16-rounded unit vectors
-TUNE_K = 10                 # tuning measures recall@10
-TUNE_NOISE = 0.5            # norm of the gaussian perturbation of tuning queries: cosine to their source ~0.9
-FLAT_MARGIN = 16            # flat search fetches k + margin candidates before its exact re-rank
+GPU_MAX_K = 2048  # faiss GPU kernels select at most 2048 results per query and probe at most 2048 lists
+NORM_TOLERANCE = 1e-3  # allowed | ||x|| - 1 |: catches unnormalised input, accepts fp16-rounded unit vectors
+TUNE_K = 10  # tuning measures recall@10
+TUNE_NOISE = 0.5  # norm of the gaussian perturbation of tuning queries: cosine to their source ~0.9
+FLAT_MARGIN = 16  # flat search fetches k + margin candidates before its exact re-rank
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means wants >= 39 training points per centroid (it warns below)
 _PAD_SORT_KEY = np.iinfo(np.int64).max  # sort key of padding (-1 ids): after every real id
 
@@ -62,23 +62,23 @@ class IndexConfig:
     """How to build an index: its type (or `auto`), the recall it is tuned to, and each type's sizes."""
 
     index_type: IndexType = IndexType.AUTO  # auto: choose_index_type(n, d, config)
-    recall_target: float = 0.95             # recall@10 vs exact search that tuning must reach (with re-ranking)
+    recall_target: float = 0.95  # recall@10 vs exact search that tuning must reach (with re-ranking)
     # auto: exact search up to this many vectors. Measured on 2 CPU cores at d=768 (IndexFlatIP): one query
     # takes 15 ms at 100k, 28 ms at 200k, 78 ms at 500k; batches run ~750 queries/s at 200k. Below 200k exact
     # search stays interactive on a laptop CPU (and is ~1 ms on a GPU), while IVF would add k-means training
     # and a recall loss for little gain.
     flat_max_vectors: int = 200_000
-    memory_budget_bytes: int = 8 << 30      # auto: if full float32 vectors (n*d*4 bytes) exceed this, use IVF-PQ
-    hnsw_m: int = 32                        # HNSW links per node (Malkov & Yashunin 2018); high-dimensional data wants 32+
-    hnsw_ef_construction: int = 200         # HNSW candidate list while inserting: larger = better graph, slower build
+    memory_budget_bytes: int = 8 << 30  # auto: if full float32 vectors (n*d*4 bytes) exceed this, use IVF-PQ
+    hnsw_m: int = 32  # HNSW links per node (Malkov & Yashunin 2018); high-dimensional data wants 32+
+    hnsw_ef_construction: int = 200  # HNSW candidate list while inserting: larger = better graph, slower build
     # IVF lists. None: round(4*sqrt(n)) (faiss wiki guideline: 4..16*sqrt(n)), clipped to
     # [1, n_train // 39] so that k-means has its 39 training points per centroid.
     ivf_nlist: int | None = None
-    pq_m: int | None = None                 # IVF-PQ sub-quantizers (bytes per code); None: largest divisor of d <= d//4
-    train_sample: int = 100_000             # at most this many vectors (a seeded sample) train IVF / PQ
-    tune_queries: int = 500                 # database vectors, perturbed, used as queries when tuning
-    rerank_factor: int = 4                  # approximate types fetch k*rerank_factor candidates, then re-rank exactly
-    seed: int = 0                           # seeds the training sample, the tuning queries and k-means
+    pq_m: int | None = None  # IVF-PQ sub-quantizers (bytes per code); None: largest divisor of d <= d//4
+    train_sample: int = 100_000  # at most this many vectors (a seeded sample) train IVF / PQ
+    tune_queries: int = 500  # database vectors, perturbed, used as queries when tuning
+    rerank_factor: int = 4  # approximate types fetch k*rerank_factor candidates, then re-rank exactly
+    seed: int = 0  # seeds the training sample, the tuning queries and k-means
 
     def __post_init__(self):
         try:
@@ -89,8 +89,14 @@ class IndexConfig:
             ) from None
         if not 0.0 < self.recall_target <= 1.0:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
-        for name in ("memory_budget_bytes", "hnsw_m", "hnsw_ef_construction", "train_sample", "tune_queries",
-                     "rerank_factor"):
+        for name in (
+            "memory_budget_bytes",
+            "hnsw_m",
+            "hnsw_ef_construction",
+            "train_sample",
+            "tune_queries",
+            "rerank_factor",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.flat_max_vectors < 0:
@@ -107,11 +113,11 @@ _PARAM_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 class SearchParams:
     """How to search a built index; stored beside it (the manifest) so a loaded index searches as tuned."""
 
-    index_type: str                 # resolved type: flat | hnsw | ivf | ivfpq (never auto)
-    nprobe: int | None              # ivf, ivfpq: inverted lists visited per query
-    ef_search: int | None           # hnsw: size of the candidate list of the graph walk
-    measured_recall: float | None   # recall@10 vs exact measured while tuning, with re-ranking (None: flat)
-    rerank_factor: int = 4          # approximate types fetch k*rerank_factor candidates (the factor tuned with)
+    index_type: str  # resolved type: flat | hnsw | ivf | ivfpq (never auto)
+    nprobe: int | None  # ivf, ivfpq: inverted lists visited per query
+    ef_search: int | None  # hnsw: size of the candidate list of the graph walk
+    measured_recall: float | None  # recall@10 vs exact measured while tuning, with re-ranking (None: flat)
+    rerank_factor: int = 4  # approximate types fetch k*rerank_factor candidates (the factor tuned with)
 
     def __post_init__(self):
         if self.index_type not in _PARAM_TYPES:
@@ -131,8 +137,10 @@ class SearchParams:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown SearchParams keys {sorted(unknown)} (known: {sorted(known)}): "
-                             "the index was written by a newer version; rebuild it or upgrade")
+            raise ValueError(
+                f"unknown SearchParams keys {sorted(unknown)} (known: {sorted(known)}): "
+                "the index was written by a newer version; rebuild it or upgrade"
+            )
         return cls(**d)
 
 
@@ -158,8 +166,10 @@ def _nlist(n: int, n_train: int, config: IndexConfig) -> int:
     """IVF list count (see IndexConfig.ivf_nlist)."""
     if config.ivf_nlist is not None:
         if config.ivf_nlist > n_train:
-            raise ValueError(f"ivf_nlist={config.ivf_nlist} needs at least as many training vectors, got {n_train}: "
-                             f"set ivf_nlist <= {n_train // MIN_POINTS_PER_CENTROID or 1} or None (automatic)")
+            raise ValueError(
+                f"ivf_nlist={config.ivf_nlist} needs at least as many training vectors, got {n_train}: "
+                f"set ivf_nlist <= {n_train // MIN_POINTS_PER_CENTROID or 1} or None (automatic)"
+            )
         return config.ivf_nlist
     return int(np.clip(round(4 * math.sqrt(n)), 1, max(1, n_train // MIN_POINTS_PER_CENTROID)))
 
@@ -209,8 +219,10 @@ def _base_index(kind: IndexType, d: int, n: int, n_train: int, config: IndexConf
 def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Validate the database; returns ids as int64."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
-        raise ValueError(f"vectors must be a 2-D numpy array (n, d), got {type(vectors).__name__} "
-                         f"of shape {getattr(vectors, 'shape', None)}")
+        raise ValueError(
+            f"vectors must be a 2-D numpy array (n, d), got {type(vectors).__name__} "
+            f"of shape {getattr(vectors, 'shape', None)}"
+        )
     if vectors.dtype != np.float32:
         raise ValueError(f"vectors must be float32, got {vectors.dtype}: pass vectors.astype(np.float32)")
     n, d = vectors.shape
@@ -225,8 +237,10 @@ def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         bad = np.abs(norms - 1.0) > NORM_TOLERANCE
         if bad.any():
             row = a + int(np.argmax(bad))
-            raise ValueError(f"vectors must be L2-normalised (inner product = cosine); row {row} has norm "
-                             f"{norms[row - a]:.6f}: pass vectors / np.linalg.norm(vectors, axis=1, keepdims=True)")
+            raise ValueError(
+                f"vectors must be L2-normalised (inner product = cosine); row {row} has norm "
+                f"{norms[row - a]:.6f}: pass vectors / np.linalg.norm(vectors, axis=1, keepdims=True)"
+            )
     ids = np.asarray(ids)
     if ids.ndim != 1 or len(ids) != n:
         raise ValueError(f"ids must be a 1-D array with one id per vector: got shape {ids.shape} for {n} vectors")
@@ -237,8 +251,9 @@ def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         raise ValueError(f"ids must be >= 0 (-1 marks 'no result' in search output), got {ids.min()}")
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != n:
-        raise ValueError(f"ids must be unique; repeated: {uniq[counts > 1][:5].tolist()}"
-                         f"{' ...' if (counts > 1).sum() > 5 else ''}")
+        raise ValueError(
+            f"ids must be unique; repeated: {uniq[counts > 1][:5].tolist()}{' ...' if (counts > 1).sum() > 5 else ''}"
+        )
     return ids
 
 
@@ -280,8 +295,9 @@ def build_index(
     return index, params
 
 
-def _tune(index, kind: IndexType, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig,
-          rng: np.random.Generator) -> SearchParams:
+def _tune(
+    index, kind: IndexType, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, rng: np.random.Generator
+) -> SearchParams:
     if kind == IndexType.FLAT:
         return SearchParams("flat", None, None, None, config.rerank_factor)
     n, d = vectors.shape
@@ -307,8 +323,14 @@ def _tune(index, kind: IndexType, vectors: np.ndarray, ids: np.ndarray, config: 
     while True:
         _, found = search(index, params_for(value, None), queries, k, vectors_for_ids=lookup)
         recall = recall_at_k(found, true_ids, k)
-        logger.debug("tuning %s: %s=%d recall@%d=%.4f", kind.value, "efSearch" if kind == IndexType.HNSW
-                     else "nprobe", value, k, recall)
+        logger.debug(
+            "tuning %s: %s=%d recall@%d=%.4f",
+            kind.value,
+            "efSearch" if kind == IndexType.HNSW else "nprobe",
+            value,
+            k,
+            recall,
+        )
         if recall >= config.recall_target or value >= cap:
             break
         value = min(2 * value, cap)
@@ -334,9 +356,15 @@ def _inner(index: faiss.Index) -> faiss.Index:
 def _index_kind(index: faiss.Index) -> str:
     """flat | hnsw | ivf | ivfpq, from the base index's class (CPU or GPU)."""
     name = type(_inner(index)).__name__
-    for prefix, kind in (("IndexFlat", "flat"), ("GpuIndexFlat", "flat"), ("IndexHNSW", "hnsw"),
-                         ("IndexIVFPQ", "ivfpq"), ("GpuIndexIVFPQ", "ivfpq"),
-                         ("IndexIVFFlat", "ivf"), ("GpuIndexIVFFlat", "ivf")):
+    for prefix, kind in (
+        ("IndexFlat", "flat"),
+        ("GpuIndexFlat", "flat"),
+        ("IndexHNSW", "hnsw"),
+        ("IndexIVFPQ", "ivfpq"),
+        ("GpuIndexIVFPQ", "ivfpq"),
+        ("IndexIVFFlat", "ivf"),
+        ("GpuIndexIVFFlat", "ivf"),
+    ):
         if name.startswith(prefix):
             return kind
     raise ValueError(f"unsupported base index {name}: build indexes with build_index")
@@ -351,11 +379,15 @@ def _check_params(index: faiss.Index, params: SearchParams) -> str:
         raise ValueError(f"params must be SearchParams (from build_index or SearchParams.from_dict), got {params!r}")
     kind = _index_kind(index)
     if kind != params.index_type:
-        raise ValueError(f"search parameters are for a {params.index_type} index but this index is {kind}: "
-                         "use the SearchParams returned with this index (they are stored beside it)")
+        raise ValueError(
+            f"search parameters are for a {params.index_type} index but this index is {kind}: "
+            "use the SearchParams returned with this index (they are stored beside it)"
+        )
     if _is_gpu(index) and (params.nprobe or 0) > GPU_MAX_K:
-        raise ValueError(f"nprobe={params.nprobe} exceeds faiss GPU's limit {GPU_MAX_K}: rebuild the index "
-                         "(tuning caps nprobe at 2048) or search on the CPU")
+        raise ValueError(
+            f"nprobe={params.nprobe} exceeds faiss GPU's limit {GPU_MAX_K}: rebuild the index "
+            "(tuning caps nprobe at 2048) or search on the CPU"
+        )
     return kind
 
 
@@ -399,8 +431,9 @@ def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
     try:
         gpu_index = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
     except RuntimeError as e:  # e.g. an IVF-PQ code size the GPU kernels do not implement
-        logger.warning("faiss GPU cannot hold this %s index (%s); searching on the CPU", kind,
-                       str(e).strip().splitlines()[-1])
+        logger.warning(
+            "faiss GPU cannot hold this %s index (%s); searching on the CPU", kind, str(e).strip().splitlines()[-1]
+        )
         return index
     logger.debug("moved the %s index to GPU 0", kind)
     return gpu_index
@@ -428,14 +461,16 @@ def _rerank(queries: np.ndarray, cand: np.ndarray, lookup: VectorLookup, k: int)
     nq, m = cand.shape
     d = queries.shape[1]
     valid = cand >= 0
-    uniq = np.unique(cand[valid])                                      # (u,)
+    uniq = np.unique(cand[valid])  # (u,)
     vecs = np.asarray(lookup(uniq), dtype=np.float32) if len(uniq) else np.zeros((0, d), np.float32)
     if vecs.shape != (len(uniq), d):
-        raise ValueError(f"vectors_for_ids returned shape {vecs.shape} for {len(uniq)} ids; it must return "
-                         f"the (m, {d}) vectors of the ids it is given, in that order")
+        raise ValueError(
+            f"vectors_for_ids returned shape {vecs.shape} for {len(uniq)} ids; it must return "
+            f"the (m, {d}) vectors of the ids it is given, in that order"
+        )
     if not len(uniq):
         return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
-    rows = np.searchsorted(uniq, np.where(valid, cand, uniq[0]))         # (nq, m) rows into vecs
+    rows = np.searchsorted(uniq, np.where(valid, cand, uniq[0]))  # (nq, m) rows into vecs
     scores = _exact_scores(queries, vecs, rows)
     scores[~valid] = -np.inf
     order = np.lexsort((np.where(valid, cand, _PAD_SORT_KEY), -scores), axis=1)[:, :k]  # (nq, k)
@@ -448,8 +483,9 @@ def _rerank(queries: np.ndarray, cand: np.ndarray, lookup: VectorLookup, k: int)
     return top_scores, top_ids
 
 
-def _exact_top_k(queries: np.ndarray, k: int, n: int, fetch: Callable, lookup: VectorLookup,
-                 max_fetch: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact_top_k(
+    queries: np.ndarray, k: int, n: int, fetch: Callable, lookup: VectorLookup, max_fetch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (k <= n) from a float32 candidate search `fetch(queries, kk) -> (scores, ids)`.
 
     float32 scores differ from exact ones by at most err = (d+2)*eps32*||q||*||x||. A row is settled once
@@ -466,8 +502,11 @@ def _exact_top_k(queries: np.ndarray, k: int, n: int, fetch: Callable, lookup: V
         s, i = _rerank(queries[todo], cand, lookup, k)
         settled = (kk >= n) | (cand[:, -1] < 0) | (approx[:, -1] + err[todo] < s[:, -1])
         if kk >= max_fetch and not settled.all():  # only on GPU (k capped at 2048) with > 2048 near-ties
-            warnings.warn(f"{int((~settled).sum())} queries have more than {kk} near-tied results; their "
-                          f"exact order beyond the {kk} fetched is not guaranteed (faiss GPU limit)", stacklevel=3)
+            warnings.warn(
+                f"{int((~settled).sum())} queries have more than {kk} near-tied results; their "
+                f"exact order beyond the {kk} fetched is not guaranteed (faiss GPU limit)",
+                stacklevel=3,
+            )
             settled[:] = True
         scores[todo[settled]], found[todo[settled]] = s[settled], i[settled]
         todo = todo[~settled]
@@ -519,20 +558,22 @@ def search(
     k = _check_k(k)
     queries = _check_queries(queries, index.d)
     n, nq = index.ntotal, len(queries)
-    k_eff = min(k, n)                                          # faiss is asked for at most n results
+    k_eff = min(k, n)  # faiss is asked for at most n results
     if k_eff == 0 or nq == 0:
         return _padded(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), k)
     max_fetch = min(n, GPU_MAX_K) if _is_gpu(index) else n
     if k_eff > max_fetch:
-        raise ValueError(f"k={k} exceeds faiss GPU's limit of {GPU_MAX_K} results: ask for fewer, or search "
-                         "the CPU index (without to_gpu_if_available)")
+        raise ValueError(
+            f"k={k} exceeds faiss GPU's limit of {GPU_MAX_K} results: ask for fewer, or search "
+            "the CPU index (without to_gpu_if_available)"
+        )
 
     # 2. where exact vectors come from
     lookup = vectors_for_ids if vectors_for_ids is not None else _reader(index, kind)
     faiss_params = _faiss_params(params)
 
     def fetch(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        return index.search(q, kk, params=faiss_params)        # (len(q), kk) each, -1 padded
+        return index.search(q, kk, params=faiss_params)  # (len(q), kk) each, -1 padded
 
     # 3. candidates and exact re-ranking
     if kind == "flat":
@@ -546,15 +587,19 @@ def search(
 def _reader(index: faiss.Index, kind: str) -> VectorLookup:
     """Read exact vectors back from an index that stores them (IndexIDMap2.reconstruct)."""
     if kind == "ivfpq":
-        raise ValueError("an ivfpq index keeps compressed codes only: pass vectors_for_ids (e.g. "
-                         "IndexStore.vectors_for_ids) so results are re-ranked exactly, as when it was tuned")
+        raise ValueError(
+            "an ivfpq index keeps compressed codes only: pass vectors_for_ids (e.g. "
+            "IndexStore.vectors_for_ids) so results are re-ranked exactly, as when it was tuned"
+        )
 
     def read(ids: np.ndarray) -> np.ndarray:
         try:
             return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
         except RuntimeError as e:
-            raise ValueError(f"cannot read vectors back from this {kind} index ({str(e).strip().splitlines()[-1]}): "
-                             "pass vectors_for_ids") from None
+            raise ValueError(
+                f"cannot read vectors back from this {kind} index ({str(e).strip().splitlines()[-1]}): "
+                "pass vectors_for_ids"
+            ) from None
 
     return read
 
@@ -579,8 +624,10 @@ def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: i
     `search` (exact float64 scores, ties by ascending id, -1 / -inf padding). Candidates come from
     faiss.knn in float32, then are re-ranked exactly; near-ties at the k-th place fetch more."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise ValueError(f"vectors must be a float32 (n, d) array, got {getattr(vectors, 'dtype', type(vectors))} "
-                         f"{getattr(vectors, 'shape', '')}")
+        raise ValueError(
+            f"vectors must be a float32 (n, d) array, got {getattr(vectors, 'dtype', type(vectors))} "
+            f"{getattr(vectors, 'shape', '')}"
+        )
     ids = np.asarray(ids, dtype=np.int64)
     if ids.shape != (len(vectors),):
         raise ValueError(f"ids must have shape ({len(vectors)},), got {ids.shape}")
@@ -633,14 +680,18 @@ def load_index(path: Path) -> faiss.Index:
     """Read an index written by `save_index`; a clear error if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no FAISS index file at {path}: build it with build_index "
-                                "(the CLI's `index`, or `reindex` from stored embeddings)")
+        raise FileNotFoundError(
+            f"no FAISS index file at {path}: build it with build_index "
+            "(the CLI's `index`, or `reindex` from stored embeddings)"
+        )
     try:
         index = faiss.read_index(str(path))
     except (RuntimeError, MemoryError, OverflowError) as e:
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable FAISS index (corrupt or truncated: {detail}); rebuild it, "
-                         "e.g. `personal-retrieval reindex --index-dir DIR` rebuilds from the stored embeddings") from None
+        raise ValueError(
+            f"{path} is not a readable FAISS index (corrupt or truncated: {detail}); rebuild it, "
+            "e.g. `personal-retrieval reindex --index-dir DIR` rebuilds from the stored embeddings"
+        ) from None
     if not isinstance(index, faiss.IndexIDMap2):
         raise ValueError(f"{path} holds a {type(index).__name__}, not an IndexIDMap2 written by save_index: rebuild it")
     return index

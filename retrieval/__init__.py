@@ -27,7 +27,8 @@ _EXPORTS = {
     "Hit": "retrieval.search",
     "IndexSummary": "retrieval.indexer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["ComposedResult", "Engine", "GairConfig", "Generated", "Hit", "IndexSummary", "QueryError", "QueryResult"]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and readers; at run time `__getattr__` below resolves these
     from retrieval.composed import QueryError

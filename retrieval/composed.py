@@ -46,9 +46,9 @@ class QueryError(ValueError):
 class ComposedQuery:
     """A planned query: text pieces and token slots, [t, *, c] with each slot followed by its parent word."""
 
-    text: str                                   # as the user wrote it
-    parts: tuple                                # str pieces and int slots (index into `tokens`), in order
-    tokens: tuple[CustomToken, ...]             # the distinct tokens, in order of first use
+    text: str  # as the user wrote it
+    parts: tuple  # str pieces and int slots (index into `tokens`), in order
+    tokens: tuple[CustomToken, ...]  # the distinct tokens, in order of first use
 
     def render(self, slot_text: Mapping[int, str] | str) -> str:
         """The sentence with each slot replaced by SLOT_TEXT (one string for all, or per token index)."""
@@ -77,7 +77,9 @@ class ComposedQuery:
 
 def _follows(rest: str, parent: str) -> bool:
     """Does REST (the text after a slot) start with the word(s) PARENT?"""
-    return re.match(r"\s*" + r"\s+".join(map(re.escape, parent.split())) + r"(?![\w-])", rest, re.IGNORECASE) is not None
+    return (
+        re.match(r"\s*" + r"\s+".join(map(re.escape, parent.split())) + r"(?![\w-])", rest, re.IGNORECASE) is not None
+    )
 
 
 def plan_query(text: str, tokens: Sequence[CustomToken]) -> ComposedQuery:
@@ -85,7 +87,7 @@ def plan_query(text: str, tokens: Sequence[CustomToken]) -> ComposedQuery:
     followed by its token's parent word. Errors (QueryError) say how to write the query."""
     text = " ".join((text or "").split())
     if not text:
-        raise QueryError("the query is empty: write what to find, e.g. \"a person wearing a * on a beach\"")
+        raise QueryError('the query is empty: write what to find, e.g. "a person wearing a * on a beach"')
     by_name = {t.info.name: t for t in tokens}
     stars = text.count(STAR)
     named = placeholder_names(text)
@@ -108,7 +110,7 @@ def plan_query(text: str, tokens: Sequence[CustomToken]) -> ComposedQuery:
         raise QueryError(
             f"token {unused[0]!r} is given but the query does not use it (it does not use <{unused[0]}> or *): write * "
             f"(one token) or <{unused[0]}> where "
-            f"the concept goes, e.g. \"a person wearing a * on a beach\""
+            f'the concept goes, e.g. "a person wearing a * on a beach"'
         )
     # 2. split into pieces and slots; the parent word follows each slot unless already written
     pattern = re.compile(r"\*|<(?:" + "|".join(re.escape(n) for n in by_name) + r")>") if tokens else None
@@ -154,8 +156,7 @@ def insert_concept(caption: str, slot: str) -> str:
     m = re.search(r"\bperson\b", caption, re.IGNORECASE)
     if m is None:
         return f"a person wearing a {slot}, {caption}"
-    return f"{caption[: m.end()]} wearing a {slot}{caption[m.end():]}"
-
+    return f"{caption[: m.end()]} wearing a {slot}{caption[m.end() :]}"
 
 
 # ----- features
@@ -223,7 +224,9 @@ def slot_spans(tokens, row: int) -> list[tuple[int, int]]:
     return [(s, n) for s, n in spans]
 
 
-def align_index(composed_spans: Sequence[tuple[int, int]], context_spans: Sequence[tuple[int, int]], length: int) -> torch.Tensor:
+def align_index(
+    composed_spans: Sequence[tuple[int, int]], context_spans: Sequence[tuple[int, int]], length: int
+) -> torch.Tensor:
     """(length,) positions of the context sequence that line up with each position of the composed sequence
     (rules in the module docstring). Spans that do not pair up (a slot cut by truncation) give the identity."""
     if len(composed_spans) != len(context_spans):
@@ -256,7 +259,9 @@ def conditioning_pair(backbone, plan: ComposedQuery, attributes: Sequence[str]) 
     h_comp = h_comp[0]  # (L, W)
     L = h_comp.shape[0]
     comp_spans = slot_spans(comp_tok, 0)
-    aligned = [h_ctx[i][align_index(comp_spans, slot_spans(ctx_tok, i), L).to(h_ctx.device)] for i in range(len(attributes))]
+    aligned = [
+        h_ctx[i][align_index(comp_spans, slot_spans(ctx_tok, i), L).to(h_ctx.device)] for i in range(len(attributes))
+    ]
     return h_comp, torch.stack(aligned).mean(0)
 
 

@@ -56,8 +56,8 @@ from tokens.token_file import STAR, CustomToken, placeholder_names
 class ComposedResult:
     """A composed query's answer: the plan, the hits, and GAIR's record when it ran."""
 
-    query: str                                  # as written
-    composed: str                               # [t, *, c] as encoded
+    query: str  # as written
+    composed: str  # [t, *, c] as encoded
     model: str
     hits: list[Hit]
     tokens: tuple[str, ...]
@@ -85,9 +85,9 @@ class ComposedResult:
 class Generated:
     """Images generated for a prompt (`Engine.generate`)."""
 
-    prompt: str                                 # as encoded: `*` replaced by the placeholder, parent word added
+    prompt: str  # as encoded: `*` replaced by the placeholder, parent word added
     images: list[Image.Image]
-    out: Path | None = None                     # the grid written, when asked
+    out: Path | None = None  # the grid written, when asked
 
 
 TokenRef = str | CustomToken  # a token by its name in the store, or a loaded one
@@ -100,9 +100,17 @@ class Engine:
     paired with the CLIP). clip / backbone: already-loaded parts to use instead of loading (backbone must be
     conditioned on that clip)."""
 
-    def __init__(self, index_dir: str | Path | None = None, tokens_dir: str | Path = DEFAULT_TOKENS_DIR, *,
-                 model: str | None = None, diffusion: str = AUTO, device: str = "auto",
-                 clip: ClipEncoder | None = None, backbone: DiffusionBackbone | None = None):
+    def __init__(
+        self,
+        index_dir: str | Path | None = None,
+        tokens_dir: str | Path = DEFAULT_TOKENS_DIR,
+        *,
+        model: str | None = None,
+        diffusion: str = AUTO,
+        device: str = "auto",
+        clip: ClipEncoder | None = None,
+        backbone: DiffusionBackbone | None = None,
+    ):
         if backbone is not None:
             if clip is not None and backbone.clip is not clip:
                 raise ValueError("`backbone` must be conditioned on the same ClipEncoder object as `clip`")
@@ -152,11 +160,15 @@ class Engine:
         allowed = {f.name for f in fields(IndexingConfig)} - {"model", "device"}
         unknown = sorted(set(options) - allowed)
         if unknown:
-            raise TypeError(f"Engine.index() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+            raise TypeError(
+                f"Engine.index() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+            )
         config = IndexingConfig(model=self.model, device=self.device, **options)
         # the CLIP this engine already holds embeds the gallery when it runs at the indexing precision
         held = self._clip
-        encoder = held if held is not None and held.precision == resolve_precision(config.precision, held.device) else None
+        encoder = (
+            held if held is not None and held.precision == resolve_precision(config.precision, held.device) else None
+        )
         summary = index_gallery(gallery_dir, self.index_dir, config, progress=progress, encoder=encoder)
         self._store = None
         return summary
@@ -168,7 +180,9 @@ class Engine:
         return manifest
 
     # ----- custom tokens
-    def learn_token(self, name: str, images: str | Path, parent: str, *, progress: bool = True, **options) -> LearnResult:
+    def learn_token(
+        self, name: str, images: str | Path, parent: str, *, progress: bool = True, **options
+    ) -> LearnResult:
         """Learn a token from the images in the folder IMAGES and the parent word, and save it in the token store.
         OPTIONS: any `tokens.learn.LearnRequest` field (method, steps, n_vectors, init_caption, negatives, seed,
         overwrite, overrides, context_attributes)."""
@@ -176,9 +190,19 @@ class Engine:
         allowed = {f.name for f in fields(LearnRequest)} - fixed
         unknown = sorted(set(options) - allowed)
         if unknown:
-            raise TypeError(f"Engine.learn_token() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-        request = LearnRequest(name=name, images=Path(images), parent=parent, model=self.model, diffusion=self.diffusion,
-                               tokens_dir=self.tokens.root, device=self.device, **options)
+            raise TypeError(
+                f"Engine.learn_token() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+            )
+        request = LearnRequest(
+            name=name,
+            images=Path(images),
+            parent=parent,
+            model=self.model,
+            diffusion=self.diffusion,
+            tokens_dir=self.tokens.root,
+            device=self.device,
+            **options,
+        )
         backbone = self.backbone if needs_diffusion(request) else None
         return learn_token(request, progress=progress, models=(self.clip, backbone))
 
@@ -207,7 +231,9 @@ class Engine:
         if not tokens:
             stored = [n for t in texts for n in placeholder_names(t) if self.tokens.exists(n)]
             if stored:
-                raise QueryError(f"the query names <{stored[0]}>, a token in {self.tokens.root}: add `tokens=[{stored[0]!r}]` to use it")
+                raise QueryError(
+                    f"the query names <{stored[0]}>, a token in {self.tokens.root}: add `tokens=[{stored[0]!r}]` to use it"
+                )
         if self.is_composed(texts, tokens, gair):
             loaded = [self.token(t) for t in tokens]
             for text in texts:
@@ -217,10 +243,18 @@ class Engine:
         """One query (see `query_many`)."""
         return self.query_many([text], tokens, **options)[0]
 
-    def query_many(self, texts: Sequence[str], tokens: Sequence[TokenRef] = (), *, k: int = 10, gair: bool = False,
-                   attributes: Sequence[str] | None = None, gair_config: GairConfig = GairConfig(),
-                   concept_images: Sequence[Image.Image] | None = None,
-                   progress: bool = False) -> list[QueryResult] | list[ComposedResult]:
+    def query_many(
+        self,
+        texts: Sequence[str],
+        tokens: Sequence[TokenRef] = (),
+        *,
+        k: int = 10,
+        gair: bool = False,
+        attributes: Sequence[str] | None = None,
+        gair_config: GairConfig = GairConfig(),
+        concept_images: Sequence[Image.Image] | None = None,
+        progress: bool = False,
+    ) -> list[QueryResult] | list[ComposedResult]:
         """Answer TEXTS. Words only (no TOKENS, no `*`, no GAIR): plain text search, `QueryResult`s. With custom
         tokens: composed queries (`*` or <name> in the text), `ComposedResult`s; with GAIR (Perera et al.,
         Algorithm 1) the images of every query and weight are generated in batches of `gair_config.batch_size`."""
@@ -234,16 +268,32 @@ class Engine:
         outcomes: list[GairOutcome | None] = [None] * len(plans)
         if gair:
             if not all(p.tokens for p in plans):
-                raise QueryError("GAIR mixes the query with and without a token: pass `tokens=[NAME]` and write * in the query")
+                raise QueryError(
+                    "GAIR mixes the query with and without a token: pass `tokens=[NAME]` and write * in the query"
+                )
             means = np.stack([self.concept_mean(p, concept_images) for p in plans])
             outcomes = run_gair(plans, self.backbone, means, attrs, gair_config, self.cache_dir, progress)
             vectors = np.stack([o.query_vector for o in outcomes])
         else:
             vectors = np.stack([composed_feature(self.clip, p) for p in plans])
-        hits = search_vectors(self.store, vectors.astype(np.float32), k) if self.index_dir is not None else [[] for _ in plans]
-        return [ComposedResult(t, p.composed, self.model, h, tuple(x.info.name for x in p.tokens), tuple(a),
-                               truncated(self.clip, p, a), o)
-                for t, p, h, a, o in zip(texts, plans, hits, attrs, outcomes)]
+        hits = (
+            search_vectors(self.store, vectors.astype(np.float32), k)
+            if self.index_dir is not None
+            else [[] for _ in plans]
+        )
+        return [
+            ComposedResult(
+                t,
+                p.composed,
+                self.model,
+                h,
+                tuple(x.info.name for x in p.tokens),
+                tuple(a),
+                truncated(self.clip, p, a),
+                o,
+            )
+            for t, p, h, a, o in zip(texts, plans, hits, attrs, outcomes)
+        ]
 
     def concept_mean(self, plan: ComposedQuery, concept_images: Sequence[Image.Image] | None = None) -> np.ndarray:
         """Mean CLIP feature of the concept images: of CONCEPT_IMAGES if given, else the token files' stored means
@@ -271,9 +321,18 @@ class Engine:
         return read_image_folder(folder, 1, "concept images").images
 
     # ----- seeing what the engine understood
-    def generate(self, prompt: str, tokens: Sequence[TokenRef] = (), *, n: int = 4, steps: int | None = None,
-                 guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
-                 out: str | Path | None = None) -> Generated:
+    def generate(
+        self,
+        prompt: str,
+        tokens: Sequence[TokenRef] = (),
+        *,
+        n: int = 4,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+        seed: int = 0,
+        out: str | Path | None = None,
+    ) -> Generated:
         """N images for PROMPT, planned as queries are ([t, *, c]: `*` is the token, its parent word follows);
         image i starts from noise seeded seed + i. steps / guidance_scale: default the diffusion model's own sampler
         settings. OUT: also write them as one PNG grid there (atomically)."""
@@ -282,16 +341,27 @@ class Engine:
         plan = self.plan(prompt, tokens)
         backbone = self.backbone
         steps, guidance = GairConfig(steps=steps, guidance_scale=guidance_scale).steps_and_guidance(backbone)
-        images = backbone.generate([plan.composed], {k: v.to(self.clip.device) for k, v in plan.vectors.items()}, n=n,
-                                   negative_prompt=negative_prompt, guidance_scale=guidance, steps=steps, seed=seed)
+        images = backbone.generate(
+            [plan.composed],
+            {k: v.to(self.clip.device) for k, v in plan.vectors.items()},
+            n=n,
+            negative_prompt=negative_prompt,
+            guidance_scale=guidance,
+            steps=steps,
+            seed=seed,
+        )
         path = None
         if out is not None:
             path, sheet = Path(out), image_grid(images)
             write_atomic(path, lambda p: sheet.save(p, format="PNG"), suffix=".png")
         return Generated(plan.composed, images, path)
 
-    def report(self, results: Sequence[QueryResult] | Sequence[ComposedResult], path: str | Path,
-               concept_images: Sequence[Image.Image] | None = None) -> Path:
+    def report(
+        self,
+        results: Sequence[QueryResult] | Sequence[ComposedResult],
+        path: str | Path,
+        concept_images: Sequence[Image.Image] | None = None,
+    ) -> Path:
         """A self-contained HTML page of RESULTS at PATH: thumbnails; for composed queries the concept images
         (CONCEPT_IMAGES, else up to 4 from the folders the tokens were learned from) and GAIR's images."""
         root = self.store.manifest["gallery_root"]
@@ -300,6 +370,11 @@ class Engine:
         shown = list(concept_images) if concept_images else None
         if shown is None:
             folders = {self.token(n).info.concept_images for r in results for n in r.tokens}
-            shown = [p for f in sorted(x for x in folders if x) if Path(f).is_dir()
-                     for p in sorted(Path(f).iterdir()) if p.is_file()][:4]
+            shown = [
+                p
+                for f in sorted(x for x in folders if x)
+                if Path(f).is_dir()
+                for p in sorted(Path(f).iterdir())
+                if p.is_file()
+            ][:4]
         return write_html(path, composed_html(results, root, shown))

@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from retrieval.io.cache import read_cached, write_cached
 from retrieval.composed import (
     ComposedQuery,
     QueryError,
@@ -36,6 +35,7 @@ from retrieval.composed import (
     mix,
     mix_conditioning,
 )
+from retrieval.io.cache import read_cached, write_cached
 
 DEFAULT_WEIGHTS: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))  # Perera et al.: 0.0 to 1.0 by 0.1
 CONTEXT_CACHE_DIR = ".gair_context"  # under the token store
@@ -44,11 +44,11 @@ CONTEXT_CACHE_DIR = ".gair_context"  # under the token store
 @dataclass(frozen=True)
 class GairConfig:
     weights: tuple[float, ...] = DEFAULT_WEIGHTS  # W
-    steps: int | None = None                    # sampler steps; None: the diffusion model's default (SD: 50 DDIM)
-    guidance_scale: float | None = None         # classifier-free guidance; None: the model's default (SD: 7.5)
-    seed: int = 0                               # I(w) noise; context image j: seed + 1 + j
-    n_context: int = 1                          # context images x_c per query (their features are averaged)
-    batch_size: int = 64                        # rows per sampler call (a row: one image)
+    steps: int | None = None  # sampler steps; None: the diffusion model's default (SD: 50 DDIM)
+    guidance_scale: float | None = None  # classifier-free guidance; None: the model's default (SD: 7.5)
+    seed: int = 0  # I(w) noise; context image j: seed + 1 + j
+    n_context: int = 1  # context images x_c per query (their features are averaged)
+    batch_size: int = 64  # rows per sampler call (a row: one image)
 
     def __post_init__(self):
         if not self.weights or any(not 0.0 <= float(w) <= 1.0 for w in self.weights):
@@ -60,8 +60,10 @@ class GairConfig:
 
     def steps_and_guidance(self, backbone) -> tuple[int, float]:
         """(sampler steps, guidance scale): these, or the diffusion model's own defaults where None."""
-        return (self.steps or backbone.sampling["steps"],
-                float(self.guidance_scale if self.guidance_scale is not None else backbone.sampling["guidance_scale"]))
+        return (
+            self.steps or backbone.sampling["steps"],
+            float(self.guidance_scale if self.guidance_scale is not None else backbone.sampling["guidance_scale"]),
+        )
 
 
 def parse_weights(text: str) -> tuple[float, ...]:
@@ -76,7 +78,9 @@ def parse_weights(text: str) -> tuple[float, ...]:
             return tuple(round(start + i * step, 6) for i in range(n))
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise QueryError(f"`weights={text!r}`: give numbers in [0, 1] separated by commas, or start:stop:step") from None
+        raise QueryError(
+            f"`weights={text!r}`: give numbers in [0, 1] separated by commas, or start:stop:step"
+        ) from None
 
 
 @dataclass
@@ -84,11 +88,11 @@ class GairOutcome:
     """Algorithm 1's record for one query."""
 
     weights: tuple[float, ...]
-    scores: np.ndarray                          # (|W|,) score(w) = min of the two cosines
-    concept_similarity: np.ndarray              # (|W|,) cos(f(I(w)), mean f(concept images))
-    context_similarity: np.ndarray              # (|W|,) cos(f(I(w)), mean f(x_c))
-    best: int                                   # index of w* in weights
-    query_vector: np.ndarray                    # (dim,) q(w*) normalised: what the index is searched with
+    scores: np.ndarray  # (|W|,) score(w) = min of the two cosines
+    concept_similarity: np.ndarray  # (|W|,) cos(f(I(w)), mean f(concept images))
+    context_similarity: np.ndarray  # (|W|,) cos(f(I(w)), mean f(x_c))
+    best: int  # index of w* in weights
+    query_vector: np.ndarray  # (dim,) q(w*) normalised: what the index is searched with
     images: list[Image.Image] = field(default_factory=list)  # I(w), one per weight
     context_images: list[Image.Image] = field(default_factory=list)  # x_c
 
@@ -104,7 +108,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def gair_scores(image_features: np.ndarray, concept_mean: np.ndarray, context_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gair_scores(
+    image_features: np.ndarray, concept_mean: np.ndarray, context_mean: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores, cos to concept, cos to context) for (|W|, dim) features of I(w): step 4 of Algorithm 1."""
     f = _unit(image_features.astype(np.float64))
     to_concept = f @ _unit(concept_mean.astype(np.float64))
@@ -114,20 +120,38 @@ def gair_scores(image_features: np.ndarray, concept_mean: np.ndarray, context_me
 
 def context_key(backbone, plan: ComposedQuery, attributes: Sequence[str], config: GairConfig) -> dict:
     steps, guidance = config.steps_and_guidance(backbone)
-    return {"query": plan.with_word("{attribute}"), "attributes": list(attributes), "diffusion": backbone.spec,
-            "clip": backbone.clip.spec, "seed": config.seed, "n": config.n_context, "steps": steps,
-            "guidance": guidance, "size": backbone.image_size}
+    return {
+        "query": plan.with_word("{attribute}"),
+        "attributes": list(attributes),
+        "diffusion": backbone.spec,
+        "clip": backbone.clip.spec,
+        "seed": config.seed,
+        "n": config.n_context,
+        "steps": steps,
+        "guidance": guidance,
+        "size": backbone.image_size,
+    }
 
 
-def run_gair(plans: Sequence[ComposedQuery], backbone, concept_means: np.ndarray,
-             attributes: Sequence[Sequence[str]] | Sequence[str], config: GairConfig = GairConfig(),
-             cache_dir: str | Path | None = None, progress: bool = False) -> list[GairOutcome]:
+def run_gair(
+    plans: Sequence[ComposedQuery],
+    backbone,
+    concept_means: np.ndarray,
+    attributes: Sequence[Sequence[str]] | Sequence[str],
+    config: GairConfig = GairConfig(),
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> list[GairOutcome]:
     """Algorithm 1 for a batch of queries. concept_means (Q, dim): mean CLIP image feature of each query's concept
     images (any norm); attributes: one list for all queries or one per query. The image encoder f and the text
     encoder g are backbone.clip."""
     clip = backbone.clip
     Q = len(plans)
-    per_query = [check_attributes(a) for a in attributes] if attributes and not isinstance(attributes[0], str) else [check_attributes(attributes)] * Q
+    per_query = (
+        [check_attributes(a) for a in attributes]
+        if attributes and not isinstance(attributes[0], str)
+        else [check_attributes(attributes)] * Q
+    )
     concept_means = np.asarray(concept_means, dtype=np.float32).reshape(Q, -1)
     steps, guidance = config.steps_and_guidance(backbone)
     W = list(config.weights)
@@ -146,12 +170,15 @@ def run_gair(plans: Sequence[ComposedQuery], backbone, concept_means: np.ndarray
         seeds = [config.seed + 1 + j for _ in missing for j in range(config.n_context)]
         made = backbone.sample_images(cond, seeds, guidance, steps, config.batch_size, on_batch=bar.update)
         for i, q in enumerate(missing):
-            context_images[q] = write_cached(cache_dir, "context", keys[q], made[i * config.n_context : (i + 1) * config.n_context])
+            context_images[q] = write_cached(
+                cache_dir, "context", keys[q], made[i * config.n_context : (i + 1) * config.n_context]
+            )
     context_images = [found.images for found in context_images]
     # 3. I(w) for every query and weight: |Q| x |W| rows, batched
     cond = torch.cat([mix_conditioning(h_star, h_ctx, W) for h_star, h_ctx in pairs])  # (Q |W|, L, width)
-    images = backbone.sample_images(cond, [config.seed] * cond.shape[0], guidance, steps, config.batch_size,
-                                    on_batch=bar.update)
+    images = backbone.sample_images(
+        cond, [config.seed] * cond.shape[0], guidance, steps, config.batch_size, on_batch=bar.update
+    )
     bar.close()
     # 4. scores, w*, q(w*)
     f_images = clip.encode_pil(images).reshape(Q, len(W), -1)
@@ -160,6 +187,16 @@ def run_gair(plans: Sequence[ComposedQuery], backbone, concept_means: np.ndarray
     for q in range(Q):
         scores, to_concept, to_context = gair_scores(f_images[q], concept_means[q], f_context[q])
         best = int(np.argmax(scores))  # first maximum: the smallest w among ties
-        out.append(GairOutcome(tuple(W), scores, to_concept, to_context, best, mix(g_star[q], g_ctx[q], W[best]),
-                               images[q * len(W) : (q + 1) * len(W)], context_images[q]))
+        out.append(
+            GairOutcome(
+                tuple(W),
+                scores,
+                to_concept,
+                to_context,
+                best,
+                mix(g_star[q], g_ctx[q], W[best]),
+                images[q * len(W) : (q + 1) * len(W)],
+                context_images[q],
+            )
+        )
     return out

@@ -26,9 +26,9 @@ from retrieval.io.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, 
 
 @dataclass(frozen=True)
 class GalleryFile:
-    path: str       # relative to the gallery root, POSIX separators ("sub/dir/a.jpg")
-    bytes: int      # file size (of the target, for a symlinked file)
-    mtime_ns: int   # st_mtime_ns (of the target, for a symlinked file)
+    path: str  # relative to the gallery root, POSIX separators ("sub/dir/a.jpg")
+    bytes: int  # file size (of the target, for a symlinked file)
+    mtime_ns: int  # st_mtime_ns (of the target, for a symlinked file)
 
 
 def scan_gallery(root: str | os.PathLike) -> list[GalleryFile]:
@@ -96,11 +96,11 @@ def scan_gallery(root: str | os.PathLike) -> list[GalleryFile]:
 class DecodedItem:
     """One file as a DataLoader worker hands it back."""
 
-    index: int                    # position in the dataset's `files`
-    pixels: torch.Tensor | None   # (C, H, W) from the transform; None for a bad item
-    width: int                    # upright decoded width; 0 for a bad item
-    height: int                   # upright decoded height; 0 for a bad item
-    reason: str                   # "" for a good item, else why it is bad (BadImage.reason categories)
+    index: int  # position in the dataset's `files`
+    pixels: torch.Tensor | None  # (C, H, W) from the transform; None for a bad item
+    width: int  # upright decoded width; 0 for a bad item
+    height: int  # upright decoded height; 0 for a bad item
+    reason: str  # "" for a good item, else why it is bad (BadImage.reason categories)
 
     @property
     def ok(self) -> bool:
@@ -157,12 +157,12 @@ def _bad(index: int, reason: str) -> DecodedItem:
 
 @dataclass
 class GalleryBatch:
-    indices: torch.Tensor   # (B,) int64, positions into the dataset's `files`
-    pixels: torch.Tensor    # (n_ok, C, H, W), only the good items, in batch order; (0, 0, 0, 0) if none
-    ok: torch.Tensor        # (B,) bool
-    widths: torch.Tensor    # (B,) int64, upright decoded width (0 for bad items)
-    heights: torch.Tensor   # (B,) int64
-    reasons: list[str]      # (B,), "" for good items
+    indices: torch.Tensor  # (B,) int64, positions into the dataset's `files`
+    pixels: torch.Tensor  # (n_ok, C, H, W), only the good items, in batch order; (0, 0, 0, 0) if none
+    ok: torch.Tensor  # (B,) bool
+    widths: torch.Tensor  # (B,) int64, upright decoded width (0 for bad items)
+    heights: torch.Tensor  # (B,) int64
+    reasons: list[str]  # (B,), "" for good items
 
     def pin_memory(self) -> "GalleryBatch":
         """Called by DataLoader(pin_memory=True): page-locks the pixels for a faster copy to the GPU."""

@@ -61,12 +61,12 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class IndexingConfig:
-    model: str = DEFAULT_MODEL          # CLIP model SPEC (retrieval.models.clip)
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    precision: str = "auto"             # auto (GPU: bf16/fp16, CPU: fp32) | fp32 | fp16 | bf16
-    batch_size: int = 64                # images per forward pass
-    workers: int = -1                   # decoding processes; -1 = default_workers(), 0 = decode in this process
-    shard_size: int = 4096              # images per shard: the resume granularity after a crash
+    model: str = DEFAULT_MODEL  # CLIP model SPEC (retrieval.models.clip)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (GPU: bf16/fp16, CPU: fp32) | fp32 | fp16 | bf16
+    batch_size: int = 64  # images per forward pass
+    workers: int = -1  # decoding processes; -1 = default_workers(), 0 = decode in this process
+    shard_size: int = 4096  # images per shard: the resume granularity after a crash
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression-bomb guard)
     # Worker start method. GNU OpenMP (faiss, torch) is not fork-safe (faiss#5206, pytorch#45198) when a
     # forked child enters a parallel region; workers run with one thread (worker_init), so they never do,
@@ -86,16 +86,16 @@ class IndexingConfig:
 class IndexSummary:
     """What one run did. The image counts are exact and add up: count == unchanged + indexed + reused."""
 
-    indexed: int            # images embedded by this run (usable files only; unusable ones are in newly_skipped)
-    reused: int             # images taken from finished shards of an interrupted run instead of re-embedding them
-    unchanged: int          # images of the committed index kept as they were (same id, same embedding)
-    removed: int            # committed images dropped: file deleted, or changed (its new version is embedded anew)
-    skipped: pd.DataFrame   # path, bytes, mtime_ns, reason: every unusable file of the gallery, by path
-    newly_skipped: int      # of which found unusable since the committed index (by this run or a reused shard)
-    count: int              # images in the index after this run
-    seconds: float          # wall time of the whole run
-    embed_seconds: float    # wall time of the embedding loop (model loading excluded)
-    manifest: dict          # the committed manifest (the previous one when nothing changed)
+    indexed: int  # images embedded by this run (usable files only; unusable ones are in newly_skipped)
+    reused: int  # images taken from finished shards of an interrupted run instead of re-embedding them
+    unchanged: int  # images of the committed index kept as they were (same id, same embedding)
+    removed: int  # committed images dropped: file deleted, or changed (its new version is embedded anew)
+    skipped: pd.DataFrame  # path, bytes, mtime_ns, reason: every unusable file of the gallery, by path
+    newly_skipped: int  # of which found unusable since the committed index (by this run or a reused shard)
+    count: int  # images in the index after this run
+    seconds: float  # wall time of the whole run
+    embed_seconds: float  # wall time of the embedding loop (model loading excluded)
+    manifest: dict  # the committed manifest (the previous one when nothing changed)
 
     @property
     def images_per_second(self) -> float:
@@ -117,8 +117,8 @@ class IndexSummary:
 # ---------------------------------------------------------------- the steps' inputs and outputs
 @dataclass(frozen=True)
 class GalleryScan:
-    root: str              # absolute path of the gallery folder; file paths are relative to it
-    files: pd.DataFrame    # (n_files,) columns FILE_KEY, sorted by path
+    root: str  # absolute path of the gallery folder; file paths are relative to it
+    files: pd.DataFrame  # (n_files,) columns FILE_KEY, sorted by path
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,14 @@ class GalleryDiff:
     """A scan against the committed generation. Each scanned file is in exactly one of new, changed or
     unchanged (kept_rows, kept_skipped); each committed entry whose path is gone is in deleted."""
 
-    new: pd.DataFrame           # files at paths the committed generation does not hold; FILE_KEY, path order
-    changed: pd.DataFrame       # files at committed paths (images or skipped) with another size or mtime; FILE_KEY
-    todo: pd.DataFrame          # new and changed: the files to embed; FILE_KEY, path order
-    deleted: pd.DataFrame       # committed entries (images or skipped files) whose path is gone; FILE_KEY, path order
-    kept_rows: np.ndarray       # (n_kept,) int64: rows of the committed metadata/embeddings whose file is unchanged
+    new: pd.DataFrame  # files at paths the committed generation does not hold; FILE_KEY, path order
+    changed: pd.DataFrame  # files at committed paths (images or skipped) with another size or mtime; FILE_KEY
+    todo: pd.DataFrame  # new and changed: the files to embed; FILE_KEY, path order
+    deleted: pd.DataFrame  # committed entries (images or skipped files) whose path is gone; FILE_KEY, path order
+    kept_rows: np.ndarray  # (n_kept,) int64: rows of the committed metadata/embeddings whose file is unchanged
     kept_skipped: pd.DataFrame  # committed skipped files still there unchanged (not retried); SKIP_COLUMNS
-    removed: int                # committed images dropped: deleted or changed
-    next_id: int                # the first id never given (ids are not reused)
+    removed: int  # committed images dropped: deleted or changed
+    next_id: int  # the first id never given (ids are not reused)
 
     @property
     def is_empty(self) -> bool:
@@ -143,20 +143,24 @@ class GalleryDiff:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    reused: list[ShardOutput]               # finished shards' outputs, cut to the files to embed (each file once)
-    to_embed: list[tuple[int, ShardInput]]  # (shard number, input) for the other files: shard_size files each, path order
+    reused: list[ShardOutput]  # finished shards' outputs, cut to the files to embed (each file once)
+    to_embed: list[
+        tuple[int, ShardInput]
+    ]  # (shard number, input) for the other files: shard_size files each, path order
 
 
 @dataclass(frozen=True)
 class NewGeneration:
-    metadata: pd.DataFrame   # (n,) columns id + META_COLUMNS: kept rows (committed order), then new rows (path order)
-    embeddings: np.ndarray   # (n, dim) float16, row i <-> metadata row i
-    skipped: pd.DataFrame    # SKIP_COLUMNS, path order: kept and newly found unusable files
-    next_id: int             # the first id never given
+    metadata: pd.DataFrame  # (n,) columns id + META_COLUMNS: kept rows (committed order), then new rows (path order)
+    embeddings: np.ndarray  # (n, dim) float16, row i <-> metadata row i
+    skipped: pd.DataFrame  # SKIP_COLUMNS, path order: kept and newly found unusable files
+    next_id: int  # the first id never given
 
 
 # ---------------------------------------------------------------- the steps
-def check_inputs(config: IndexingConfig, committed: IndexStore | None, encoder: ClipEncoder | None, gallery_root: str) -> None:
+def check_inputs(
+    config: IndexingConfig, committed: IndexStore | None, encoder: ClipEncoder | None, gallery_root: str
+) -> None:
     """Refuse an encoder or a committed index of another model than `config.model`; warn when the committed
     index was made from another gallery folder (paths are relative, so its unchanged files are still kept)."""
     if encoder is not None and encoder.spec != config.model:
@@ -168,19 +172,23 @@ def check_inputs(config: IndexingConfig, committed: IndexStore | None, encoder: 
         return
     if committed.model != config.model:
         raise IndexStoreError(
-            f"the index in {committed.dir} was built with --model {committed.model}, not {config.model}: index into a new "
-            f"--index-dir, or run with --model {committed.model}"
+            f"the index in {committed.dir} was built with `model={committed.model}`, not {config.model}: index into a "
+            f"new `index_dir`, or run with `model={committed.model}`"
         )
     if committed.manifest["gallery_root"] != gallery_root:
-        warnings.warn(f"{committed.dir} indexed {committed.manifest['gallery_root']}; now indexing {gallery_root} "
-                      "(paths are relative)")
+        warnings.warn(
+            f"{committed.dir} indexed {committed.manifest['gallery_root']}; now indexing {gallery_root} "
+            "(paths are relative)"
+        )
 
 
 def scan(gallery_dir: str | Path) -> GalleryScan:
     """The gallery's image files (retrieval.gallery.scan_gallery), sorted by path."""
     root = str(Path(gallery_dir).resolve())
     files = [(f.path, f.bytes, f.mtime_ns) for f in scan_gallery(root)]
-    return GalleryScan(root=root, files=pd.DataFrame(files, columns=FILE_KEY).astype({"bytes": "int64", "mtime_ns": "int64"}))
+    return GalleryScan(
+        root=root, files=pd.DataFrame(files, columns=FILE_KEY).astype({"bytes": "int64", "mtime_ns": "int64"})
+    )
 
 
 def diff(scanned: GalleryScan, committed: IndexStore | None) -> GalleryDiff:
@@ -188,8 +196,16 @@ def diff(scanned: GalleryScan, committed: IndexStore | None) -> GalleryDiff:
     files = scanned.files
     if committed is None:
         none = files.iloc[:0]
-        return GalleryDiff(new=files, changed=none, todo=files, deleted=none, kept_rows=np.zeros(0, np.int64),
-                           kept_skipped=pd.DataFrame(columns=SKIP_COLUMNS), removed=0, next_id=0)
+        return GalleryDiff(
+            new=files,
+            changed=none,
+            todo=files,
+            deleted=none,
+            kept_rows=np.zeros(0, np.int64),
+            kept_skipped=pd.DataFrame(columns=SKIP_COLUMNS),
+            removed=0,
+            next_id=0,
+        )
     meta, skipped = committed.metadata, committed.skipped
     held = pd.concat([meta[FILE_KEY], skipped[FILE_KEY]], ignore_index=True)  # every committed entry, once per path
     keys = _keys(files)
@@ -209,7 +225,11 @@ def diff(scanned: GalleryScan, committed: IndexStore | None) -> GalleryDiff:
 
 
 def plan_shards(
-    todo: pd.DataFrame, finished: Sequence[ShardOutput], config: IndexingConfig, gallery_root: str, first_number: int = 0
+    todo: pd.DataFrame,
+    finished: Sequence[ShardOutput],
+    config: IndexingConfig,
+    gallery_root: str,
+    first_number: int = 0,
 ) -> ShardPlan:
     """Take what FINISHED shards hold of TODO (rows of files no longer to do are dropped; a file in two shards
     is taken once, from the first), and cut the rest of TODO into shards numbered from FIRST_NUMBER."""
@@ -221,21 +241,30 @@ def plan_shards(
         bad = _keys(out.skipped).isin(wanted) & ~_keys(out.skipped).isin(taken)
         if not (ok.any() or bad.any()):
             continue
-        out = ShardOutput(embeddings=out.embeddings[ok], metadata=out.metadata[ok].reset_index(drop=True),
-                          skipped=out.skipped[bad].reset_index(drop=True))
+        out = ShardOutput(
+            embeddings=out.embeddings[ok],
+            metadata=out.metadata[ok].reset_index(drop=True),
+            skipped=out.skipped[bad].reset_index(drop=True),
+        )
         taken = taken.append(_keys(out.metadata)).append(_keys(out.skipped))
         reused.append(out)
     rest = todo[~wanted.isin(taken)].reset_index(drop=True) if len(taken) else todo.reset_index(drop=True)
     n = config.shard_size
     to_embed = [
-        (first_number + j, ShardInput(files=rest.iloc[i : i + n].reset_index(drop=True), model=config.model,
-                                      gallery_root=gallery_root))
+        (
+            first_number + j,
+            ShardInput(
+                files=rest.iloc[i : i + n].reset_index(drop=True), model=config.model, gallery_root=gallery_root
+            ),
+        )
         for j, i in enumerate(range(0, len(rest), n))
     ]
     return ShardPlan(reused=reused, to_embed=to_embed)
 
 
-def embed_shard(shard: ShardInput, encoder: ClipEncoder, config: IndexingConfig, progress: tqdm | None = None) -> ShardOutput:
+def embed_shard(
+    shard: ShardInput, encoder: ClipEncoder, config: IndexingConfig, progress: tqdm | None = None
+) -> ShardOutput:
     """Embed one self-contained shard: its files are decoded in DataLoader worker processes while the model
     encodes. PROGRESS, a tqdm bar, advances by each batch's files.
 
@@ -243,12 +272,15 @@ def embed_shard(shard: ShardInput, encoder: ClipEncoder, config: IndexingConfig,
     2 fork workers on a busy 2-core CPU: ~0.2 s per shard, under 1% of a default 4096-image shard).
     """
     if shard.model != encoder.spec:
-        raise ValueError(f"the shard is for `model={shard.model}`, the encoder is {encoder.spec}: embed it with an "
-                         f"encoder of {shard.model}")
+        raise ValueError(
+            f"the shard is for `model={shard.model}`, the encoder is {encoder.spec}: embed it with an "
+            f"encoder of {shard.model}"
+        )
     files = [GalleryFile(*r) for r in shard.files[FILE_KEY].itertuples(index=False)]
     workers = default_workers() if config.workers < 0 else config.workers
-    dataset = GalleryDataset(shard.gallery_root, files, encoder.preprocess, max_pixels=config.max_pixels,
-                             min_size=encoder.image_size)
+    dataset = GalleryDataset(
+        shard.gallery_root, files, encoder.preprocess, max_pixels=config.max_pixels, min_size=encoder.image_size
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -278,7 +310,9 @@ def embed_shard(shard: ShardInput, encoder: ClipEncoder, config: IndexingConfig,
     )
 
 
-def embed(plan: ShardPlan, encoder: ClipEncoder, config: IndexingConfig, work_dir: Path, progress: bool = False) -> list[ShardOutput]:
+def embed(
+    plan: ShardPlan, encoder: ClipEncoder, config: IndexingConfig, work_dir: Path, progress: bool = False
+) -> list[ShardOutput]:
     """Embed the planned shards one by one (`embed_shard`), writing each to WORK_DIR as it completes: a run
     killed here resumes from the shards already written. Returns their outputs in plan order."""
     outputs, n_skipped = [], 0
@@ -293,7 +327,9 @@ def embed(plan: ShardPlan, encoder: ClipEncoder, config: IndexingConfig, work_di
     return outputs
 
 
-def merge(committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[ShardOutput], dim: int) -> NewGeneration:
+def merge(
+    committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[ShardOutput], dim: int
+) -> NewGeneration:
     """The new generation's rows: the committed rows of unchanged files keep their id, embedding and order;
     the rows of OUTPUTS (reused and new shards, each file once) follow with fresh ids in path order."""
     for out in outputs:
@@ -322,8 +358,14 @@ def commit(index_dir: str | Path, generation: NewGeneration, config: IndexingCon
     """Write GENERATION as INDEX_DIR's committed generation, atomically (indexes.store.commit_generation:
     a crash at any moment leaves the previous one readable). Returns the new manifest."""
     return commit_generation(
-        index_dir, generation.metadata, generation.embeddings, generation.skipped, model=config.model,
-        gallery_root=gallery_root, next_id=generation.next_id, index_config=config.index,
+        index_dir,
+        generation.metadata,
+        generation.embeddings,
+        generation.skipped,
+        model=config.model,
+        gallery_root=gallery_root,
+        next_id=generation.next_id,
+        index_config=config.index,
         indexing_config={k: v for k, v in asdict(config).items() if k != "index"},
     )
 
@@ -355,10 +397,23 @@ def index_gallery(
 
     # 3. diff against the committed generation; nothing new, changed or deleted and the same index type: keep it
     changes = diff(scanned, committed)
-    if committed is not None and changes.is_empty and committed.manifest["index"]["config"] == index_config_dict(config.index):
-        return IndexSummary(indexed=0, reused=0, unchanged=len(changes.kept_rows), removed=0, skipped=committed.skipped,
-                            newly_skipped=0, count=committed.count, seconds=time.perf_counter() - t0, embed_seconds=0.0,
-                            manifest=committed.manifest)
+    if (
+        committed is not None
+        and changes.is_empty
+        and committed.manifest["index"]["config"] == index_config_dict(config.index)
+    ):
+        return IndexSummary(
+            indexed=0,
+            reused=0,
+            unchanged=len(changes.kept_rows),
+            removed=0,
+            skipped=committed.skipped,
+            newly_skipped=0,
+            count=committed.count,
+            seconds=time.perf_counter() - t0,
+            embed_seconds=0.0,
+            manifest=committed.manifest,
+        )
 
     # 4. plan: what finished shards of an interrupted run hold is reused, the rest is cut into shards
     finished = [out for _, out in finished_shards(work_dir, config.model, gallery_root)]
@@ -379,10 +434,16 @@ def index_gallery(
     manifest = commit(index_dir, generation, config, gallery_root)
     shutil.rmtree(work_dir, ignore_errors=True)
     return IndexSummary(
-        indexed=_images(embedded), reused=_images(plan.reused), unchanged=len(changes.kept_rows),
-        removed=changes.removed, skipped=generation.skipped,
-        newly_skipped=sum(len(o.skipped) for o in plan.reused + embedded), count=len(generation.metadata),
-        seconds=time.perf_counter() - t0, embed_seconds=embed_seconds, manifest=manifest,
+        indexed=_images(embedded),
+        reused=_images(plan.reused),
+        unchanged=len(changes.kept_rows),
+        removed=changes.removed,
+        skipped=generation.skipped,
+        newly_skipped=sum(len(o.skipped) for o in plan.reused + embedded),
+        count=len(generation.metadata),
+        seconds=time.perf_counter() - t0,
+        embed_seconds=embed_seconds,
+        manifest=manifest,
     )
 
 

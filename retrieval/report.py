@@ -41,7 +41,7 @@ def figure(image_or_path, caption_lines: Sequence[str], chosen: bool = False) ->
     uri = image_data_uri(image_or_path)
     img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
     cap = "<br>".join(html.escape(str(line)) for line in caption_lines)
-    return f'<figure{" class=chosen" if chosen else ""}>{img}<figcaption>{cap}</figcaption></figure>'
+    return f"<figure{' class=chosen' if chosen else ''}>{img}<figcaption>{cap}</figcaption></figure>"
 
 
 def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
@@ -83,15 +83,26 @@ def composed_html(results, gallery_root: str | Path, concept_images: Sequence = 
             head.append(f"GAIR: w* = {r.gair.w:g}; attributes: {', '.join(r.attributes)}")
         sections.append((r.query, "<p>" + "<br>".join(html.escape(line) for line in head) + "</p>"))
         if concept_images:
-            figs = "".join(figure(im, [f"concept image {i + 1}"]) for i, im in enumerate(list(concept_images)[:n_concept]))
+            figs = "".join(
+                figure(im, [f"concept image {i + 1}"]) for i, im in enumerate(list(concept_images)[:n_concept])
+            )
             sections.append(("Concept images", f'<div class="grid">{figs}</div>'))
         g = r.gair
         if g is not None:
             figs = "".join(
-                figure(im, [f"w = {w:g}" + ("  (chosen)" if i == g.best else ""), f"score {s:.4f}",
-                            f"cos concept {c:.4f}", f"cos context {x:.4f}"], chosen=i == g.best)
-                for i, (w, im, s, c, x) in enumerate(zip(g.weights, g.images, g.scores, g.concept_similarity,
-                                                         g.context_similarity))
+                figure(
+                    im,
+                    [
+                        f"w = {w:g}" + ("  (chosen)" if i == g.best else ""),
+                        f"score {s:.4f}",
+                        f"cos concept {c:.4f}",
+                        f"cos context {x:.4f}",
+                    ],
+                    chosen=i == g.best,
+                )
+                for i, (w, im, s, c, x) in enumerate(
+                    zip(g.weights, g.images, g.scores, g.concept_similarity, g.context_similarity)
+                )
             )
             sections.append(("Generated for each weight w (the query visualised)", f'<div class="grid">{figs}</div>'))
             figs = "".join(figure(im, [f"context image {i + 1}"]) for i, im in enumerate(g.context_images))

@@ -14,10 +14,10 @@ from retrieval.models.encoders import ClipEncoder
 
 @dataclass(frozen=True)
 class Hit:
-    rank: int      # 1-based
-    score: float   # cosine similarity of the query and the image
-    path: str      # relative to the gallery root
-    id: int        # the image's id in the index
+    rank: int  # 1-based
+    score: float  # cosine similarity of the query and the image
+    path: str  # relative to the gallery root
+    id: int  # the image's id in the index
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,10 @@ def hits_from_arrays(store: IndexStore, scores: np.ndarray, ids: np.ndarray) -> 
     """One query's (k,) scores and ids -> hits, dropping the -1 padding of k > count."""
     keep = ids >= 0
     paths = store.paths(ids[keep])
-    return [Hit(rank=r + 1, score=float(s), path=p, id=int(i)) for r, (s, p, i) in enumerate(zip(scores[keep], paths, ids[keep]))]
+    return [
+        Hit(rank=r + 1, score=float(s), path=p, id=int(i))
+        for r, (s, p, i) in enumerate(zip(scores[keep], paths, ids[keep]))
+    ]
 
 
 def search_vectors(store: IndexStore, queries: np.ndarray, k: int) -> list[list[Hit]]:
@@ -55,7 +58,11 @@ def search_texts(store: IndexStore, encoder: ClipEncoder, texts: Sequence[str], 
 
 
 def run_queries(
-    index_dir: str | Path, texts: Sequence[str], k: int = 10, model: str | None = None, device: str = "auto",
+    index_dir: str | Path,
+    texts: Sequence[str],
+    k: int = 10,
+    model: str | None = None,
+    device: str = "auto",
     precision: str = "auto",
 ) -> tuple[IndexStore, list[QueryResult]]:
     """Open INDEX_DIR, load its model (or check that MODEL is the same), answer every text."""
@@ -64,4 +71,3 @@ def run_queries(
         store.check_model(model)  # refuse before loading a possibly large model
     encoder = ClipEncoder.from_spec(store.model, device=device, precision=precision)
     return store, search_texts(store, encoder, texts, k)
-

@@ -8,13 +8,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.tiny import register_tiny_arch, tiny_clip, tiny_diffusion
+from tests.tiny import register_tiny_arch, tiny_clip, tiny_diffusion, write_gallery
 
 
 # ----- the tiny models (tests/tiny.py builds them; a test that changes its model builds its own there)
@@ -38,20 +35,6 @@ def tiny():
 
 
 # ----- generated galleries
-def write_gallery(root: Path, n: int, seed: int = 0, size: int = 48, subdirs: int = 3) -> list[str]:
-    """Write N distinct random-colour images (jpg and png, in a few sub-folders); returns their relative paths."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        rel = Path(f"d{i % subdirs}") / f"img{i:04d}.{'png' if i % 2 else 'jpg'}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 255, 3)
-        noise = rng.integers(-40, 40, (size, size, 3))
-        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(root / rel)
-        paths.append(rel.as_posix())
-    return sorted(paths)
-
-
 @pytest.fixture
 def gallery(tmp_path):
     root = tmp_path / "gallery"

@@ -50,7 +50,9 @@ def test_query_table_json_and_html(indexed, tmp_path):
     page = tmp_path / "r.html"
     q = tmp_path / "q.txt"
     q.write_text("a <script>alert(1)</script> dress\n\nsecond query\n")
-    r = runner.invoke(app, ["query", "--queries", str(q), "--index-dir", str(indexed), "--k", "2", "--html", str(page), "--json"])
+    r = runner.invoke(
+        app, ["query", "--queries", str(q), "--index-dir", str(indexed), "--k", "2", "--html", str(page), "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert len([line for line in r.stdout.splitlines() if line.startswith("{")]) == 2
     text = page.read_text()
@@ -75,9 +77,14 @@ def test_errors_are_messages_not_tracebacks(indexed, tmp_path):
         (["query", "x", "--index-dir", str(indexed), "--model", "ViT-B-32/openai"], "built with --model tiny-random"),
         (["query", "--index-dir", str(indexed)], "give a query"),
         (["info", "--index-dir", str(tmp_path / "nothing")], "no index in"),
-        (["index", str(REPO / "README.md")], "Invalid value for 'gallery_dir'"),  # typer's check; the box may wrap long paths
-        (["index", str(tmp_path), "--index-dir", str(tmp_path / "j"), "--model", "Nope-1/openai", "--no-progress"],
-         "unknown open_clip architecture"),
+        (
+            ["index", str(REPO / "README.md")],
+            "Invalid value for 'gallery_dir'",
+        ),  # typer's check; the box may wrap long paths
+        (
+            ["index", str(tmp_path), "--index-dir", str(tmp_path / "j"), "--model", "Nope-1/openai", "--no-progress"],
+            "unknown open_clip architecture",
+        ),
     ]
     for args, message in cases:
         r = runner.invoke(app, args)
@@ -97,8 +104,20 @@ def test_python_cli_and_console_script_are_one_app():
 
 @pytest.mark.slow  # ~13 s; its parts (index, query, learn, GAIR) have fast tests in test_cli, test_tokens, test_gair
 def test_demo_runs_end_to_end_and_reruns_incrementally(tmp_path):
-    args = ["demo", "--out", str(tmp_path / "demo"), "--model", "tiny-random", "--device", "cpu", "--no-progress",
-            "--token-steps", "2", "--sample-steps", "2"]
+    args = [
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--token-steps",
+        "2",
+        "--sample-steps",
+        "2",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "indexed 591 new or changed images" in r.output and r.output.count("# a person wearing") == 4

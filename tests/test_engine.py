@@ -10,7 +10,7 @@ import pytest
 from benchmarks.world import world_config, write_split
 from cli import flags
 from retrieval import Engine, QueryError
-from retrieval.models.diffusion import load_diffusion
+from tests.tiny import make_token
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,13 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def readme_example() -> str:
     """The Python block under the README's "The engine" heading."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## The engine"):]
+    section = text[text.index("## The engine") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_diffusion("tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +79,6 @@ def test_errors_come_before_any_model_loads(tmp_path, gallery):
 
 
 def test_generate_adds_the_parent_word_and_uses_the_models_own_sampler(tiny, tmp_path):
-    from tests.tiny import make_token  # noqa: F401  (tiny twins live in tests/tiny.py)
 
     engine = Engine(tokens_dir=tmp_path / "tok", backbone=tiny)
     engine.tokens.save(make_token(tiny.clip, "my-dress", parent="dress"))
@@ -105,13 +99,16 @@ def test_generate_adds_the_parent_word_and_uses_the_models_own_sampler(tiny, tmp
     assert len(out.images) == 2 and out.out.is_file()
 
 
-@pytest.mark.parametrize("message, said", [
-    ("pass `model=tiny-random`", "pass --model tiny-random"),
-    ("use `overwrite=True` to replace it", "use --overwrite to replace it"),
-    ("pass `concept_images=DIR`", "pass --concept-images DIR"),
-    ("add `tokens=['my-dress']` to use it", "add --token my-dress to use it"),
-    ("leave out `n_vectors`", "leave out --vectors"),
-    ("plain text stays", "plain text stays"),
-])
+@pytest.mark.parametrize(
+    "message, said",
+    [
+        ("pass `model=tiny-random`", "pass --model tiny-random"),
+        ("use `overwrite=True` to replace it", "use --overwrite to replace it"),
+        ("pass `concept_images=DIR`", "pass --concept-images DIR"),
+        ("add `tokens=['my-dress']` to use it", "add --token my-dress to use it"),
+        ("leave out `n_vectors`", "leave out --vectors"),
+        ("plain text stays", "plain text stays"),
+    ],
+)
 def test_the_cli_says_python_arguments_as_its_flags(message, said):
     assert flags(message) == said

@@ -9,7 +9,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from tests.conftest import write_gallery
 from indexes.store import IndexStore
 from retrieval.composed import (
     PAPER_ATTRIBUTES,
@@ -26,22 +25,14 @@ from retrieval.composed import (
 from retrieval.engine import Engine
 from retrieval.gair import GairConfig, gair_scores, parse_weights, run_gair
 from retrieval.search import search_vectors
+from tests.tiny import make_token, write_gallery
 from tokens.store import TokenStore
-from tokens.token_file import CustomToken, TokenInfo, TokenModelMismatch
+from tokens.token_file import TokenModelMismatch
 
 runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_token(clip, name="my-dress", parent="dress", n=3, seed=0, model=None, vectors=None, feature=None):
-    g = torch.Generator().manual_seed(seed)
-    v = vectors if vectors is not None else torch.randn(n, clip.width, generator=g) * 0.05
-    feature = feature if feature is not None else torch.nn.functional.normalize(torch.randn(clip.dim, generator=g), dim=0).tolist()
-    info = TokenInfo(name=name, model=model or clip.spec, width=clip.width, n_vectors=v.shape[0], parent=parent,
-                     method="ti", concept_feature=list(feature))
-    return CustomToken(v, info)
 
 
 # ----- the planner
@@ -64,13 +55,16 @@ def test_several_tokens_inline(tiny):
     assert p.with_word("old") == "a old dress next to a old bag and another old dress"
 
 
-@pytest.mark.parametrize("text, names, message", [
-    ("a person wearing a * dress", [], "no token was given"),
-    ("a person wearing a dress", ["my-dress"], "does not use it"),
-    ("a person wearing a * and a *", ["my-dress", "a-bag"], "stands for one token"),
-    ("a <other> on a beach", ["my-dress"], "no given token has that name"),
-    ("   ", ["my-dress"], "empty"),
-])
+@pytest.mark.parametrize(
+    "text, names, message",
+    [
+        ("a person wearing a * dress", [], "no token was given"),
+        ("a person wearing a dress", ["my-dress"], "does not use it"),
+        ("a person wearing a * and a *", ["my-dress", "a-bag"], "stands for one token"),
+        ("a <other> on a beach", ["my-dress"], "no given token has that name"),
+        ("   ", ["my-dress"], "empty"),
+    ],
+)
 def test_planner_errors_say_how_to_write_the_query(tiny, text, names, message):
     toks = [make_token(tiny.clip, n, seed=i) for i, n in enumerate(names)]
     with pytest.raises(QueryError, match=message):
@@ -91,7 +85,9 @@ def test_context_feature_is_the_plain_sentences_and_mix_endpoints(tiny):
     tok = make_token(clip)
     p = plan_query("a person wearing a * on a beach", [tok])
     ctx = context_features(clip, p, ["red", "navy blue"])
-    plain = clip.encode_texts(["a person wearing a red dress on a beach", "a person wearing a navy blue dress on a beach"])
+    plain = clip.encode_texts(
+        ["a person wearing a red dress on a beach", "a person wearing a navy blue dress on a beach"]
+    )
     np.testing.assert_allclose(ctx, plain, atol=1e-5)
     comp = composed_feature(clip, p)
     np.testing.assert_allclose(comp, clip.encode_texts([p.composed], p.vectors)[0], atol=1e-6)
@@ -121,12 +117,14 @@ def test_conditioning_of_a_token_that_is_a_word_equals_the_words(tiny):
     p = plan_query("a person wearing a * on a beach", [make_token(clip, vectors=red.clone())])
     h_comp, h_ctx = conditioning_pair(tiny, p, ["red"])
     torch.testing.assert_close(h_comp, h_ctx, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(h_ctx, tiny.conditioning(["a person wearing a red dress on a beach"])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        h_ctx, tiny.conditioning(["a person wearing a red dress on a beach"])[0], atol=1e-5, rtol=1e-5
+    )
 
     p3 = plan_query("a person wearing a * on a beach", [make_token(clip, n=3)])
     h_comp, h_ctx = conditioning_pair(tiny, p3, ["red"])
     tok = clip.tokenize([p3.composed], {"<my-dress>": 3})
-    (start, n), = slot_spans(tok, 0)
+    ((start, n),) = slot_spans(tok, 0)
     assert n == 3
     plain = tiny.conditioning(["a person wearing a red dress on a beach"])[0]
     torch.testing.assert_close(h_ctx[:start], h_comp[:start], atol=1e-5, rtol=1e-5)
@@ -162,7 +160,9 @@ def test_scores_and_argmax_on_a_stand_in_generator(tiny, monkeypatch):
     expected = np.minimum(f @ concept[0] / np.linalg.norm(concept[0]), f @ ctx / np.linalg.norm(ctx))
     np.testing.assert_allclose(out.scores, expected, atol=1e-5)
     assert out.best == int(np.argmax(expected)) and out.w == weights[out.best]
-    np.testing.assert_allclose(out.query_vector, mix(composed_feature(clip, p), context_features(clip, p, ["red"]).mean(0), out.w), atol=1e-6)
+    np.testing.assert_allclose(
+        out.query_vector, mix(composed_feature(clip, p), context_features(clip, p, ["red"]).mean(0), out.w), atol=1e-6
+    )
     assert out.to_json()["w"] == out.w and list(out.to_json()["scores"]) == ["0", "0.25", "0.5", "1"]
     scores, *_ = gair_scores(np.eye(3)[:2], np.array([1.0, 0, 0]), np.array([1.0, 1.0, 0]))
     np.testing.assert_allclose(scores, [np.sqrt(0.5), 0.0])
@@ -188,7 +188,9 @@ def test_context_images_are_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "sample", lambda cond, *a, **k: rows.append(cond.shape[0]) or real(cond, *a, **k))
     again = run_gair([p], tiny, np.ones((1, tiny.clip.dim)), ["red"], config, cache_dir=tmp_path)[0]
     assert rows == [2]  # only the two I(w); the context images came from the cache
-    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first.context_images, again.context_images)] == [True, True]
+    assert [
+        np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first.context_images, again.context_images)
+    ] == [True, True]
     np.testing.assert_allclose(first.scores, again.scores, atol=1e-6)
 
 
@@ -208,8 +210,22 @@ def world(tiny, tmp_path):
     gallery = tmp_path / "gallery"
     write_gallery(gallery, 12)
     idx = tmp_path / "idx"
-    r = runner.invoke(app, ["index", str(gallery), "--index-dir", str(idx), "--model", "tiny-random", "--device", "cpu",
-                            "--workers", "0", "--no-progress"])
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            str(gallery),
+            "--index-dir",
+            str(idx),
+            "--model",
+            "tiny-random",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     store = TokenStore(tmp_path / "tokens")
     concept = tmp_path / "concept"
@@ -224,13 +240,21 @@ def test_python_entry_point_w1_is_the_plain_composed_query(tiny, world):
     index = IndexStore(idx)
     engine = Engine(index.dir, tokens_dir=store.root, backbone=tiny)
     plain = engine.query("a person wearing a * on a beach", ["my-dress"], k=5)
-    expected = search_vectors(index, composed_feature(tiny.clip, engine.plan("a person wearing a * on a beach", ["my-dress"]))[None], 5)[0]
+    expected = search_vectors(
+        index, composed_feature(tiny.clip, engine.plan("a person wearing a * on a beach", ["my-dress"]))[None], 5
+    )[0]
     assert [h.id for h in plain.hits] == [h.id for h in expected] and plain.gair is None
-    one = engine.query("a person wearing a * on a beach", ["my-dress"], k=5, gair=True, gair_config=GairConfig(weights=(1.0,), steps=2))
+    one = engine.query(
+        "a person wearing a * on a beach", ["my-dress"], k=5, gair=True, gair_config=GairConfig(weights=(1.0,), steps=2)
+    )
     assert [h.id for h in one.hits] == [h.id for h in plain.hits]
     np.testing.assert_allclose([h.score for h in one.hits], [h.score for h in plain.hits], atol=1e-5)
-    zero = engine.query("a person wearing a * on a beach", ["my-dress"], k=5, gair=True, gair_config=GairConfig(weights=(0.0,), steps=2))
-    ctx = context_features(tiny.clip, engine.plan("a person wearing a * on a beach", ["my-dress"]), PAPER_ATTRIBUTES).mean(0)
+    zero = engine.query(
+        "a person wearing a * on a beach", ["my-dress"], k=5, gair=True, gair_config=GairConfig(weights=(0.0,), steps=2)
+    )
+    ctx = context_features(
+        tiny.clip, engine.plan("a person wearing a * on a beach", ["my-dress"]), PAPER_ATTRIBUTES
+    ).mean(0)
     assert [h.id for h in zero.hits] == [h.id for h in search_vectors(index, mix(ctx, ctx, 0.0)[None], 5)[0]]
     with pytest.raises(QueryError, match="`concept_images=DIR`"):
         engine.query("a * on a beach", ["old-style"], gair=True, gair_config=GairConfig(weights=(0.0, 1.0), steps=1))
@@ -245,9 +269,26 @@ def test_cli_query_with_token_gair_json_and_report(world, tmp_path):
     assert len([line for line in r.output.splitlines() if not line.startswith("#")]) == 3
 
     report = tmp_path / "r.html"
-    r = runner.invoke(app, ["query", "a person <i class=x> wearing a * on a beach", "--token", "my-dress", "--gair",
-                            "--weights", "0,0.5,1", "--steps", "2", "--attributes", "red,old", "--json",
-                            "--report", str(report), *base])
+    r = runner.invoke(
+        app,
+        [
+            "query",
+            "a person <i class=x> wearing a * on a beach",
+            "--token",
+            "my-dress",
+            "--gair",
+            "--weights",
+            "0,0.5,1",
+            "--steps",
+            "2",
+            "--attributes",
+            "red,old",
+            "--json",
+            "--report",
+            str(report),
+            *base,
+        ],
+    )
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout.splitlines()[0])
     assert obj["gair"]["w"] in (0.0, 0.5, 1.0) and list(obj["gair"]["scores"]) == ["0", "0.5", "1"]
@@ -257,8 +298,25 @@ def test_cli_query_with_token_gair_json_and_report(world, tmp_path):
     assert page.count("class=chosen") == 1 and "w = 0.5" in page and "Context images" in page
     assert page.count("data:image/jpeg;base64,") >= 3 + 1 + 10  # generated, context, results
 
-    r = runner.invoke(app, ["query", "a * on a beach", "--token", "old-style", "--gair", "--steps", "1",
-                            "--weights", "0,1", "--concept-images", str(concept), "--k", "2", *base])
+    r = runner.invoke(
+        app,
+        [
+            "query",
+            "a * on a beach",
+            "--token",
+            "old-style",
+            "--gair",
+            "--steps",
+            "1",
+            "--weights",
+            "0,1",
+            "--concept-images",
+            str(concept),
+            "--k",
+            "2",
+            *base,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "GAIR w* = " in r.output and "<- w*" in r.output
 
@@ -267,24 +325,31 @@ def test_cli_query_with_token_gair_json_and_report(world, tmp_path):
     assert r.exit_code == 0 and "truncated" in r.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["a person wearing a * dress"], "no token was given"),
-    (["a person wearing a dress", "--token", "my-dress"], "does not use it"),
-    (["a * on a beach", "--token", "nobody"], "no token named 'nobody'"),
-    (["a <my-dress> on a beach"], "add --token my-dress"),
-    (["a * on a beach", "--token", "my-dress", "--gair", "--weights", "0,2"], "in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["a person wearing a * dress"], "no token was given"),
+        (["a person wearing a dress", "--token", "my-dress"], "does not use it"),
+        (["a * on a beach", "--token", "nobody"], "no token named 'nobody'"),
+        (["a <my-dress> on a beach"], "add --token my-dress"),
+        (["a * on a beach", "--token", "my-dress", "--gair", "--weights", "0,2"], "in [0, 1]"),
+    ],
+)
 def test_cli_query_errors_are_messages(world, args, message):
     idx, store, _ = world
-    r = runner.invoke(app, ["query", *args, "--index-dir", str(idx), "--tokens-dir", str(store.root), "--device", "cpu"])
+    r = runner.invoke(
+        app, ["query", *args, "--index-dir", str(idx), "--tokens-dir", str(store.root), "--device", "cpu"]
+    )
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
 
 def test_cli_refuses_a_token_made_for_another_model(world, tiny):
     idx, store, _ = world
     store.save(make_token(tiny.clip, "elsewhere", model="ViT-B-32/openai"))
-    r = runner.invoke(app, ["query", "a * on a beach", "--token", "elsewhere", "--index-dir", str(idx),
-                            "--tokens-dir", str(store.root)])
+    r = runner.invoke(
+        app,
+        ["query", "a * on a beach", "--token", "elsewhere", "--index-dir", str(idx), "--tokens-dir", str(store.root)],
+    )
     assert r.exit_code == 2 and "ViT-B-32/openai" in r.output and "tiny-random" in r.output
 
 

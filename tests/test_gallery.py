@@ -70,9 +70,9 @@ def test_scan_of_empty_folder(tmp_path):
 def test_scan_symlink_loops_end_and_each_file_is_listed_once_per_loop_free_path(tmp_path):
     touch_image(tmp_path / "top.jpg")
     touch_image(tmp_path / "sub/img.png")
-    os.symlink("..", tmp_path / "sub/up")        # sub/up -> root: a loop
-    os.symlink(".", tmp_path / "sub/self")       # sub/self -> sub: a loop
-    os.symlink("sub", tmp_path / "alias")        # alias -> sub: a second, loop-free path to sub
+    os.symlink("..", tmp_path / "sub/up")  # sub/up -> root: a loop
+    os.symlink(".", tmp_path / "sub/self")  # sub/self -> sub: a loop
+    os.symlink("sub", tmp_path / "alias")  # alias -> sub: a second, loop-free path to sub
     os.symlink("sub/img.png", tmp_path / "link.jpg")  # a linked file, listed under its link path
     files = scan_gallery(tmp_path)
     assert paths(files) == ["alias/img.png", "link.jpg", "sub/img.png", "top.jpg"]

@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
-from indexes.store import IndexStore, IndexStoreError, read_manifest
+from indexes.store import IndexStore, IndexStoreError
 from indexes.vector_index import IndexConfig, IndexType
 from retrieval.indexer import IndexingConfig, index_gallery
-from tests.conftest import write_gallery
+from tests.tiny import write_gallery
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = IndexingConfig(model="tiny-random", device="cpu", precision="fp32", batch_size=4, workers=0, shard_size=8)
@@ -154,8 +153,12 @@ app()
 
 
 def _spawn(gallery, idx):
-    return subprocess.Popen([sys.executable, "-c", SLOW_INDEX, str(gallery), str(idx)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_INDEX, str(gallery), str(idx)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_encoder):

@@ -27,7 +27,7 @@ from retrieval.indexer import (
     plan_shards,
     scan,
 )
-from tests.conftest import write_gallery
+from tests.tiny import write_gallery
 
 TINY = IndexingConfig(model="tiny-random", device="cpu", precision="fp32", batch_size=4, workers=0, shard_size=8)
 DIM = 4  # synthetic committed indexes: (n, 4) embeddings, no model involved
@@ -51,18 +51,47 @@ def vectors(n: int, seed: int) -> np.ndarray:
 @pytest.fixture
 def committed(tmp_path) -> IndexStore:
     """A committed generation made without a model: images a, b, c, d (ids 0, 1, 2, 5), bad files bad1, bad2."""
-    meta = pd.DataFrame({"id": [0, 1, 2, 5], "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "bytes": [10, 11, 12, 13],
-                         "mtime_ns": [100, 101, 102, 103], "width": [8] * 4, "height": [6] * 4})
-    skipped = pd.DataFrame({"path": ["bad1.jpg", "bad2.jpg"], "bytes": [0, 5], "mtime_ns": [200, 201],
-                            "reason": ["empty file", "not an image"]})
-    commit_generation(tmp_path / "idx", meta, vectors(4, seed=0), skipped, model="tiny-random", gallery_root="/g",
-                      next_id=7, index_config=IndexConfig())
+    meta = pd.DataFrame(
+        {
+            "id": [0, 1, 2, 5],
+            "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+            "bytes": [10, 11, 12, 13],
+            "mtime_ns": [100, 101, 102, 103],
+            "width": [8] * 4,
+            "height": [6] * 4,
+        }
+    )
+    skipped = pd.DataFrame(
+        {
+            "path": ["bad1.jpg", "bad2.jpg"],
+            "bytes": [0, 5],
+            "mtime_ns": [200, 201],
+            "reason": ["empty file", "not an image"],
+        }
+    )
+    commit_generation(
+        tmp_path / "idx",
+        meta,
+        vectors(4, seed=0),
+        skipped,
+        model="tiny-random",
+        gallery_root="/g",
+        next_id=7,
+        index_config=IndexConfig(),
+    )
     return open_committed(tmp_path / "idx")
 
 
 # The gallery of `committed` later: a same, b changed, c deleted, d same, bad1 same, bad2 changed, e and f new.
-LATER = files(("a.jpg", 10, 100), ("b.jpg", 99, 101), ("bad1.jpg", 0, 200), ("bad2.jpg", 5, 999), ("d.jpg", 13, 103),
-              ("e.jpg", 20, 300), ("f.jpg", 21, 301))
+LATER = files(
+    ("a.jpg", 10, 100),
+    ("b.jpg", 99, 101),
+    ("bad1.jpg", 0, 200),
+    ("bad2.jpg", 5, 999),
+    ("d.jpg", 13, 103),
+    ("e.jpg", 20, 300),
+    ("f.jpg", 21, 301),
+)
 
 
 # ---------------------------------------------------------------- scan
@@ -128,7 +157,10 @@ def test_plan_reuses_finished_rows_once_and_cuts_the_rest():
     assert rb.metadata["path"].tolist() == ["f02.jpg"] and np.array_equal(rb.embeddings, b.embeddings[[1]])
     assert [n for n, _ in plan.to_embed] == [5, 6, 7]
     assert [s.files["path"].tolist() for _, s in plan.to_embed] == [
-        ["f03.jpg", "f04.jpg", "f05.jpg"], ["f06.jpg", "f07.jpg", "f08.jpg"], ["f09.jpg"]]
+        ["f03.jpg", "f04.jpg", "f05.jpg"],
+        ["f06.jpg", "f07.jpg", "f08.jpg"],
+        ["f09.jpg"],
+    ]
     assert all(s.model == "tiny-random" and s.gallery_root == "/g" for _, s in plan.to_embed)
     assert plan.to_embed[0][1].files.equals(todo.iloc[3:6].reset_index(drop=True))
 
@@ -152,7 +184,9 @@ def test_embed_writes_each_shard_it_embeds_with_embed_shard(tmp_path, tiny_encod
     outs = embed(plan, tiny_encoder, cfg(shard_size=2), tmp_path / "work")
 
     assert len(calls) == len(outs) == 3 and all(c is s for c, (_, s) in zip(calls, plan.to_embed))
-    assert sum(len(o.metadata) for o in outs) == 5 and pd.concat([o.skipped for o in outs])["path"].tolist() == ["d0/bad.jpg"]
+    assert sum(len(o.metadata) for o in outs) == 5 and pd.concat([o.skipped for o in outs])["path"].tolist() == [
+        "d0/bad.jpg"
+    ]
     assert pd.concat([o.skipped for o in outs])["reason"].tolist() == ["empty file"]
     for (number, shard), out in zip(plan.to_embed, outs):
         saved_in, saved_out = read_shard(tmp_path / "work" / f"shard-{number:06d}")
@@ -174,8 +208,10 @@ def test_embed_shard_refuses_a_shard_of_another_model(tmp_path, tiny_encoder):
 # ---------------------------------------------------------------- merge and commit
 def later_outputs():
     """What embedding LATER's todo files gives: b and f in one shard (bad2 still bad), e in another."""
-    return [shard_output([("f.jpg", 21, 301), ("b.jpg", 99, 101)], [("bad2.jpg", 5, 999)], seed=4),
-            shard_output([("e.jpg", 20, 300)], [], seed=5)]
+    return [
+        shard_output([("f.jpg", 21, 301), ("b.jpg", 99, 101)], [("bad2.jpg", 5, 999)], seed=4),
+        shard_output([("e.jpg", 20, 300)], [], seed=5),
+    ]
 
 
 def test_merge_keeps_ids_and_gives_fresh_ones_in_path_order(committed):
@@ -188,7 +224,9 @@ def test_merge_keeps_ids_and_gives_fresh_ones_in_path_order(committed):
     assert g.metadata.set_index("path").loc["b.jpg", "bytes"] == 99  # the new version of b
     assert g.embeddings.dtype == np.float16 and g.embeddings.shape == (5, DIM)
     assert np.array_equal(g.embeddings[:2], np.asarray(committed.embeddings)[[0, 3]])
-    assert np.array_equal(g.embeddings[2:], np.stack([outs[0].embeddings[1], outs[1].embeddings[0], outs[0].embeddings[0]]))
+    assert np.array_equal(
+        g.embeddings[2:], np.stack([outs[0].embeddings[1], outs[1].embeddings[0], outs[0].embeddings[0]])
+    )
     assert g.skipped[["path", "mtime_ns"]].values.tolist() == [["bad1.jpg", 200], ["bad2.jpg", 999]]
     with pytest.raises(ValueError, match="dim 8"):
         merge(committed, d, outs, 8)
@@ -233,10 +271,14 @@ def test_counts_of_new_changed_deleted_and_bad_files(tmp_path, tiny_encoder, mon
     good = bad_gallery(root)
     s = index_gallery(root, idx, TINY, progress=False, encoder=tiny_encoder)
     assert counts(s) == (20, 0, 0, 0, 2, 2, 20)
-    assert first_line(s) == ("indexed 20 new or changed images (T images/s), reused 0 from finished shards, kept 0 "
-                             "unchanged, removed 0; skipped 2 files (2 new); index holds 20 images (flat); T s in all")
-    assert s.format().splitlines()[1:] == ["  skipped d0/bad.jpg: empty file",
-                                           f"  skipped d2/zbad.png: {s.skipped['reason'].iloc[1]}"]
+    assert first_line(s) == (
+        "indexed 20 new or changed images (T images/s), reused 0 from finished shards, kept 0 "
+        "unchanged, removed 0; skipped 2 files (2 new); index holds 20 images (flat); T s in all"
+    )
+    assert s.format().splitlines()[1:] == [
+        "  skipped d0/bad.jpg: empty file",
+        f"  skipped d2/zbad.png: {s.skipped['reason'].iloc[1]}",
+    ]
     assert s.skipped["reason"].iloc[1].startswith("not an image")
 
     # 3 new, 1 changed, 2 deleted, 1 bad file deleted, 1 bad file mended
@@ -249,13 +291,17 @@ def test_counts_of_new_changed_deleted_and_bad_files(tmp_path, tiny_encoder, mon
     reads = []  # every file of the committed generation is read once
     for module, name in ((pd, "read_parquet"), (np, "load")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda path, *a, _real=real, **k: reads.append(Path(path).name) or _real(path, *a, **k))
+        monkeypatch.setattr(
+            module, name, lambda path, *a, _real=real, **k: reads.append(Path(path).name) or _real(path, *a, **k)
+        )
     s = index_gallery(root, idx, TINY, progress=False, encoder=tiny_encoder)
     monkeypatch.undo()
     assert sorted(reads) == ["embeddings.npy", "metadata.parquet", "skipped.parquet"]
     assert counts(s) == (5, 0, 17, 3, 0, 0, 22)  # indexed: 3 new + the changed one + the mended one
-    assert first_line(s) == ("indexed 5 new or changed images (T images/s), reused 0 from finished shards, kept 17 "
-                             "unchanged, removed 3; skipped 0 files (0 new); index holds 22 images (flat); T s in all")
+    assert first_line(s) == (
+        "indexed 5 new or changed images (T images/s), reused 0 from finished shards, kept 17 "
+        "unchanged, removed 3; skipped 0 files (0 new); index holds 22 images (flat); T s in all"
+    )
     store = IndexStore(idx)
     assert store.metadata.set_index("path").loc[good[0], "width"] == 30 and "d2/zbad.png" in set(store.metadata["path"])
 
@@ -272,7 +318,9 @@ def test_a_rerun_embeds_nothing_and_loads_no_model(tmp_path, tiny_encoder, monke
     monkeypatch.setattr(ix.ClipEncoder, "from_spec", no_model)
     s = index_gallery(root, idx, TINY, progress=False)  # encoder=None
     assert counts(s) == (0, 0, 20, 0, 0, 2, 20) and IndexStore(idx).manifest["generation"] == gen
-    assert first_line(s).startswith("indexed 0 new or changed images (T images/s), reused 0 from finished shards, kept 20 ")
+    assert first_line(s).startswith(
+        "indexed 0 new or changed images (T images/s), reused 0 from finished shards, kept 20 "
+    )
 
     (root / "d0" / "bad.jpg").unlink()  # only a bad file deleted: a new generation, still no model
     s = index_gallery(root, idx, TINY, progress=False)
@@ -297,7 +345,9 @@ def test_counts_of_a_resumed_run(tmp_path, tiny_encoder, monkeypatch):
     assert written == [0, 1] and open_committed(idx) is None
 
     calls = []
-    monkeypatch.setattr(ix, "embed_shard", lambda shard, *a, **k: calls.append(len(shard.files)) or EMBED_SHARD(shard, *a, **k))
+    monkeypatch.setattr(
+        ix, "embed_shard", lambda shard, *a, **k: calls.append(len(shard.files)) or EMBED_SHARD(shard, *a, **k)
+    )
     s = index_gallery(root, idx, TINY, progress=False, encoder=tiny_encoder)
     assert calls == [6]  # only the unfinished shard is embedded
     assert counts(s) == (5, 15, 0, 0, 2, 2, 20)  # reused: 7 + 8 good; bad.jpg from shard 0, zbad.png embedded now

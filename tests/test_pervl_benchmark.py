@@ -10,21 +10,32 @@ import pytest
 from PIL import Image
 
 from benchmarks import pervl
-from benchmarks.pervl import Benchmark, BenchConfig, insert_concept, metrics, parse_args, sample_shots, target_rank
+from benchmarks.pervl import BenchConfig, Benchmark, insert_concept, metrics, parse_args, sample_shots, target_rank
 from benchmarks.pervl_data import fsl_image_path, query_image_path, read_split
 
 PERVL = Path(__file__).resolve().parents[2] / "shared" / "pervl" / "deep_fashion"
-TINY = {"model": "tiny-random", "diffusion": "tiny-random", "n_negatives": 2, "negative_steps": 1, "gair_steps": 1,
-        "gair_weights": (0.0, 0.5, 1.0), "progress": False}
+TINY = {
+    "model": "tiny-random",
+    "diffusion": "tiny-random",
+    "n_negatives": 2,
+    "negative_steps": 1,
+    "gair_steps": 1,
+    "gair_weights": (0.0, 0.5, 1.0),
+    "progress": False,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_concept_goes_beside_the_first_person():
-    assert insert_concept("a wide lawn is behind a person with raised arms.", "*") == \
-        "a wide lawn is behind a person wearing a * with raised arms."
-    assert insert_concept("The person  stands by a person.", "dress") == "The person wearing a dress stands by a person."
+    assert (
+        insert_concept("a wide lawn is behind a person with raised arms.", "*")
+        == "a wide lawn is behind a person wearing a * with raised arms."
+    )
+    assert (
+        insert_concept("The person  stands by a person.", "dress") == "The person wearing a dress stands by a person."
+    )
     assert insert_concept("a personal view of a beach", "*") == "a person wearing a *, a personal view of a beach"
 
 
@@ -54,8 +65,25 @@ def test_shots_are_seeded_subsets():
 def test_arguments():
     cfg = parse_args(["--world", "synthetic", "--quick"])
     assert cfg.model == "toyworld" and cfg.concepts == 10 and cfg.seeds == (0,) and cfg.methods == pervl.METHODS
-    cfg = parse_args(["--annotations", "a", "--images", "b", "--methods", "text,ours+gair", "--seeds", "3", "4",
-                      "--parent", "dress", "--steps", "7", "--gair-weights", "0:1:0.5"])
+    cfg = parse_args(
+        [
+            "--annotations",
+            "a",
+            "--images",
+            "b",
+            "--methods",
+            "text,ours+gair",
+            "--seeds",
+            "3",
+            "4",
+            "--parent",
+            "dress",
+            "--steps",
+            "7",
+            "--gair-weights",
+            "0:1:0.5",
+        ]
+    )
     assert cfg.methods == ("text", "ours+gair") and cfg.seeds == (3, 4) and cfg.parent == "dress"
     assert cfg.steps == {"pt": 7, "ti": 7, "batex": 7, "ours": 7} and cfg.gair_weights == (0.0, 0.5, 1.0)
     assert cfg.model == "ViT-L-14-quickgelu/openai" and cfg.steps != pervl.SYNTHETIC["steps"]
@@ -73,8 +101,15 @@ def test_real_annotation_files_with_stand_in_images(tmp_path):
     paths = [fsl_image_path(root, n) for ns in split.fsl_train.values() for n in ns]
     paths += [query_image_path(root, n) for n in split.queries["image_name"]]
     (root / "train" / "image").mkdir(parents=True)
-    cfg = BenchConfig(annotations=str(PERVL), images=str(root), out=str(tmp_path / "out"), methods=("text", "text+image", "pt"),
-                      seeds=(0,), steps={"pt": 1}, **TINY)
+    cfg = BenchConfig(
+        annotations=str(PERVL),
+        images=str(root),
+        out=str(tmp_path / "out"),
+        methods=("text", "text+image", "pt"),
+        seeds=(0,),
+        steps={"pt": 1},
+        **TINY,
+    )
     with pytest.raises(SystemExit, match=r"874 of 874 images .* missing.*DeepFashion2"):
         Benchmark(cfg).run()
     for p in paths:
@@ -90,9 +125,26 @@ def test_real_annotation_files_with_stand_in_images(tmp_path):
 
 
 def test_quick_synthetic_profile_gives_a_complete_table_and_resumes(tmp_path, monkeypatch, capsys):
-    args = ["--world", "synthetic", "--world-preset", "tiny", "--quick", "--model", "tiny-random", "--diffusion",
-            "tiny-random", "--steps", "2", "--gair-steps", "1", "--gair-weights", "0,0.5,1", "--out", str(tmp_path),
-            "--no-progress"]
+    args = [
+        "--world",
+        "synthetic",
+        "--world-preset",
+        "tiny",
+        "--quick",
+        "--model",
+        "tiny-random",
+        "--diffusion",
+        "tiny-random",
+        "--steps",
+        "2",
+        "--gair-steps",
+        "1",
+        "--gair-weights",
+        "0,0.5,1",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     summary = pervl.main(args)
     table = capsys.readouterr().out
     for m in pervl.METHODS:
@@ -105,7 +157,9 @@ def test_quick_synthetic_profile_gives_a_complete_table_and_resumes(tmp_path, mo
     assert len(ranks) == 12 * len(pervl.METHODS)
     gair = ranks["method"].str.endswith("+gair")
     assert set(ranks.loc[gair, "gair_w"]) <= {0.0, 0.5, 1.0} and ranks.loc[~gair, "gair_w"].isna().all()
-    assert summary["methods"]["ours+gair"]["gair_w_mean"] == pytest.approx(ranks.loc[ranks["method"] == "ours+gair", "gair_w"].mean())
+    assert summary["methods"]["ours+gair"]["gair_w_mean"] == pytest.approx(
+        ranks.loc[ranks["method"] == "ours+gair", "gair_w"].mean()
+    )
 
     # an interrupted or repeated run resumes from the caches: nothing is trained or generated again
     import tokens.learn

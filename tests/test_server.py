@@ -20,7 +20,7 @@ from retrieval.models.diffusion import load_diffusion
 from retrieval.server import ServerConfig, check_bind, combine, create_app, parse_mix
 from retrieval.server.app import STATIC_DIR, bind_config
 from retrieval.server.mix import FILE, GALLERY_ID, TEXT, MixError, Term
-from tests.conftest import write_gallery
+from tests.tiny import write_gallery
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -81,23 +81,37 @@ def test_page_docs_and_security_headers(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     csp = r.headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and r.headers["x-content-type-options"] == "nosniff"
+    assert (
+        "script-src 'self'" in csp and "unsafe-inline" not in csp and r.headers["x-content-type-options"] == "nosniff"
+    )
     page = r.text
     assert not re.search(r"<script(?![^>]*\bsrc=)", page), "no inline script"
     assert not re.search(r"\son[a-z]+\s*=", page), "no inline event handlers"
     assert "http://" not in page and "https://" not in page, "nothing from a CDN"
     js = client.get("/static/app.js")
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
-    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write", js.text), "strings reach the page as text"
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write", js.text), (
+        "strings reach the page as text"
+    )
     assert client.get("/static/app.css").status_code == 200
     docs = client.get("/docs")
     assert docs.status_code == 200 and "content-security-policy" in docs.headers
     schema = client.get("/openapi.json").json()
     for path in schema["paths"]:
         assert path in docs.text
-    for needed in ("/api/info", "/api/search", "/api/search/image", "/api/similar/{image_id}", "/api/images/{image_id}",
-                   "/api/thumbs/{image_id}", "/api/tokens", "/api/tokens/{name}", "/api/jobs/{job_id}", "/api/gair",
-                   "/api/gair/{run_id}/choose"):
+    for needed in (
+        "/api/info",
+        "/api/search",
+        "/api/search/image",
+        "/api/similar/{image_id}",
+        "/api/images/{image_id}",
+        "/api/thumbs/{image_id}",
+        "/api/tokens",
+        "/api/tokens/{name}",
+        "/api/jobs/{job_id}",
+        "/api/gair",
+        "/api/gair/{run_id}/choose",
+    ):
         assert needed in schema["paths"], needed
     assert_error(client.get("/api/nothing-here"), 404, "no such endpoint")
     assert client.get("/api/info").headers["content-security-policy"] == csp  # on JSON too
@@ -116,7 +130,9 @@ def test_search_words_tokens_and_bad_queries(client, world):
     expected = brute_force(engine, engine.clip.encode_texts(["a red dress"])[0], 5)
     assert [h["id"] for h in r["results"]] == expected and [h["rank"] for h in r["results"]] == [1, 2, 3, 4, 5]
     assert r["results"][0]["thumb"] == f"/api/thumbs/{expected[0]}"
-    composed = client.get("/api/search", params={"q": "a person wearing a * on the grass", "token": "tok", "k": 3}).json()
+    composed = client.get(
+        "/api/search", params={"q": "a person wearing a * on the grass", "token": "tok", "k": 3}
+    ).json()
     assert composed["composed"] == "a person wearing a <tok> dress on the grass" and len(composed["results"]) == 3
     assert_error(client.get("/api/search", params={"q": "a red dress", "token": "tok"}), 400, "does not use it")
     assert_error(client.get("/api/search", params={"q": "a *", "token": "nope"}), 404, "no token named 'nope'")
@@ -128,29 +144,38 @@ def test_search_words_tokens_and_bad_queries(client, world):
     assert_error(client.get("/api/search"), 400, "q")
 
 
-@pytest.mark.parametrize("text, terms", [
-    ('"2:a red dress" + photo.jpg - "hat"', [(TEXT, "a red dress", 2.0), (FILE, "photo.jpg", 1.0), (TEXT, "hat", -1.0)]),
-    ("a person wearing a * on the grass", [(TEXT, "a person wearing a * on the grass", 1.0)]),
-    ("a black-and-white t-shirt", [(TEXT, "a black-and-white t-shirt", 1.0)]),
-    ('#12 + 0.5:"red"', [(GALLERY_ID, "12", 1.0), (TEXT, "red", 0.5)]),
-    ('-"hat" + 3:#4', [(TEXT, "hat", -1.0), (GALLERY_ID, "4", 3.0)]),
-    ("2:my-photo.PNG+#4", [(FILE, "my-photo.PNG", 2.0), (GALLERY_ID, "4", 1.0)]),
-    ('"a \\"quoted\\" word"', [(TEXT, 'a "quoted" word', 1.0)]),
-])
+@pytest.mark.parametrize(
+    "text, terms",
+    [
+        (
+            '"2:a red dress" + photo.jpg - "hat"',
+            [(TEXT, "a red dress", 2.0), (FILE, "photo.jpg", 1.0), (TEXT, "hat", -1.0)],
+        ),
+        ("a person wearing a * on the grass", [(TEXT, "a person wearing a * on the grass", 1.0)]),
+        ("a black-and-white t-shirt", [(TEXT, "a black-and-white t-shirt", 1.0)]),
+        ('#12 + 0.5:"red"', [(GALLERY_ID, "12", 1.0), (TEXT, "red", 0.5)]),
+        ('-"hat" + 3:#4', [(TEXT, "hat", -1.0), (GALLERY_ID, "4", 3.0)]),
+        ("2:my-photo.PNG+#4", [(FILE, "my-photo.PNG", 2.0), (GALLERY_ID, "4", 1.0)]),
+        ('"a \\"quoted\\" word"', [(TEXT, 'a "quoted" word', 1.0)]),
+    ],
+)
 def test_mix_parses(text, terms):
     assert [(t.kind, t.value, t.weight) for t in parse_mix(text)] == terms
 
 
-@pytest.mark.parametrize("text, position, expected", [
-    ('"a dress" hat', 10, "'+' or '-'"),
-    ('"a dress" + hat', 12, "quoted text"),
-    ('"unclosed', 9, "closing"),
-    ('"a" +', 5, "a term"),
-    ('#x + "a"', 1, "digits"),
-    ('0:"a"', 0, "above 0"),
-    ('"" + #1', 0, "some text"),
-    ("", 0, "a query"),
-])
+@pytest.mark.parametrize(
+    "text, position, expected",
+    [
+        ('"a dress" hat', 10, "'+' or '-'"),
+        ('"a dress" + hat', 12, "quoted text"),
+        ('"unclosed', 9, "closing"),
+        ('"a" +', 5, "a term"),
+        ('#x + "a"', 1, "digits"),
+        ('0:"a"', 0, "above 0"),
+        ('"" + #1', 0, "some text"),
+        ("", 0, "a query"),
+    ],
+)
 def test_mix_errors_say_where_and_what(text, position, expected):
     with pytest.raises(MixError) as e:
         parse_mix(text)
@@ -168,15 +193,21 @@ def test_combine_is_the_normalised_weighted_sum():
 def test_mixes_of_text_gallery_images_and_uploads(client, world):
     engine = world[0]
     ids = sorted(ids_paths(engine).values())
-    q = combine(np.array([2.0, -1.0]), np.stack([engine.clip.encode_texts(["a red dress"])[0],
-                                                  engine.store.vectors_for_ids(np.array([ids[3]]))[0]]))
+    q = combine(
+        np.array([2.0, -1.0]),
+        np.stack([engine.clip.encode_texts(["a red dress"])[0], engine.store.vectors_for_ids(np.array([ids[3]]))[0]]),
+    )
     r = client.get("/api/search", params={"q": f'"2:a red dress" - #{ids[3]}', "k": 4}).json()
     assert [h["id"] for h in r["results"]] == brute_force(engine, q, 4)
     assert [t["kind"] for t in r["terms"]] == ["text", "id"]
     upload = png()
     up = engine.clip.encode_pil([Image.open(io.BytesIO(upload)).convert("RGB")])[0]
     q2 = combine(np.array([1.0, 1.0]), np.stack([engine.clip.encode_texts(["a hat"])[0], up]))
-    r2 = client.post("/api/search", data={"q": '"a hat" + green.png', "k": "4"}, files=[("images", ("green.png", upload, "image/png"))])
+    r2 = client.post(
+        "/api/search",
+        data={"q": '"a hat" + green.png', "k": "4"},
+        files=[("images", ("green.png", upload, "image/png"))],
+    )
     assert r2.status_code == 200 and [h["id"] for h in r2.json()["results"]] == brute_force(engine, q2, 4)
     composed = client.get("/api/search", params={"q": f'"a person wearing a *" + #{ids[0]}', "token": "tok"})
     assert composed.status_code == 200
@@ -184,9 +215,14 @@ def test_mixes_of_text_gallery_images_and_uploads(client, world):
     assert_error(client.get("/api/search", params={"q": '"a" + #99999'}), 404, "no image with id 99999")
     assert_error(client.get("/api/search", params={"q": '"a" + photo.jpg'}), 400, "no upload has that name")
     assert_error(client.get("/api/search", params={"q": '"a" - "a"'}), 400, "cancel out")
-    assert_error(client.get("/api/search", params={"q": '"red" + #1', "token": "tok"}), 400, "no term of the mix uses it")
-    assert_error(client.post("/api/search", data={"q": '"a hat"'}, files=[("images", ("x.png", upload, "image/png"))]),
-                 400, "does not name it")
+    assert_error(
+        client.get("/api/search", params={"q": '"red" + #1', "token": "tok"}), 400, "no term of the mix uses it"
+    )
+    assert_error(
+        client.post("/api/search", data={"q": '"a hat"'}, files=[("images", ("x.png", upload, "image/png"))]),
+        400,
+        "does not name it",
+    )
 
 
 def test_search_by_uploaded_image_and_more_like_this(client, world):
@@ -198,7 +234,9 @@ def test_search_by_uploaded_image_and_more_like_this(client, world):
     some = sorted(ids_paths(engine).values())[5]
     like = client.get(f"/api/similar/{some}", params={"k": 4}).json()
     assert some not in [h["id"] for h in like["results"]] and len(like["results"]) == 4
-    assert [h["id"] for h in like["results"]] == brute_force(engine, engine.store.vectors_for_ids(np.array([some]))[0], 4, exclude=some)
+    assert [h["id"] for h in like["results"]] == brute_force(
+        engine, engine.store.vectors_for_ids(np.array([some]))[0], 4, exclude=some
+    )
     assert [h["rank"] for h in like["results"]] == [1, 2, 3, 4]
     assert_error(client.get("/api/similar/424242"), 404, "no image with id 424242")
     assert_error(client.get("/api/similar/abc"), 400, "integer")
@@ -206,14 +244,28 @@ def test_search_by_uploaded_image_and_more_like_this(client, world):
 
 def test_uploads_are_limited_and_decoded_safely(world):
     engine = world[0]
-    small = TestClient(create_app(engine, ServerConfig(max_upload_bytes=2000, max_upload_pixels=64 * 64, max_request_bytes=50_000)))
+    small = TestClient(
+        create_app(engine, ServerConfig(max_upload_bytes=2000, max_upload_pixels=64 * 64, max_request_bytes=50_000))
+    )
     big_bytes = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(big_bytes).save(buf, format="PNG")
-    assert_error(small.post("/api/search/image", files={"image": ("big.png", buf.getvalue(), "image/png")}), 413, "larger than")
-    assert_error(small.post("/api/search/image", files={"image": ("wide.png", png((100, 100)), "image/png")}), 415, "too many pixels")
-    assert_error(small.post("/api/search/image", files={"image": ("x.png", b"<html>not an image</html>", "image/png")}), 415, "not an image")
-    assert_error(small.post("/api/search/image", files={"image": ("x.jpg", png()[:40], "image/jpeg")}), 415, "truncated")
+    assert_error(
+        small.post("/api/search/image", files={"image": ("big.png", buf.getvalue(), "image/png")}), 413, "larger than"
+    )
+    assert_error(
+        small.post("/api/search/image", files={"image": ("wide.png", png((100, 100)), "image/png")}),
+        415,
+        "too many pixels",
+    )
+    assert_error(
+        small.post("/api/search/image", files={"image": ("x.png", b"<html>not an image</html>", "image/png")}),
+        415,
+        "not an image",
+    )
+    assert_error(
+        small.post("/api/search/image", files={"image": ("x.jpg", png()[:40], "image/jpeg")}), 415, "truncated"
+    )
     assert_error(small.post("/api/search/image", files={"image": ("empty.png", b"", "image/png")}), 415, "empty file")
     many = [("images", (f"p{i}.png", b"x" * 1500, "image/png")) for i in range(40)]
     assert_error(small.post("/api/search", data={"q": '"a"'}, files=many), 413, "request body is larger")
@@ -235,9 +287,15 @@ def test_images_and_thumbnails_by_id_only(client, world):
     assert client.get(f"/api/meta/{some}").json()["path"] == "d0/img0000.jpg"
     assert_error(client.get("/api/images/999999"), 404, "no image with id")
     assert_error(client.get("/api/thumbs/-1"), 404, "no image with id")
-    for attempt in ("/api/images/..%2F..%2F..%2Fetc%2Fpasswd", "/api/images/%2e%2e", "/api/thumbs/..%5C..%5Cwin.ini",
-                    "/api/images/0x1", "/api/images/%2Fetc%2Fpasswd", "/api/images?path=/etc/passwd",
-                    "/api/thumbs/1;cat%20%2Fetc%2Fpasswd"):
+    for attempt in (
+        "/api/images/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/images/%2e%2e",
+        "/api/thumbs/..%5C..%5Cwin.ini",
+        "/api/images/0x1",
+        "/api/images/%2Fetc%2Fpasswd",
+        "/api/images?path=/etc/passwd",
+        "/api/thumbs/1;cat%20%2Fetc%2Fpasswd",
+    ):
         r = client.get(attempt)
         assert 400 <= r.status_code < 500 and r.headers["content-type"].startswith("application/json"), attempt
         assert "root:" not in r.text
@@ -305,8 +363,11 @@ def test_learn_a_token_from_uploads_and_gallery_ids_as_a_job(client, world):
     engine = world[0]
     ids = sorted(ids_paths(engine).values())
     files = [("images", (f"shot{i}.png", png(colour=(20 * i, 90, 90)), "image/png")) for i in range(2)]
-    r = client.post("/api/tokens", data={"name": "mine", "parent": "dress", "method": "ti", "steps": "3", "ids": str(ids[2])},
-                    files=files)
+    r = client.post(
+        "/api/tokens",
+        data={"name": "mine", "parent": "dress", "method": "ti", "steps": "3", "ids": str(ids[2])},
+        files=files,
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["state"] in ("running", "done") and job["total"] == 3 and job["token"] == "mine"
@@ -317,15 +378,32 @@ def test_learn_a_token_from_uploads_and_gallery_ids_as_a_job(client, world):
     assert len(client.get("/api/tokens/mine").json()["images"]) == 3  # 2 uploads + 1 gallery image, kept for the panel
     assert done["id"] in [j["id"] for j in client.get("/api/jobs").json()["jobs"]]
     # bad requests, refused before any job starts
-    assert_error(client.post("/api/tokens", data={"name": "mine", "parent": "dress", "ids": "1,2,3"}), 409, "already exists")
+    assert_error(
+        client.post("/api/tokens", data={"name": "mine", "parent": "dress", "ids": "1,2,3"}), 409, "already exists"
+    )
     assert_error(client.post("/api/tokens", data={"name": "new", "parent": "dress", "ids": "1"}), 400, "at least 3")
-    assert_error(client.post("/api/tokens", data={"name": "new", "parent": "dress", "method": "magic", "ids": "1,2,3"}), 400, "method")
+    assert_error(
+        client.post("/api/tokens", data={"name": "new", "parent": "dress", "method": "magic", "ids": "1,2,3"}),
+        400,
+        "method",
+    )
     assert_error(client.post("/api/tokens", data={"name": "new", "parent": " ", "ids": "1,2,3"}), 400, "parent")
     assert_error(client.post("/api/tokens", data={"name": "new", "parent": "dress", "ids": "1,two"}), 400, "ids=")
-    assert_error(client.post("/api/tokens", data={"name": "new", "parent": "dress", "ids": "1,2,777777"}), 404, "777777")
-    assert_error(client.post("/api/tokens", data={"name": "new", "parent": "dress", "steps": "-4", "ids": "1,2,3"}), 400, "steps")
-    assert_error(client.post("/api/tokens", data={"name": "new", "parent": "dress", "ids": "1,2"},
-                             files=[("images", ("a.png", b"GIF89a-not-really", "image/png"))]), 415, "cannot be used")
+    assert_error(
+        client.post("/api/tokens", data={"name": "new", "parent": "dress", "ids": "1,2,777777"}), 404, "777777"
+    )
+    assert_error(
+        client.post("/api/tokens", data={"name": "new", "parent": "dress", "steps": "-4", "ids": "1,2,3"}), 400, "steps"
+    )
+    assert_error(
+        client.post(
+            "/api/tokens",
+            data={"name": "new", "parent": "dress", "ids": "1,2"},
+            files=[("images", ("a.png", b"GIF89a-not-really", "image/png"))],
+        ),
+        415,
+        "cannot be used",
+    )
     assert_error(client.get("/api/jobs/nope"), 404, "no job")
     assert not engine.tokens.exists("new")
 
@@ -333,12 +411,16 @@ def test_learn_a_token_from_uploads_and_gallery_ids_as_a_job(client, world):
 def test_a_running_job_reports_progress_and_can_be_cancelled(client, world):
     engine = world[0]
     ids = sorted(ids_paths(engine).values())[:3]
-    r = client.post("/api/tokens", data={"name": "long", "parent": "dress", "method": "ti", "steps": "100000",
-                                         "ids": ",".join(map(str, ids))})
+    r = client.post(
+        "/api/tokens",
+        data={"name": "long", "parent": "dress", "method": "ti", "steps": "100000", "ids": ",".join(map(str, ids))},
+    )
     assert r.status_code == 202, r.text
     job = wait_for(client, r.json()["id"], lambda j: j["step"] >= 2)
     assert job["phase"] == "training" and job["total"] == 100000 and job["eta_s"] > 0 and "L" in job["loss"]
-    busy = client.post("/api/tokens", data={"name": "other", "parent": "dress", "method": "ti", "ids": ",".join(map(str, ids))})
+    busy = client.post(
+        "/api/tokens", data={"name": "other", "parent": "dress", "method": "ti", "ids": ",".join(map(str, ids))}
+    )
     assert_error(busy, 409, "still running")
     assert client.delete(f"/api/jobs/{job['id']}").status_code == 202
     gone = wait_for(client, job["id"], lambda j: j["state"] != "running", timeout=10)
@@ -377,7 +459,9 @@ def test_gair_images_per_w_and_choosing_another_w(client, world):
     assert_error(client.post("/api/gair", json={**body, "q": "a person on the grass"}), 400, "does not use it")
     assert_error(client.post("/api/gair", json={**body, "steps": 10**6}), 400, "steps")
     assert_error(client.post("/api/gair", json={"q": "a *"}), 400, "token")
-    assert_error(client.post("/api/gair", content=b"{not json", headers={"content-type": "application/json"}), 400, "json")
+    assert_error(
+        client.post("/api/gair", content=b"{not json", headers={"content-type": "application/json"}), 400, "json"
+    )
 
 
 # ----- safe by default
@@ -394,15 +478,25 @@ def test_binding_beyond_loopback_needs_an_api_key_and_the_key_is_checked(world):
     assert_error(client.get("/api/info", headers={"X-API-Key": "wrong"}), 401, "wrong")
     assert_error(client.get("/api/thumbs/1"), 401, "X-API-Key")
     assert client.get("/api/info", headers={"X-API-Key": "s3cret"}).status_code == 200
-    assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200  # the page asks for the key
+    assert (
+        client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
+    )  # the page asks for the key
 
 
 def test_host_and_origin_checks(world):
     client = TestClient(create_app(world[0], bind_config("127.0.0.1", None, 8000)), base_url="http://127.0.0.1:8000")
     assert client.get("/api/info").status_code == 200
     assert_error(client.get("/api/info", headers={"host": "evil.example:8000"}), 400, "not served here")
-    assert_error(client.post("/api/gair/x/choose", json={"w": 0.5}, headers={"origin": "http://evil.example"}), 403, "another origin")
-    assert_error(client.post("/api/gair/x/choose", json={"w": 0.5}, headers={"origin": "http://127.0.0.1:8000"}), 404, "no gair run")
+    assert_error(
+        client.post("/api/gair/x/choose", json={"w": 0.5}, headers={"origin": "http://evil.example"}),
+        403,
+        "another origin",
+    )
+    assert_error(
+        client.post("/api/gair/x/choose", json={"w": 0.5}, headers={"origin": "http://127.0.0.1:8000"}),
+        404,
+        "no gair run",
+    )
 
 
 def test_a_bug_is_a_500_without_a_trace(world, monkeypatch):

@@ -6,6 +6,7 @@ saved in tmp_path, and in $SCREENSHOT_DIR/server-screenshot.png when that is set
 
 Skipped only where /usr/bin/chromium is absent (`.ci/run` installs it: apt-get install chromium)."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,18 +20,26 @@ from PIL import Image
 
 from retrieval import Engine
 from retrieval.models.diffusion import load_diffusion
-from retrieval.server import create_app
+from retrieval.server import ServerConfig, create_app
 from retrieval.server.app import bind_config
-from tests.conftest import write_gallery
+from tests.tiny import write_gallery
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE = "<img src=x onerror=alert(1)>"
 pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -40,10 +49,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The base URL of a running server over a 12-image gallery (one hostile file name) and a token `tok`."""
-    import uvicorn
-
+def engine(tmp_path_factory):
+    """An engine over a 12-image gallery (one hostile file name) with a token `tok`."""
     root = tmp_path_factory.mktemp("browser")
     gallery = root / "gallery"
     write_gallery(gallery, 11)
@@ -55,8 +62,16 @@ def server(tmp_path_factory):
     for p in sorted(gallery.glob("d*/*.png"))[:3]:
         shutil.copyfile(p, concept / p.name)
     engine.learn_token("tok", concept, "dress", progress=False, method="ti", steps=2)
+    return engine
+
+
+@contextlib.contextmanager
+def running(engine, config: ServerConfig | None = None):
+    """The base URL of a uvicorn server (in a thread, on a free loopback port) over ENGINE, stopped afterwards."""
+    import uvicorn
+
     port = free_port()
-    app = create_app(engine, bind_config("127.0.0.1", None, port))
+    app = create_app(engine, config or bind_config("127.0.0.1", None, port))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -64,9 +79,30 @@ def server(tmp_path_factory):
     while not server.started:
         assert time.time() < end and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running(engine) as url:
+        yield url
+
+
+def wait_js(page, expression: str, timeout: float = 20.0) -> None:
+    """Poll EXPRESSION with page.evaluate (which the page's CSP does not cover: wait_for_function's polling uses
+    eval, which it does) until it is true."""
+    end = time.time() + timeout
+    while not page.evaluate(expression):
+        assert time.time() < end, f"never true: {expression}"
+        time.sleep(0.05)
+
+
+def launch(p):
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
 
 
 def test_the_page_end_to_end(server, tmp_path):
@@ -74,7 +110,7 @@ def test_the_page_end_to_end(server, tmp_path):
 
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(20_000)
         page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
@@ -92,7 +128,7 @@ def test_the_page_end_to_end(server, tmp_path):
             expect(cards).to_have_count(12)
             expect(cards.first.locator(".rank")).to_have_text("#1")
             expect(cards.first.locator(".score")).to_have_text(re.compile(r"^-?\d\.\d{4}$"))
-            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            wait_js(page, "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
             expect(page.locator("#results .path", has_text=f"{HOSTILE}.png")).to_have_count(1)
             assert page.locator("img[src='x']").count() == 0
             # 3. open a result, then "more like this"
@@ -118,7 +154,9 @@ def test_the_page_end_to_end(server, tmp_path):
             expect(figures).to_have_count(2)
             expect(page.locator("#gair-images figure.best")).to_have_count(1)
             expect(page.locator("#gair-context img")).to_have_count(1)
-            page.wait_for_function("[...document.querySelectorAll('#gair-out img')].every(i => i.complete && i.naturalWidth > 0)")
+            wait_js(
+                page, "[...document.querySelectorAll('#gair-out img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             title = page.locator("#results-title").inner_text()
             assert "w* = " in title
             best = figures.evaluate_all("fs => fs.findIndex(f => f.classList.contains('best'))")
@@ -156,7 +194,9 @@ def test_the_page_end_to_end(server, tmp_path):
             expect(page.locator("#gair-images figure")).to_have_count(5)
             cards.nth(0).click()
             expect(page.locator("#detail")).to_be_visible()
-            page.wait_for_function("[...document.querySelectorAll('img')].every(i => !i.src || (i.complete && i.naturalWidth > 0))")
+            wait_js(
+                page, "[...document.querySelectorAll('img')].every(i => !i.src || (i.complete && i.naturalWidth > 0))"
+            )
             shot = tmp_path / "server-screenshot.png"
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("SCREENSHOT_DIR"):
@@ -167,3 +207,29 @@ def test_the_page_end_to_end(server, tmp_path):
             browser.close()
     assert shot.stat().st_size > 10_000
     assert not problems, problems
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_sends_it(engine):
+    from playwright.sync_api import expect, sync_playwright
+
+    with running(engine, ServerConfig(api_key="s3cret")) as url, sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(url + "/")
+            expect(page.locator("#key-form")).to_be_visible()
+            expect(page.locator("#error")).to_contain_text("X-API-Key")
+            page.fill("#api-key", "s3cret")
+            page.click("#key-form button")
+            expect(page.locator("#info")).to_contain_text("12 images")
+            page.fill("#q", "a red dress")
+            page.click("#search-btn")
+            expect(page.locator("#results .card")).to_have_count(12)
+            # thumbnails come through fetch() with the header, shown as blob: URLs
+            wait_js(
+                page,
+                "[...document.querySelectorAll('#results img')].every(i => i.src.startsWith('blob:') && i.naturalWidth > 0)",
+            )
+        finally:
+            browser.close()

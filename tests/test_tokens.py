@@ -15,9 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from tokens.attributes import ATTRIBUTES
+from retrieval.io.images import read_image_folder
 from retrieval.models.diffusion import load_diffusion
 from retrieval.models.pairing import paired_diffusion
+from tokens.attributes import ATTRIBUTES
 from tokens.methods import (
     METHODS,
     balanced_bce,
@@ -28,7 +29,6 @@ from tokens.methods import (
     subspace_residual,
     token_train_config,
 )
-from retrieval.io.images import read_image_folder
 from tokens.store import TokenExistsError, TokenNotFoundError, TokenStore
 from tokens.token_file import (
     CustomToken,
@@ -110,7 +110,9 @@ def test_projected_token_stays_in_its_subspace(tiny):
     trained = train_tokens([concept], tiny.clip, tiny, cfg, progress=False)[0]
     assert not torch.allclose(trained.vectors, at_start(concept, tiny, cfg))  # it moved ...
     assert subspace_residual(trained.vectors, concept.subspace.basis, concept.subspace.mean) < 1e-5  # ... inside
-    assert subspace_residual(concept.init.vectors, concept.subspace.basis, concept.subspace.mean) > 1e-2  # the raw init is not
+    assert (
+        subspace_residual(concept.init.vectors, concept.subspace.basis, concept.subspace.mean) > 1e-2
+    )  # the raw init is not
     assert trained.constraint["kind"] == "attribute-pca" and trained.constraint["dim"] == k - 1
 
 
@@ -158,7 +160,9 @@ def test_only_the_tokens_vectors_change(tiny):
     for k, v in tiny.unet.state_dict().items():
         assert torch.equal(v, unet_before[k]), k
     assert [p.requires_grad for p in tiny.unet.parameters()] == flags  # restored after training
-    assert all(p.grad is None for p in tiny.unet.parameters()) and all(p.grad is None for p in tiny.clip.model.parameters())
+    assert all(p.grad is None for p in tiny.unet.parameters()) and all(
+        p.grad is None for p in tiny.clip.model.parameters()
+    )
 
 
 def test_per_row_diffusion_loss_equals_the_backbones(tiny):
@@ -169,7 +173,9 @@ def test_per_row_diffusion_loss_equals_the_backbones(tiny):
     t = torch.randint(0, tiny.scheduler.config.num_train_timesteps, (3,), generator=g)
     rows = tiny.training_loss(latents, cond, noise=noise, timesteps=t, reduction="none")
     assert rows.shape == (3,) and len(set(rows.tolist())) == 3
-    torch.testing.assert_close(rows.mean(), tiny.training_loss(latents, cond, torch.Generator().manual_seed(7)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        rows.mean(), tiny.training_loss(latents, cond, torch.Generator().manual_seed(7)), atol=1e-6, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="reduction"):
         tiny.training_loss(latents, cond, noise=noise, timesteps=t, reduction="sum")
 
@@ -203,7 +209,9 @@ def test_batched_training_equals_separate_training(tiny):
 
     cfg = config("ours", steps=4, lambda_ce=1.0)
     a = prepare_concept("a", "dress", RED, tiny.clip, tiny, cfg, negatives=GREY, seed=11)
-    b = prepare_concept("b", "coat", BLUE, tiny.clip, tiny, replace(cfg, init_caption="a blue coat"), negatives=GREY, seed=22)
+    b = prepare_concept(
+        "b", "coat", BLUE, tiny.clip, tiny, replace(cfg, init_caption="a blue coat"), negatives=GREY, seed=22
+    )
     assert a.n_vectors == 2 and b.n_vectors == 3  # different lengths: zero-padded in the stacked parameter
     together = train_tokens([a, b], tiny.clip, tiny, cfg, progress=False)
     alone = [train_tokens([c], tiny.clip, tiny, cfg, progress=False)[0] for c in (a, b)]
@@ -215,7 +223,9 @@ def test_batched_training_equals_separate_training(tiny):
     for t, k in zip(together, chunked):  # concepts in chunks, gradients accumulated: the same
         torch.testing.assert_close(t.vectors, k.vectors, atol=1e-5, rtol=1e-5)
     a_other_seed = prepare_concept("a", "dress", RED, tiny.clip, tiny, cfg, negatives=GREY, seed=12)
-    assert not torch.allclose(train_tokens([a_other_seed], tiny.clip, tiny, cfg, progress=False)[0].vectors, alone[0].vectors)
+    assert not torch.allclose(
+        train_tokens([a_other_seed], tiny.clip, tiny, cfg, progress=False)[0].vectors, alone[0].vectors
+    )
 
 
 # ----- a NaN loss
@@ -246,10 +256,20 @@ def test_nan_loss_stops_that_concept_and_keeps_its_last_good_token(tiny, monkeyp
 # ----- the token file and the store
 def make_token(name="tok", model="tiny-random", n=3, width=WIDTH, seed=0):
     torch.manual_seed(seed)
-    info = TokenInfo(name=name, model=model, width=width, n_vectors=n, parent="dress", method="ours",
-                     diffusion="tiny-random", config={"lr": 5e-4, "templates": ["a {token}"]},
-                     subspace={"kind": "attribute-pca", "words": ["red", "striped"]}, init={"kind": "parent"},
-                     training={"steps": 3, "last_loss": 0.5}, created="2025-01-01T00:00:00+00:00")
+    info = TokenInfo(
+        name=name,
+        model=model,
+        width=width,
+        n_vectors=n,
+        parent="dress",
+        method="ours",
+        diffusion="tiny-random",
+        config={"lr": 5e-4, "templates": ["a {token}"]},
+        subspace={"kind": "attribute-pca", "words": ["red", "striped"]},
+        init={"kind": "parent"},
+        training={"steps": 3, "last_loss": 0.5},
+        created="2025-01-01T00:00:00+00:00",
+    )
     return CustomToken(torch.randn(n, width), info)
 
 
@@ -305,13 +325,15 @@ def test_diffusers_load_textual_inversion_reads_our_file(tmp_path):
     import open_clip
     from diffusers import StableDiffusionPipeline
 
-    from retrieval.models.encoders import ClipEncoder
     from retrieval.models.clip import LoadedClip
+    from retrieval.models.encoders import ClipEncoder
     from tests.tiny import tiny_sd_clip, tiny_sd_components, tiny_text_model, write_clip_tokenizer
 
     hf = tiny_text_model()
     model, _ = tiny_sd_clip(hf)  # the open_clip CLIP holding hf's text tower
-    clip = ClipEncoder(LoadedClip(model, None, open_clip.get_tokenizer("ViT-B-32"), "sd-tiny"), device="cpu", precision="fp32")
+    clip = ClipEncoder(
+        LoadedClip(model, None, open_clip.get_tokenizer("ViT-B-32"), "sd-tiny"), device="cpu", precision="fp32"
+    )
     pipe = StableDiffusionPipeline(**tiny_sd_components(hf, write_clip_tokenizer(tmp_path / "tok")))
 
     token = make_token("tinydress", model="sd-tiny", n=3)
@@ -319,7 +341,9 @@ def test_diffusers_load_textual_inversion_reads_our_file(tmp_path):
     pipe.load_textual_inversion(str(path))
     vocab = pipe.tokenizer.get_vocab()
     assert all(t in vocab for t in ("<tinydress>", "<tinydress>_1", "<tinydress>_2"))
-    rows = pipe.text_encoder.get_input_embeddings().weight[[vocab["<tinydress>"], vocab["<tinydress>_1"], vocab["<tinydress>_2"]]]
+    rows = pipe.text_encoder.get_input_embeddings().weight[
+        [vocab["<tinydress>"], vocab["<tinydress>_1"], vocab["<tinydress>_2"]]
+    ]
     torch.testing.assert_close(rows, token.vectors, atol=0, rtol=0)
     prompt = "a photo of a <tinydress> dress"
     theirs, _ = pipe.encode_prompt([prompt], torch.device("cpu"), 1, False)
@@ -378,16 +402,32 @@ def test_cli_learn_generate_list_show_delete(tmp_path):
     images = write_images(tmp_path / "imgs", RED, bad=1)
     store = tmp_path / "store"
     tiny = ["--model", "tiny-random", "--tokens-dir", str(store), "--device", "cpu"]
-    common = ["--images", str(images), "--parent", "dress", "--steps", "2", "--n-negatives", "2", "--negative-steps", "2",
-              "--no-progress", *tiny]
+    common = [
+        "--images",
+        str(images),
+        "--parent",
+        "dress",
+        "--steps",
+        "2",
+        "--n-negatives",
+        "2",
+        "--negative-steps",
+        "2",
+        "--no-progress",
+        *tiny,
+    ]
     learn = ["learn-token", "red", "--vectors", "2", *common]
     r = runner.invoke(app, learn)
     assert r.exit_code == 0, r.output
     assert "learned token 'red'" in r.output and "warning: skipped unreadable image" in r.output
-    assert (store / "red.safetensors").is_file() and len(list((store / ".negatives").iterdir())) == 1  # negatives cached
+    assert (store / "red.safetensors").is_file() and len(
+        list((store / ".negatives").iterdir())
+    ) == 1  # negatives cached
 
     r = runner.invoke(app, learn)  # the name is taken
-    assert r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output and "Traceback" not in r.output
+    assert (
+        r.exit_code == 2 and "already exists" in r.output and "--overwrite" in r.output and "Traceback" not in r.output
+    )
     r = runner.invoke(app, [*learn, "--overwrite", "--method", "pt", "--init-caption", "a red thing"])
     assert r.exit_code == 2 and "leave out --vectors" in r.output
     learn_pt = ["learn-token", "red", *common, "--overwrite", "--method", "pt", "--init-caption", "a red thing"]
@@ -399,14 +439,33 @@ def test_cli_learn_generate_list_show_delete(tmp_path):
     assert r.exit_code == 0 and r.output.startswith("red ") and "pt" in r.output and "model=tiny-random" in r.output
     r = runner.invoke(app, ["tokens", "show", "red", "--tokens-dir", str(store)])
     shown = json.loads(r.output)
-    assert shown["placeholder"] == "<red>" and shown["n_vectors"] == 3 and shown["init"]["tokens"] == ["a", "red", "thing"]
+    assert (
+        shown["placeholder"] == "<red>" and shown["n_vectors"] == 3 and shown["init"]["tokens"] == ["a", "red", "thing"]
+    )
     feature = np.asarray(shown["concept_feature"])  # kept for GAIR: the normalised mean of the concept images' features
-    assert feature.shape == (load_diffusion("tiny-random", device="cpu").clip.dim,) and abs(np.linalg.norm(feature) - 1) < 1e-4
+    assert (
+        feature.shape == (load_diffusion("tiny-random", device="cpu").clip.dim,)
+        and abs(np.linalg.norm(feature) - 1) < 1e-4
+    )
     assert shown["concept_images"] == str(images.resolve()) and shown["context_attributes"] == []
 
     out = tmp_path / "grid.png"
-    r = runner.invoke(app, ["generate", "a photo of a * dress on a beach", "--token", "red", "--n", "2", "--steps", "2",
-                            "--out", str(out), *tiny])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a photo of a * dress on a beach",
+            "--token",
+            "red",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            *tiny,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(out).size == (64, 32) and "a photo of a <red> dress on a beach" in r.output
 
@@ -424,12 +483,31 @@ def test_cli_errors_are_messages(tmp_path):
         (["learn-token", "x", "--images", str(tmp_path / "nope"), "--parent", "dress", *base], "no folder"),
         (["learn-token", "bad/name", "--images", str(few), "--parent", "dress", *base], "not allowed"),
         (["learn-token", "tok", "--images", str(few), "--parent", "dress", *base], "already exists"),
-        (["learn-token", "x", "--images", str(few), "--parent", "dress", "--method", "ti", "--negatives", str(few), *base],
-         "leave it out"),
-        (["generate", "a * dress", "--token", "tok", "--model", "toyworld", "--tokens-dir", str(store)],
-         "made for --model tiny-random"),
+        (
+            [
+                "learn-token",
+                "x",
+                "--images",
+                str(few),
+                "--parent",
+                "dress",
+                "--method",
+                "ti",
+                "--negatives",
+                str(few),
+                *base,
+            ],
+            "leave it out",
+        ),
+        (
+            ["generate", "a * dress", "--token", "tok", "--model", "toyworld", "--tokens-dir", str(store)],
+            "made for --model tiny-random",
+        ),
         (["generate", "a * dress", "--token", "nope", "--tokens-dir", str(store)], "no token named 'nope'"),
-        (["generate", "a dress", "--token", "tok", "--model", "tiny-random", "--tokens-dir", str(store)], "does not use <tok>"),
+        (
+            ["generate", "a dress", "--token", "tok", "--model", "tiny-random", "--tokens-dir", str(store)],
+            "does not use <tok>",
+        ),
         (["tokens", "show", "nope", "--tokens-dir", str(store)], "no token named"),
         (["tokens", "delete", "nope", "--tokens-dir", str(store), "--yes"], "no token named"),
     ]
@@ -453,16 +531,29 @@ def test_sampled_negatives_are_cached_and_reused(tiny, tmp_path, monkeypatch):
     assert len(first.images) == 2 and all(p.is_file() for p in first.paths)
     monkeypatch.setattr(tiny, "generate", lambda *a, **k: pytest.fail("sampled again instead of read from the cache"))
     again = sampled_negatives(tiny, "image of a dress", 2, seed=3, steps=2, guidance=2.0, cache_dir=tmp_path)
-    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first.images, again.images)] == [True, True]
+    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first.images, again.images)] == [
+        True,
+        True,
+    ]
 
 
 def test_prompt_tuning_with_a_negatives_folder_needs_no_diffusion_model(tmp_path):
     from tokens.learn import LearnRequest, learn_token
 
     images, negatives = write_images(tmp_path / "imgs", RED), write_images(tmp_path / "neg", GREY)
-    request = LearnRequest(name="pt1", images=images, parent="dress", method="pt", steps=2, n_vectors=2,
-                           negatives=negatives, model="tiny-random", diffusion="no-such-diffusion-model",
-                           tokens_dir=tmp_path / "store", device="cpu")
+    request = LearnRequest(
+        name="pt1",
+        images=images,
+        parent="dress",
+        method="pt",
+        steps=2,
+        n_vectors=2,
+        negatives=negatives,
+        model="tiny-random",
+        diffusion="no-such-diffusion-model",
+        tokens_dir=tmp_path / "store",
+        device="cpu",
+    )
     result = learn_token(request, progress=False)  # the bogus --diffusion is never loaded
     assert result.token.info.diffusion == "" and result.token.info.method == "pt"
     assert result.token.info.training["n_negatives"] == 4 and result.path.is_file()

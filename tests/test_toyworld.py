@@ -12,8 +12,16 @@ from PIL import Image
 
 from benchmarks.pervl_data import missing_images, read_split
 from benchmarks.world import (
-    WorldConfig, caption, context_caption, n_word_combinations, plan_split, render_scene, sample_scene,
-    sample_training_pair, world_config, write_split,
+    WorldConfig,
+    caption,
+    context_caption,
+    n_word_combinations,
+    plan_split,
+    render_scene,
+    sample_scene,
+    sample_training_pair,
+    world_config,
+    write_split,
 )
 from benchmarks.world.captions import CONTEXT_WORDS, detailed_caption, short_caption
 from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, Details
@@ -126,8 +134,13 @@ def test_context_captions_never_name_the_garment(scenes):
 def test_training_pairs_cover_every_factor():
     rng = np.random.default_rng(3)
     drawn = [sample_scene(rng, CONFIG) for _ in range(1500)]
-    vocabularies = {"context": CONFIG.contexts, "category": CONFIG.categories, "colour": CONFIG.colour_names,
-                    "pattern": CONFIG.patterns, "pose": CONFIG.poses}
+    vocabularies = {
+        "context": CONFIG.contexts,
+        "category": CONFIG.categories,
+        "colour": CONFIG.colour_names,
+        "pattern": CONFIG.patterns,
+        "pose": CONFIG.poses,
+    }
     for field, vocabulary in vocabularies.items():
         assert {getattr(s, field) for s in drawn} == set(vocabulary), field
     assert {s.details.trim for s in drawn} >= {None, "hem", "collar", "cuffs", "waist"}
@@ -180,7 +193,10 @@ def test_written_split_reads_back(tiny_split):
     assert all(re.fullmatch(r"\d{6}\.jpg", n) for names in split.fsl_train.values() for n in names)
     assert split.queries["caption"].str.contains("person").all()
     for variant in ("short", "detailed"):
-        assert read_split(tiny_split.annotations, "test", variant).queries["image_name"].tolist() == split.queries["image_name"].tolist()
+        assert (
+            read_split(tiny_split.annotations, "test", variant).queries["image_name"].tolist()
+            == split.queries["image_name"].tolist()
+        )
     image = Image.open(tiny_split.images / "train/image" / split.fsl_train[split.pair_ids[0]][0])
     assert image.size == (64, 64) and image.mode == "RGB"
 
@@ -204,8 +220,13 @@ def test_evaluation_contexts_are_new_and_hold_hard_negatives(tiny_split):
         assert not shots & set(evals), pair_id
     queries = scenes[scenes.role == "evaluation"]
     for _, q in queries.iterrows():  # same words, same context, another concept
-        rivals = queries[(queries.category == q.category) & (queries.colour == q.colour) & (queries.pattern == q.pattern)
-                         & (queries.context == q.context) & (queries.pair_id != q.pair_id)]
+        rivals = queries[
+            (queries.category == q.category)
+            & (queries.colour == q.colour)
+            & (queries.pattern == q.pattern)
+            & (queries.context == q.context)
+            & (queries.pair_id != q.pair_id)
+        ]
         assert len(rivals) >= 1, q.image_name
 
 

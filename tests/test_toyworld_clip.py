@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.models.clip import PRESETS, ModelLoadError, load_clip
 from benchmarks.world import evaluate, world_config
 from benchmarks.world.train_clip import (
-    build_model, clip_train_config, encode_text_prefix, save_trained, to_pixels, tokenize_captions, train_clip,
+    build_model,
+    clip_train_config,
+    encode_text_prefix,
+    save_trained,
+    to_pixels,
+    tokenize_captions,
+    train_clip,
 )
+from retrieval.models.clip import PRESETS, ModelLoadError, load_clip
 
 # The committed model (open_clip ModifiedResNet image tower) on 100 held-out scenes (seed HELD_OUT_SEED + 2) measured
 # context 1.00, category 0.99, colour 1.00, pattern 1.00 (on 1000 scenes, weights/clip/eval.json: 1.00, 0.996, 1.00,
@@ -92,7 +98,12 @@ def test_saved_folder_is_fp16_and_loads_as_fp32(tmp_path, smoke_run):
     config, result = smoke_run
     folder = save_trained(result, config, tmp_path / "clip")
     assert {p.name for p in folder.iterdir()} == {
-        "open_clip_config.json", "open_clip_model.safetensors", "train_config.json", "train_log.json", "eval.json"}
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "train_config.json",
+        "train_log.json",
+        "eval.json",
+    }
     stored = load_file(str(folder / "open_clip_model.safetensors"))
     assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
     model = load_clip(str(folder)).model
@@ -122,7 +133,12 @@ def test_evaluate_api_is_well_formed(tiny_encoder, world):
     assert scenes == evaluate.held_out_scenes(world, 6)  # deterministic
     assert scenes != evaluate.held_out_scenes(world, 6, seed=evaluate.HELD_OUT_SEED + 1)
     images = evaluate.render_scenes(scenes, world)
-    vocab = {"context": world.contexts, "category": world.categories, "colour": world.colour_names, "pattern": world.patterns}
+    vocab = {
+        "context": world.contexts,
+        "category": world.categories,
+        "colour": world.colour_names,
+        "pattern": world.patterns,
+    }
     for factor in evaluate.FACTORS:
         prompts = evaluate.factor_prompts(factor, world)
         assert list(prompts) == list(vocab[factor]) and all(isinstance(p, str) and p for p in prompts.values())

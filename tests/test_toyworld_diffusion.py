@@ -28,8 +28,9 @@ def test_smoke_recipe_trains_and_saves(tiny_encoder, tmp_path):
     losses = [e["loss"] for e in result.log if "loss" in e]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) < sum(losses[:4]), losses  # falls from the random init's ~1
-    folder = save_diffusion_folder(result.backbone, tmp_path / "d", extra_config={"preset": "smoke"},
-                                   extra_files={"train_log.json": result.log})
+    folder = save_diffusion_folder(
+        result.backbone, tmp_path / "d", extra_config={"preset": "smoke"}, extra_files={"train_log.json": result.log}
+    )
     loaded = load_diffusion(str(folder), clip_encoder=tiny_encoder, device="cpu")
     image = loaded.generate(["a person wearing a red dress on a beach."], steps=2, guidance_scale=3.0)[0]
     assert image.size == (32, 32)
@@ -77,7 +78,8 @@ def test_committed_toyworld_model_draws_what_the_caption_says():
     scenes = evaluate.held_out_scenes(world, GENERATED_SCENES)
     captions = [eval_caption(s, i) for i, s in enumerate(scenes)]
     assert backbone.sampling == {"sampler": "euler-a", "steps": 25, "guidance_scale": 4.0}
-    images = backbone.generate(captions, steps=backbone.sampling["steps"],
-                               guidance_scale=backbone.sampling["guidance_scale"], seed=0)
+    images = backbone.generate(
+        captions, steps=backbone.sampling["steps"], guidance_scale=backbone.sampling["guidance_scale"], seed=0
+    )
     report = evaluate.zero_shot_report(backbone.clip, images, scenes, world, factors=("context", "colour"))
     assert report["context"] >= GENERATED_FLOOR["context"] and report["colour"] >= GENERATED_FLOOR["colour"], report

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from retrieval.models.encoders import ClipEncoder
 from benchmarks.world import train
 from retrieval.models.diffusion import load_diffusion, text_fingerprint
+from retrieval.models.encoders import ClipEncoder
 
 
 @pytest.mark.slow  # end to end: trains both smoke models and writes their folders (run with -m slow)

@@ -25,7 +25,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+
+from tokens.token_file import CustomToken, TokenInfo
 
 WIDTH, LAYERS, HEADS = 32, 2, 2  # the tiny SD text tower: width (= cross-attention dim), blocks, heads
 
@@ -180,3 +184,38 @@ def tiny_sd_components(text_encoder, tokenizer) -> dict[str, Any]:
         image_encoder=None,
         requires_safety_checker=False,
     )
+
+
+def make_token(clip, name="my-dress", parent="dress", n=3, seed=0, model=None, vectors=None, feature=None):
+    """A custom token of N random (seeded) vectors for CLIP, with a random unit concept feature (GAIR needs one)."""
+    g = torch.Generator().manual_seed(seed)
+    v = vectors if vectors is not None else torch.randn(n, clip.width, generator=g) * 0.05
+    feature = (
+        feature
+        if feature is not None
+        else torch.nn.functional.normalize(torch.randn(clip.dim, generator=g), dim=0).tolist()
+    )
+    info = TokenInfo(
+        name=name,
+        model=model or clip.spec,
+        width=clip.width,
+        n_vectors=v.shape[0],
+        parent=parent,
+        method="ti",
+        concept_feature=list(feature),
+    )
+    return CustomToken(v, info)
+
+
+def write_gallery(root: Path, n: int, seed: int = 0, size: int = 48, subdirs: int = 3) -> list[str]:
+    """Write N distinct random-colour images (jpg and png, in a few sub-folders); returns their relative paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        rel = Path(f"d{i % subdirs}") / f"img{i:04d}.{'png' if i % 2 else 'jpg'}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, 3)
+        noise = rng.integers(-40, 40, (size, size, 3))
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(root / rel)
+        paths.append(rel.as_posix())
+    return sorted(paths)

@@ -24,28 +24,40 @@ from tokens.methods import TokenTrainConfig, attribute_scores, token_ids
 
 @dataclass(frozen=True)
 class Initialization:
-    vectors: torch.Tensor                       # (n, width) float32
-    kind: str                                   # parent | caption | auto
-    text: str                                   # the parent word or the caption
-    words: tuple[str, ...]                      # the BPE tokens the vectors come from
+    vectors: torch.Tensor  # (n, width) float32
+    kind: str  # parent | caption | auto
+    text: str  # the parent word or the caption
+    words: tuple[str, ...]  # the BPE tokens the vectors come from
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "text": self.text, "tokens": list(self.words), "n_vectors": int(self.vectors.shape[0])}
+        return {
+            "kind": self.kind,
+            "text": self.text,
+            "tokens": list(self.words),
+            "n_vectors": int(self.vectors.shape[0]),
+        }
 
 
 def _decode(clip, ids: Sequence[int]) -> tuple[str, ...]:
     return tuple(clip.tokenizer.decode([i]).strip() for i in ids)
 
 
-def auto_caption(clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], n_words: int, template: str) -> str:
+def auto_caption(
+    clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], n_words: int, template: str
+) -> str:
     """The N_WORDS attributes that best describe the images in CLIP space, then the parent: 'red striped dress'."""
     scores = attribute_scores(clip, image_features, parent, attributes, template)  # (A,)
     best = [attributes[i] for i in scores.argsort(descending=True)[:n_words].tolist()]
     return " ".join(best + [parent])
 
 
-def initialize(clip, parent: str, config: TokenTrainConfig, image_features: torch.Tensor | None = None,
-               attributes: Sequence[str] = ()) -> Initialization:
+def initialize(
+    clip,
+    parent: str,
+    config: TokenTrainConfig,
+    image_features: torch.Tensor | None = None,
+    attributes: Sequence[str] = (),
+) -> Initialization:
     """The token's initial vectors (see the module docstring); `image_features` and `attributes` for `auto`."""
     table = clip.token_embedding.weight.detach().float().cpu()
     caption = config.init_caption
@@ -59,11 +71,18 @@ def initialize(clip, parent: str, config: TokenTrainConfig, image_features: torc
     if caption.strip().lower() == "auto":
         if image_features is None or not len(attributes):
             raise ValueError("`init_caption=auto` needs the concept's image features and an attribute vocabulary")
-        caption, kind = auto_caption(clip, image_features, parent, attributes, config.auto_caption_words, config.class_template), "auto"
+        caption, kind = (
+            auto_caption(clip, image_features, parent, attributes, config.auto_caption_words, config.class_template),
+            "auto",
+        )
     ids = token_ids(clip, caption)
     if not ids:
-        raise ValueError(f"`init_caption` {caption!r} has no tokens: give a short description such as 'a red tea kettle'")
+        raise ValueError(
+            f"`init_caption` {caption!r} has no tokens: give a short description such as 'a red tea kettle'"
+        )
     limit = clip.context_length - 12
     if len(ids) > limit:
-        raise ValueError(f"`init_caption` has {len(ids)} tokens; at most {limit} fit in a prompt with the template: shorten it")
+        raise ValueError(
+            f"`init_caption` has {len(ids)} tokens; at most {limit} fit in a prompt with the template: shorten it"
+        )
     return Initialization(table[torch.tensor(ids)].clone(), kind, caption, _decode(clip, ids))

@@ -36,22 +36,27 @@ from tokens.token_file import CustomToken, check_name
 from tokens.trainer import prepare_concept, to_custom_token, train_tokens
 
 
-
 @dataclass
 class ConceptImages:
     """One concept to learn a token for (`learn_tokens`)."""
 
-    name: str                                   # token name; placeholder <name>
-    parent: str                                 # parent word, e.g. "dress"
-    images: Sequence[Image.Image]               # the concept's images
+    name: str  # token name; placeholder <name>
+    parent: str  # parent word, e.g. "dress"
+    images: Sequence[Image.Image]  # the concept's images
     negatives: Sequence[Image.Image] | None = None  # images of the parent for l_CE; None: sampled (ours, pt)
-    seed: int | None = None                     # seeds its draws; None: config.seed + its place in the list
-    source: str = ""                            # where the images came from (kept in the token file)
-    context_attributes: tuple[str, ...] = ()    # GAIR's attribute words for it (kept in the token file)
+    seed: int | None = None  # seeds its draws; None: config.seed + its place in the list
+    source: str = ""  # where the images came from (kept in the token file)
+    context_attributes: tuple[str, ...] = ()  # GAIR's attribute words for it (kept in the token file)
 
 
-def learn_tokens(clip, backbone, config: TokenTrainConfig, concepts: Sequence[ConceptImages],
-                 negatives_dir: str | Path | None, progress: bool = True) -> list[CustomToken]:
+def learn_tokens(
+    clip,
+    backbone,
+    config: TokenTrainConfig,
+    concepts: Sequence[ConceptImages],
+    negatives_dir: str | Path | None,
+    progress: bool = True,
+) -> list[CustomToken]:
     """The tokens of CONCEPTS, trained together in ONE batched loop (steps in the module docstring), in their order.
     CLIP and BACKBONE are the caller's (`load_models`); BACKBONE may be None when the method needs no diffusion model
     (`TokenTrainConfig.needs_diffusion`). Negatives a concept lacks are sampled and cached in NEGATIVES_DIR."""
@@ -64,16 +69,25 @@ def learn_tokens(clip, backbone, config: TokenTrainConfig, concepts: Sequence[Co
         raise ValueError(f"method {config.method} {why}: pass a diffusion `backbone`, or `negatives` for every concept")
     given = [c.name for c in concepts if c.negatives is not None]
     if given and not config.uses_ce:
-        raise ValueError(f"method {config.method} has no classification loss (l_CE), but {', '.join(given)} "
-                         "came with `negatives`: leave them out")
+        raise ValueError(
+            f"method {config.method} has no classification loss (l_CE), but {', '.join(given)} "
+            "came with `negatives`: leave them out"
+        )
     prepared = []
     for i, c in enumerate(concepts):
         # 1. negatives of l_CE: the concept's own, or sampled for "image of a <parent>" (Perera et al. Sec. 4.2)
         negatives = c.negatives
         if config.uses_ce and negatives is None:
             prompt = fill_prompt(config.class_template, "", c.parent)
-            negatives = sampled_negatives(backbone, prompt, config.n_negatives, config.seed, config.negative_steps,
-                                          config.negative_guidance, negatives_dir).images
+            negatives = sampled_negatives(
+                backbone,
+                prompt,
+                config.n_negatives,
+                config.seed,
+                config.negative_steps,
+                config.negative_guidance,
+                negatives_dir,
+            ).images
         # 2. what training reuses every step, computed once
         seed = config.seed + i if c.seed is None else c.seed
         prepared.append(prepare_concept(c.name, c.parent, c.images, clip, backbone, config, negatives, seed=seed))
@@ -81,36 +95,45 @@ def learn_tokens(clip, backbone, config: TokenTrainConfig, concepts: Sequence[Co
     trained = train_tokens(prepared, clip, backbone, config, progress=progress)
     # 4. the tokens with their metadata
     diffusion = backbone.spec if backbone is not None else ""
-    return [to_custom_token(t, config, model=clip.spec, diffusion=diffusion, concept=p, concept_images=c.source,
-                            context_attributes=c.context_attributes)
-            for c, p, t in zip(concepts, prepared, trained)]
+    return [
+        to_custom_token(
+            t,
+            config,
+            model=clip.spec,
+            diffusion=diffusion,
+            concept=p,
+            concept_images=c.source,
+            context_attributes=c.context_attributes,
+        )
+        for c, p, t in zip(concepts, prepared, trained)
+    ]
 
 
 @dataclass(frozen=True)
 class LearnRequest:
-    name: str                                   # token name; placeholder <name>
-    images: Path                                # folder of the concept's images
-    parent: str                                 # parent word, e.g. "dress"
-    method: str = "ours"                        # ours | ti | pt | batex
-    steps: int | None = None                    # None: the method's default (tokens.methods.METHOD_DEFAULTS)
-    n_vectors: int | None = None                # None: 10, or the caption's token count
-    init_caption: str | None = None             # None: the parent word; "auto"; or a caption
-    negatives: Path | None = None               # folder of negative images; None: sampled from the diffusion model
-    model: str = DEFAULT_MODEL            # CLIP SPEC
-    diffusion: str | None = None                # diffusion SPEC; None/"auto": paired with model
-    tokens_dir: Path = DEFAULT_TOKENS_DIR       # the token store
+    name: str  # token name; placeholder <name>
+    images: Path  # folder of the concept's images
+    parent: str  # parent word, e.g. "dress"
+    method: str = "ours"  # ours | ti | pt | batex
+    steps: int | None = None  # None: the method's default (tokens.methods.METHOD_DEFAULTS)
+    n_vectors: int | None = None  # None: 10, or the caption's token count
+    init_caption: str | None = None  # None: the parent word; "auto"; or a caption
+    negatives: Path | None = None  # folder of negative images; None: sampled from the diffusion model
+    model: str = DEFAULT_MODEL  # CLIP SPEC
+    diffusion: str | None = None  # diffusion SPEC; None/"auto": paired with model
+    tokens_dir: Path = DEFAULT_TOKENS_DIR  # the token store
     seed: int = 0
     overwrite: bool = False
     device: str = "auto"
     overrides: dict = field(default_factory=dict)  # any other TokenTrainConfig field, e.g. {"n_negatives": 4}
-    context_attributes: tuple[str, ...] = ()    # GAIR's attribute words for this concept (query --attributes wins)
+    context_attributes: tuple[str, ...] = ()  # GAIR's attribute words for this concept (query --attributes wins)
 
 
 @dataclass
 class LearnResult:
     path: Path
-    token: object                               # tokens.token_file.CustomToken
-    skipped: list                               # (path, reason) of unreadable concept / negative images
+    token: object  # tokens.token_file.CustomToken
+    skipped: list  # (path, reason) of unreadable concept / negative images
 
     def format(self) -> str:
         info, t = self.token.info, self.token.info.training
@@ -159,7 +182,9 @@ def learn_token(request: LearnRequest, progress: bool = True, models: tuple | No
         raise ValueError("`parent` is empty: give the concept's parent word, e.g. `parent=dress`")
     config = request_config(request)
     if request.negatives is not None and not config.uses_ce:
-        raise ValueError(f"`negatives` is used by the classification loss only (methods ours, pt); method {config.method} has none: leave it out")
+        raise ValueError(
+            f"`negatives` is used by the classification loss only (methods ours, pt); method {config.method} has none: leave it out"
+        )
     if config.init_caption is not None and request.n_vectors is not None:
         raise ValueError("`init_caption` (a caption or auto) sets one vector per caption token: leave out `n_vectors`")
     # 2. the concept's images (and a negatives folder)
@@ -170,17 +195,29 @@ def learn_token(request: LearnRequest, progress: bool = True, models: tuple | No
     skipped = images.skipped + (given.skipped if given else [])
     # 3. models
     if models is None:
-        models = load_models(request.model, request.diffusion, need_diffusion=needs_diffusion(request),
-                             device=request.device, precision=config.precision)
+        models = load_models(
+            request.model,
+            request.diffusion,
+            need_diffusion=needs_diffusion(request),
+            device=request.device,
+            precision=config.precision,
+        )
     clip, backbone = models
     if clip.spec != request.model:
-        raise ValueError(f"the CLIP passed in is `model={clip.spec}`, but the request has `model={request.model}`: "
-                         "pass the models loaded for the request's model, or none")
+        raise ValueError(
+            f"the CLIP passed in is `model={clip.spec}`, but the request has `model={request.model}`: "
+            "pass the models loaded for the request's model, or none"
+        )
     # 4. train (negatives sampled into the store's cache when no folder is given)
     attributes = tuple(" ".join(a.split()) for a in request.context_attributes if a.strip())
-    concept = ConceptImages(request.name, parent, images.images, given.images if given else None,
-                            source=str(Path(request.images).resolve()),
-                            context_attributes=attributes or tuple(model_defaults(request.model).get("context_attributes", ())))
+    concept = ConceptImages(
+        request.name,
+        parent,
+        images.images,
+        given.images if given else None,
+        source=str(Path(request.images).resolve()),
+        context_attributes=attributes or tuple(model_defaults(request.model).get("context_attributes", ())),
+    )
     token = learn_tokens(clip, backbone, config, [concept], store.negatives_dir, progress=progress)[0]
     # 5. save
     path = store.save(token, overwrite=request.overwrite)

@@ -89,42 +89,48 @@ def model_defaults(model: str) -> dict:
 
 @dataclass(frozen=True)
 class TokenTrainConfig:
-    method: str = "ours"                        # ours | ti | pt | batex (METHODS)
+    method: str = "ours"  # ours | ti | pt | batex (METHODS)
     # ----- the token
-    n_vectors: int = 10                         # vectors per token (Perera et al.: 10 trainable vectors); a caption sets its own
-    init_caption: str | None = None             # None: the parent word; "auto": a caption ranked from the attributes; or a caption
+    n_vectors: int = 10  # vectors per token (Perera et al.: 10 trainable vectors); a caption sets its own
+    init_caption: str | None = None  # None: the parent word; "auto": a caption ranked from the attributes; or a caption
     # ----- the loss L = lambda_SD l_SD + lambda_CE l_CE (Perera et al. Sec. 3)
-    lambda_sd: float = 1.0                      # weight of the diffusion loss (Perera et al.: 1)
-    lambda_ce: float = 1e-5                     # weight of the classification loss (Perera et al.: 1e-5)
+    lambda_sd: float = 1.0  # weight of the diffusion loss (Perera et al.: 1)
+    lambda_ce: float = 1e-5  # weight of the classification loss (Perera et al.: 1e-5)
     # ----- optimisation (Perera et al.: effective batch 4, lr 5e-4, 20000 iterations)
-    steps: int = 20000                          # optimiser steps
-    batch_size: int = 4                         # (image, prompt) pairs of l_SD per concept per step
-    lr: float = 5e-4                            # Adam learning rate, constant
-    weight_decay: float = 0.0                   # AdamW decay; none, so only the losses move the token
-    seed: int = 0                               # seeds each concept's draws (images, prompts, noise, timesteps)
-    precision: str = "auto"                     # compute precision: auto = bf16/fp16 autocast on GPU, fp32 on CPU
-    concepts_per_forward: int = 0               # concepts per forward when training many at once; 0: all (one forward)
+    steps: int = 20000  # optimiser steps
+    batch_size: int = 4  # (image, prompt) pairs of l_SD per concept per step
+    lr: float = 5e-4  # Adam learning rate, constant
+    weight_decay: float = 0.0  # AdamW decay; none, so only the losses move the token
+    seed: int = 0  # seeds each concept's draws (images, prompts, noise, timesteps)
+    precision: str = "auto"  # compute precision: auto = bf16/fp16 autocast on GPU, fp32 on CPU
+    concepts_per_forward: int = 0  # concepts per forward when training many at once; 0: all (one forward)
     # ----- prompts
     sd_templates: tuple[str, ...] = SD_TEMPLATES  # l_SD prompts; {token} = the placeholder, {parent} = the parent word
     class_template: str = "image of a {token} {parent}"  # l_CE's concept prompt; without {token} it is the parent's
     # ----- ours: the attribute subspace
-    attributes_k: int = 100                     # K attributes most correlated with the concept (Perera et al.: 100)
+    attributes_k: int = 100  # K attributes most correlated with the concept (Perera et al.: 100)
     # ----- batex: the vocabulary basis
-    batex_m: int = 576                          # M nearest vocabulary embeddings (BaTex: 576 of 768)
-    reference_width: int = 768                  # text width the paper's K and M are for (CLIP ViT-L/14)
-    scale_with_width: bool = True               # scale K and M by width / reference_width on other CLIPs
+    batex_m: int = 576  # M nearest vocabulary embeddings (BaTex: 576 of 768)
+    reference_width: int = 768  # text width the paper's K and M are for (CLIP ViT-L/14)
+    scale_with_width: bool = True  # scale K and M by width / reference_width on other CLIPs
     # ----- negatives for l_CE: images sampled for the parent prompt
-    n_negatives: int = 16                       # images sampled from the diffusion model (when no folder is given)
-    negative_steps: int = 50                    # sampler steps of that sampling
-    negative_guidance: float = 7.5              # classifier-free guidance scale of that sampling (SD's default)
+    n_negatives: int = 16  # images sampled from the diffusion model (when no folder is given)
+    negative_steps: int = 50  # sampler steps of that sampling
+    negative_guidance: float = 7.5  # classifier-free guidance scale of that sampling (SD's default)
     # ----- input checks and the auto caption
-    min_images: int = 3                         # fewest usable concept images (textual inversion uses 3-5)
-    auto_caption_words: int = 3                 # attribute words in an `auto` caption, before the parent word
+    min_images: int = 3  # fewest usable concept images (textual inversion uses 3-5)
+    auto_caption_words: int = 3  # attribute words in an `auto` caption, before the parent word
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.n_vectors < 1 or self.steps < 0 or self.batch_size < 1 or self.min_images < 1 or self.concepts_per_forward < 0:
+        if (
+            self.n_vectors < 1
+            or self.steps < 0
+            or self.batch_size < 1
+            or self.min_images < 1
+            or self.concepts_per_forward < 0
+        ):
             raise ValueError("n_vectors, batch_size and min_images must be >= 1, steps and concepts_per_forward >= 0")
         if self.lambda_sd < 0 or self.lambda_ce < 0 or self.lambda_sd + self.lambda_ce == 0:
             raise ValueError(f"lambda_sd={self.lambda_sd}, lambda_ce={self.lambda_ce}: both >= 0 and not both 0")
@@ -147,7 +153,9 @@ class TokenTrainConfig:
         return self.uses_sd or (self.uses_ce and not negatives_given)
 
     def k_for(self, width: int) -> int:
-        return scaled_size(self.attributes_k, width, self.reference_width) if self.scale_with_width else self.attributes_k
+        return (
+            scaled_size(self.attributes_k, width, self.reference_width) if self.scale_with_width else self.attributes_k
+        )
 
     def m_for(self, width: int) -> int:
         return scaled_size(self.batex_m, width, self.reference_width) if self.scale_with_width else self.batex_m
@@ -192,7 +200,9 @@ def word_embeddings(clip, words: Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attribute_scores(clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], template: str) -> torch.Tensor:
+def attribute_scores(
+    clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], template: str
+) -> torch.Tensor:
     """(A,) how much each attribute describes the concept in CLIP space: the mean cosine between the concept's
     image features (N, dim) (normalised) and the text feature of the template with the attribute in the token's
     place ("image of a red dress"). The parent's part is common to all, so the ranking is the attribute's."""
@@ -214,8 +224,8 @@ def pca_basis(points: torch.Tensor, rel_tol: float = 1e-5) -> tuple[torch.Tensor
 def project_to_subspace(e: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """P (e - mu) + mu with P = U U^T: e (..., n, width), basis U (..., width, r) orthonormal columns (zero columns
     allowed: padding), mean mu (..., width). Differentiable in e."""
-    mu = mean.unsqueeze(-2)                     # (..., 1, width)
-    coords = (e - mu) @ basis                   # (..., n, r)
+    mu = mean.unsqueeze(-2)  # (..., 1, width)
+    coords = (e - mu) @ basis  # (..., n, r)
     return coords @ basis.transpose(-1, -2) + mu
 
 
@@ -226,7 +236,9 @@ def subspace_residual(v: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) 
 
 
 # ----- batex: the vocabulary basis
-def nearest_vocabulary_basis(table: torch.Tensor, init: torch.Tensor, m: int, exclude_ids: Sequence[int] = ()) -> tuple[torch.Tensor, list[int]]:
+def nearest_vocabulary_basis(
+    table: torch.Tensor, init: torch.Tensor, m: int, exclude_ids: Sequence[int] = ()
+) -> tuple[torch.Tensor, list[int]]:
     """BaTex's basis for one vector: (basis (m, width), vocabulary ids of rows 1..m-1).
 
     Row 0 is INIT itself, so that coefficients (1, 0, ..., 0) give exactly the initial vector even when it is no
@@ -268,7 +280,9 @@ def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 0.5 * (losses[pos].mean() + losses[neg].mean())
 
 
-def class_logits(image_features: torch.Tensor, token_feature: torch.Tensor, parent_feature: torch.Tensor, scale: float) -> torch.Tensor:
+def class_logits(
+    image_features: torch.Tensor, token_feature: torch.Tensor, parent_feature: torch.Tensor, scale: float
+) -> torch.Tensor:
     """(N,) logit of 'concept' against 'parent' for normalised image features (N, dim): the two-way softmax over
     the prompts' cosines times CLIP's logit scale, as a sigmoid logit: s (cos(x, g_*) - cos(x, g_parent))."""
     return scale * (image_features @ token_feature - image_features @ parent_feature)

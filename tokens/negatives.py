@@ -14,13 +14,27 @@ from retrieval.io.images import ImageSet
 
 
 def negatives_key(backbone, prompt: str, k: int, seed: int, steps: int, guidance: float) -> dict:
-    return {"diffusion": backbone.spec, "clip": backbone.clip.spec, "prompt": prompt, "k": k, "seed": seed,
-            "steps": steps, "guidance": guidance, "size": backbone.image_size}
+    return {
+        "diffusion": backbone.spec,
+        "clip": backbone.clip.spec,
+        "prompt": prompt,
+        "k": k,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "size": backbone.image_size,
+    }
 
 
-def sampled_negatives(backbone, prompt: str, k: int, seed: int, steps: int, guidance: float,
-                      cache_dir: str | Path | None = None) -> ImageSet:
+def sampled_negatives(
+    backbone, prompt: str, k: int, seed: int, steps: int, guidance: float, cache_dir: str | Path | None = None
+) -> ImageSet:
     """K images sampled for PROMPT (image i with seed + i), cached in CACHE_DIR (see `cached_images`)."""
     key = negatives_key(backbone, prompt, k, seed, steps, guidance)
-    return cached_images(cache_dir, prompt, key, k,
-                         lambda: backbone.generate([prompt], n=k, guidance_scale=guidance, steps=steps, seed=seed))
+    return cached_images(
+        cache_dir,
+        prompt,
+        key,
+        k,
+        lambda: backbone.generate([prompt], n=k, guidance_scale=guidance, steps=steps, seed=seed),
+    )

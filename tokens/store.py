@@ -38,8 +38,8 @@ class TokenNotFoundError(TokenFileError):
 class StoreEntry:
     name: str
     path: Path
-    info: TokenInfo | None                      # None when the file cannot be read
-    problem: str = ""                           # why it cannot be read
+    info: TokenInfo | None  # None when the file cannot be read
+    problem: str = ""  # why it cannot be read
 
 
 class TokenStore:
@@ -48,7 +48,9 @@ class TokenStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise NotADirectoryError(f"the token store {self.root} is a file, not a folder: pass a folder as `tokens_dir`")
+            raise NotADirectoryError(
+                f"the token store {self.root} is a file, not a folder: pass a folder as `tokens_dir`"
+            )
 
     @property
     def negatives_dir(self) -> Path:
@@ -58,7 +60,11 @@ class TokenStore:
         return self.root / f"{check_name(name)}{SUFFIX}"
 
     def names(self) -> list[str]:
-        return sorted(p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}") if not p.name.startswith(".")) if self.root.is_dir() else []
+        return (
+            sorted(p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+            if self.root.is_dir()
+            else []
+        )
 
     def exists(self, name: str) -> bool:
         return self.path(name).is_file()

@@ -44,9 +44,9 @@ from retrieval.io.atomic import write_atomic
 
 FORMAT_VERSION = 1
 # The placeholder syntax, defined here once: a prompt names a token as <name>, or as * when it uses one token.
-STAR = "*"                                      # the placeholder of a prompt's one token, whatever its name
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"      # a token name: a file name in the store, and <name> in prompts
-NAME_PATTERN = re.compile(rf"^{_NAME}$")        # a whole name
+STAR = "*"  # the placeholder of a prompt's one token, whatever its name
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a token name: a file name in the store, and <name> in prompts
+NAME_PATTERN = re.compile(rf"^{_NAME}$")  # a whole name
 PLACEHOLDER_PATTERN = re.compile(rf"<({_NAME})>")  # a <name> in a prompt; group 1: the name
 _JSON_KEYS = ("config", "subspace", "init", "training", "concept_feature", "context_attributes")
 
@@ -63,21 +63,21 @@ class TokenModelMismatch(TokenFileError):
 class TokenInfo:
     """What a token file says about itself (its safetensors metadata)."""
 
-    name: str                                   # name in the store; placeholder = "<name>"
-    model: str                                  # CLIP SPEC of the embedding space
-    width: int                                  # text width of that CLIP
-    n_vectors: int                              # vectors the placeholder expands to
-    parent: str                                 # parent word
-    method: str                                 # ours | ti | pt | batex
-    diffusion: str = ""                         # diffusion SPEC trained through ("" when none)
+    name: str  # name in the store; placeholder = "<name>"
+    model: str  # CLIP SPEC of the embedding space
+    width: int  # text width of that CLIP
+    n_vectors: int  # vectors the placeholder expands to
+    parent: str  # parent word
+    method: str  # ours | ti | pt | batex
+    diffusion: str = ""  # diffusion SPEC trained through ("" when none)
     config: dict = field(default_factory=dict)  # training config
     subspace: dict = field(default_factory=dict)  # constraint on the vectors
-    init: dict = field(default_factory=dict)    # initialisation
+    init: dict = field(default_factory=dict)  # initialisation
     training: dict = field(default_factory=dict)  # training summary
-    created: str = ""                           # ISO time
+    created: str = ""  # ISO time
     # optional, for composed queries and GAIR (files without them still load; `query --concept-images` fills in)
     concept_feature: list = field(default_factory=list)  # (dim,) normalised mean CLIP feature of the concept images
-    concept_images: str = ""                    # folder the concept images came from
+    concept_images: str = ""  # folder the concept images came from
     context_attributes: list = field(default_factory=list)  # GAIR's attribute words A for this concept
     format_version: int = FORMAT_VERSION
 
@@ -137,19 +137,25 @@ def save_token_file(path: str | Path, token: CustomToken) -> Path:
     check_name(info.name)
     vectors = token.vectors.detach().to("cpu", torch.float32).contiguous()
     if vectors.ndim != 2 or vectors.shape != (info.n_vectors, info.width):
-        raise TokenFileError(f"token {info.name!r}: vectors {tuple(vectors.shape)} do not match n_vectors={info.n_vectors}, width={info.width}")
+        raise TokenFileError(
+            f"token {info.name!r}: vectors {tuple(vectors.shape)} do not match n_vectors={info.n_vectors}, width={info.width}"
+        )
     if not torch.isfinite(vectors).all():
         raise TokenFileError(f"token {info.name!r}: refusing to save non-finite vectors")
     metadata = {"format": "pt"}
     for key, value in asdict(info).items():
         metadata[key] = json.dumps(value, sort_keys=True, default=str) if key in _JSON_KEYS else str(value)
     path = Path(path)
-    write_atomic(path, lambda p: save_file({info.placeholder: vectors}, str(p), metadata=metadata), suffix=".safetensors")
+    write_atomic(
+        path, lambda p: save_file({info.placeholder: vectors}, str(p), metadata=metadata), suffix=".safetensors"
+    )
     return path
 
 
 def _info_from_metadata(metadata: dict[str, str], path: Path) -> TokenInfo:
-    missing = [k for k in ("format_version", "name", "model", "width", "n_vectors", "parent", "method") if k not in metadata]
+    missing = [
+        k for k in ("format_version", "name", "model", "width", "n_vectors", "parent", "method") if k not in metadata
+    ]
     if missing:
         raise TokenFileError(
             f"{path} is a safetensors file but not a token file of this project (no {', '.join(missing)} in its "
@@ -157,8 +163,14 @@ def _info_from_metadata(metadata: dict[str, str], path: Path) -> TokenInfo:
         )
     version = int(metadata["format_version"])
     if version != FORMAT_VERSION:
-        raise TokenFileError(f"{path} has token format_version {version}; this code reads {FORMAT_VERSION}: learn the token again")
-    fields = {k: json.loads(metadata[k]) if k in _JSON_KEYS else metadata[k] for k in TokenInfo.__dataclass_fields__ if k in metadata}
+        raise TokenFileError(
+            f"{path} has token format_version {version}; this code reads {FORMAT_VERSION}: learn the token again"
+        )
+    fields = {
+        k: json.loads(metadata[k]) if k in _JSON_KEYS else metadata[k]
+        for k in TokenInfo.__dataclass_fields__
+        if k in metadata
+    }
     fields.update(width=int(fields["width"]), n_vectors=int(fields["n_vectors"]), format_version=version)
     return TokenInfo(**fields)
 
@@ -174,7 +186,9 @@ def read_token_info(path: str | Path) -> TokenInfo:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise TokenFileError(f"{path} is not a readable safetensors file ({e}); delete it and learn the token again") from e
+        raise TokenFileError(
+            f"{path} is not a readable safetensors file ({e}); delete it and learn the token again"
+        ) from e
     return _info_from_metadata(metadata, path)
 
 
@@ -191,5 +205,7 @@ def load_token_file(path: str | Path, model: str | None = None, width: int | Non
         raise TokenFileError(f"{path} should hold exactly one tensor named {info.placeholder!r}, has {sorted(tensors)}")
     vectors = tensors[info.placeholder].float()
     if tuple(vectors.shape) != (info.n_vectors, info.width):
-        raise TokenFileError(f"{path}: tensor {tuple(vectors.shape)} disagrees with its metadata ({info.n_vectors}, {info.width})")
+        raise TokenFileError(
+            f"{path}: tensor {tuple(vectors.shape)} disagrees with its metadata ({info.n_vectors}, {info.width})"
+        )
     return CustomToken(vectors=vectors, info=info)

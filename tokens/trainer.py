@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from retrieval.models.diffusion import pil_to_pixels
 from retrieval.models.precision import autocast
 from tokens.attributes import ATTRIBUTES
 from tokens.initialization import Initialization, initialize
@@ -62,41 +63,51 @@ from tokens.token_file import CustomToken, TokenInfo, placeholder_for
 class Subspace:
     """ours: the affine subspace mu + span(basis) of the K attributes most correlated with the concept."""
 
-    basis: torch.Tensor                         # (width, r) orthonormal principal directions
-    mean: torch.Tensor                          # (width,) mean attribute embedding, mu
-    words: tuple[str, ...]                      # the K attributes, most correlated first
+    basis: torch.Tensor  # (width, r) orthonormal principal directions
+    mean: torch.Tensor  # (width,) mean attribute embedding, mu
+    words: tuple[str, ...]  # the K attributes, most correlated first
 
     def describe(self) -> dict:
-        return {"kind": "attribute-pca", "k": len(self.words), "dim": int(self.basis.shape[1]), "words": list(self.words),
-                "source": "Perera et al. Sec. 3: token = P(e - mu) + mu"}
+        return {
+            "kind": "attribute-pca",
+            "k": len(self.words),
+            "dim": int(self.basis.shape[1]),
+            "words": list(self.words),
+            "source": "Perera et al. Sec. 3: token = P(e - mu) + mu",
+        }
 
 
 @dataclass(frozen=True)
 class VocabularyBasis:
     """batex: one basis per distinct initial vector; vector j of the token uses bases[which[j]]."""
 
-    bases: torch.Tensor                         # (U, M, width); row 0 of each is its initial vector
-    which: torch.Tensor                         # (n,) long
-    neighbours: tuple[tuple[str, ...], ...]     # per basis, the first vocabulary words after the initial vector
+    bases: torch.Tensor  # (U, M, width); row 0 of each is its initial vector
+    which: torch.Tensor  # (n,) long
+    neighbours: tuple[tuple[str, ...], ...]  # per basis, the first vocabulary words after the initial vector
 
     def describe(self) -> dict:
-        return {"kind": "batex-basis", "m": int(self.bases.shape[1]), "n_bases": int(self.bases.shape[0]),
-                "nearest_words": [list(w) for w in self.neighbours], "source": "BaTex: coefficients over the M nearest embeddings"}
+        return {
+            "kind": "batex-basis",
+            "m": int(self.bases.shape[1]),
+            "n_bases": int(self.bases.shape[0]),
+            "nearest_words": [list(w) for w in self.neighbours],
+            "source": "BaTex: coefficients over the M nearest embeddings",
+        }
 
 
 @dataclass
 class ConceptData:
     """One concept, ready to train."""
 
-    name: str                                   # token name; the placeholder is <name>
-    parent: str                                 # parent word
-    init: Initialization                        # initial vectors (n, width)
-    image_features: torch.Tensor                # (N, dim) normalised CLIP features of the concept images
-    latents: torch.Tensor | None                # (N, C, h, w) diffusion latents of them (methods with l_SD)
-    negative_features: torch.Tensor | None      # (K, dim) normalised CLIP features of negatives (methods with l_CE)
-    seed: int                                   # seeds this concept's draws
-    subspace: Subspace | None = None            # ours
-    basis: VocabularyBasis | None = None        # batex
+    name: str  # token name; the placeholder is <name>
+    parent: str  # parent word
+    init: Initialization  # initial vectors (n, width)
+    image_features: torch.Tensor  # (N, dim) normalised CLIP features of the concept images
+    latents: torch.Tensor | None  # (N, C, h, w) diffusion latents of them (methods with l_SD)
+    negative_features: torch.Tensor | None  # (K, dim) normalised CLIP features of negatives (methods with l_CE)
+    seed: int  # seeds this concept's draws
+    subspace: Subspace | None = None  # ours
+    basis: VocabularyBasis | None = None  # batex
 
     @property
     def placeholder(self) -> str:
@@ -151,9 +162,13 @@ def prepare_concept(
     if len(images) < config.min_images:
         raise ValueError(f"concept {name!r}: {len(images)} images; at least {config.min_images} are needed")
     if config.uses_sd and backbone is None:
-        raise ValueError(f"method {config.method} trains through a diffusion model (lambda_sd > 0): pass one as `backbone`")
+        raise ValueError(
+            f"method {config.method} trains through a diffusion model (lambda_sd > 0): pass one as `backbone`"
+        )
     if config.uses_ce and not negatives:
-        raise ValueError(f"method {config.method} needs negative images of the parent (lambda_ce > 0): pass them as `negatives`")
+        raise ValueError(
+            f"method {config.method} needs negative images of the parent (lambda_ce > 0): pass them as `negatives`"
+        )
     seed = config.seed if seed is None else seed
     # 2. CLIP features of the concept's images and of the negatives
     image_features = torch.from_numpy(clip.encode_pil(list(images)))  # (N, dim), normalised
@@ -161,8 +176,6 @@ def prepare_concept(
     # 3. diffusion latents of the concept's images (one posterior sample each, for a VAE)
     latents = None
     if config.uses_sd:
-        from retrieval.models.diffusion import pil_to_pixels
-
         pixels = pil_to_pixels([fit_square(im, backbone.image_size) for im in images])  # (N, 3, H, W) in [-1, 1]
         latents = backbone.encode_images(pixels, torch.Generator(device="cpu").manual_seed(seed))
     # 4. initial vectors, then the method's constraint on them
@@ -182,14 +195,19 @@ def prepare_concept(
 # ----- the losses of one step
 @dataclass
 class SdBatch:
-    prompts: list[str]                          # C * B prompts, concept-major
-    latents: torch.Tensor                       # (C * B, C_lat, h, w)
-    noise: torch.Tensor                         # same shape
-    timesteps: torch.Tensor                     # (C * B,)
+    prompts: list[str]  # C * B prompts, concept-major
+    latents: torch.Tensor  # (C * B, C_lat, h, w)
+    noise: torch.Tensor  # same shape
+    timesteps: torch.Tensor  # (C * B,)
 
 
-def draw_sd_batch(concepts: Sequence[ConceptData], generators: Sequence[torch.Generator], config: TokenTrainConfig,
-                  num_train_timesteps: int, device) -> SdBatch:
+def draw_sd_batch(
+    concepts: Sequence[ConceptData],
+    generators: Sequence[torch.Generator],
+    config: TokenTrainConfig,
+    num_train_timesteps: int,
+    device,
+) -> SdBatch:
     """Each concept's B (image, prompt, noise, timestep) draws, from its own generator, in a fixed order."""
     B, prompts, latents, noise, timesteps = config.batch_size, [], [], [], []
     for c, g in zip(concepts, generators):
@@ -207,43 +225,63 @@ def draw_sd_batch(concepts: Sequence[ConceptData], generators: Sequence[torch.Ge
 class ClassData:
     """What l_CE needs, fixed during training: per concept, its images' and negatives' features and labels."""
 
-    features: list[torch.Tensor]                # per concept (N + K, dim): positives then negatives
-    labels: list[torch.Tensor]                  # per concept (N + K,) bool
-    parent_features: torch.Tensor               # (C, dim) normalised features of "image of a <parent>"
-    scale: float                                # CLIP's logit scale exp(t)
+    features: list[torch.Tensor]  # per concept (N + K, dim): positives then negatives
+    labels: list[torch.Tensor]  # per concept (N + K,) bool
+    parent_features: torch.Tensor  # (C, dim) normalised features of "image of a <parent>"
+    scale: float  # CLIP's logit scale exp(t)
 
     def subset(self, idx: Sequence[int]) -> "ClassData":
-        return ClassData([self.features[i] for i in idx], [self.labels[i] for i in idx], self.parent_features[list(idx)], self.scale)
+        return ClassData(
+            [self.features[i] for i in idx], [self.labels[i] for i in idx], self.parent_features[list(idx)], self.scale
+        )
 
 
 @torch.no_grad()
 def class_data(concepts: Sequence[ConceptData], clip, config: TokenTrainConfig) -> ClassData:
     device = clip.device
     features = [torch.cat([c.image_features, c.negative_features]).to(device) for c in concepts]
-    labels = [torch.cat([torch.ones(len(c.image_features)), torch.zeros(len(c.negative_features))]).bool().to(device) for c in concepts]
+    labels = [
+        torch.cat([torch.ones(len(c.image_features)), torch.zeros(len(c.negative_features))]).bool().to(device)
+        for c in concepts
+    ]
     parent_prompts = [fill_prompt(config.class_template, "", c.parent) for c in concepts]
     parent_features = torch.from_numpy(clip.encode_texts(parent_prompts)).to(device)
     return ClassData(features, labels, parent_features, float(clip.model.logit_scale.exp()))
 
 
-def step_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[ConceptData], clip, backbone, config: TokenTrainConfig,
-                sd_batch: SdBatch | None, ce: ClassData | None, mixed) -> tuple[torch.Tensor, torch.Tensor]:
+def step_losses(
+    vectors: dict[str, torch.Tensor],
+    concepts: Sequence[ConceptData],
+    clip,
+    backbone,
+    config: TokenTrainConfig,
+    sd_batch: SdBatch | None,
+    ce: ClassData | None,
+    mixed,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(l_SD (C,), l_CE (C,)) of every concept for the given vectors; zeros for a term the method does not use."""
     C = len(concepts)
     l_sd = torch.zeros(C, device=clip.device)
     l_ce = torch.zeros(C, device=clip.device)
     if sd_batch is not None:
         cond = backbone.conditioning(sd_batch.prompts, vectors)  # ONE text forward, (C * B, 77, width)
-        rows = backbone.training_loss(sd_batch.latents, cond, noise=sd_batch.noise, timesteps=sd_batch.timesteps, reduction="none")  # ONE UNet forward
+        rows = backbone.training_loss(
+            sd_batch.latents, cond, noise=sd_batch.noise, timesteps=sd_batch.timesteps, reduction="none"
+        )  # ONE UNet forward
         l_sd = rows.view(C, -1).mean(1)
     if ce is not None:
         prompts = [fill_prompt(config.class_template, c.placeholder, c.parent) for c in concepts]
         with mixed():
             _, token_features, _ = clip.text_features(prompts, vectors)  # ONE text forward, (C, dim) normalised
-        l_ce = torch.stack([
-            balanced_bce(class_logits(ce.features[i], token_features[i].to(ce.features[i]), ce.parent_features[i], ce.scale), ce.labels[i])
-            for i in range(C)
-        ])
+        l_ce = torch.stack(
+            [
+                balanced_bce(
+                    class_logits(ce.features[i], token_features[i].to(ce.features[i]), ce.parent_features[i], ce.scale),
+                    ce.labels[i],
+                )
+                for i in range(C)
+            ]
+        )
     return l_sd, l_ce
 
 
@@ -252,10 +290,10 @@ def step_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[ConceptData
 class TrainedToken:
     name: str
     parent: str
-    vectors: torch.Tensor                       # (n, width) float32 on the CPU: the token's effective embeddings
+    vectors: torch.Tensor  # (n, width) float32 on the CPU: the token's effective embeddings
     init: Initialization
-    constraint: dict                            # subspace / basis description
-    summary: dict                               # steps run, losses, time, early stop
+    constraint: dict  # subspace / basis description
+    summary: dict  # steps run, losses, time, early stop
     history: list[dict] = field(default_factory=list)  # {"step", "l_sd", "l_ce", "loss"} every log_every steps
 
 
@@ -289,15 +327,21 @@ def _trainable(concepts: Sequence[ConceptData], config: TokenTrainConfig, width:
         bases, which, offset = [], torch.zeros(C, n_max, dtype=torch.long), 0
         for i, c in enumerate(concepts):
             which[i, : c.n_vectors] = c.basis.which + offset
-            which[i, c.n_vectors:] = offset  # padding rows: any basis of the concept; never used
+            which[i, c.n_vectors :] = offset  # padding rows: any basis of the concept; never used
             bases.append(c.basis.bases)
             offset += c.basis.bases.shape[0]
         return BasisCombination(torch.cat(bases).to(device), which.to(device))
     return FreeVectors(init.to(device))
 
 
-def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenTrainConfig, progress: bool = True,
-                 log_every: int = 10) -> list[TrainedToken]:
+def train_tokens(
+    concepts: Sequence[ConceptData],
+    clip,
+    backbone,
+    config: TokenTrainConfig,
+    progress: bool = True,
+    log_every: int = 10,
+) -> list[TrainedToken]:
     """Train every concept's token together (see the module docstring). CLIP and the backbone are passed in;
     the backbone must condition on this very CLIP (`load_diffusion(spec, clip_encoder=clip)`)."""
     # 1. check inputs
@@ -310,14 +354,23 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
         if backbone is None:
             raise ValueError(f"method {config.method} needs a diffusion model (lambda_sd > 0)")
         if backbone.clip is not clip:
-            raise ValueError("the diffusion backbone conditions on another CLIP object: load it with "
-                             "load_diffusion(spec, clip_encoder=clip) so that one text encoder serves both losses")
+            raise ValueError(
+                "the diffusion backbone conditions on another CLIP object: load it with "
+                "load_diffusion(spec, clip_encoder=clip) so that one text encoder serves both losses"
+            )
         if any(c.latents is None for c in concepts):
             raise ValueError("concepts were prepared without latents: prepare them with a config whose lambda_sd > 0")
     if config.uses_ce and any(c.negative_features is None for c in concepts):
         raise ValueError("concepts were prepared without negatives: prepare them with a config whose lambda_ce > 0")
-    if config.method == "ours" and any(c.subspace is None for c in concepts) or config.method == "batex" and any(c.basis is None for c in concepts):
-        raise ValueError(f"concepts were prepared for another method than {config.method}: prepare them with this config")
+    if (
+        config.method == "ours"
+        and any(c.subspace is None for c in concepts)
+        or config.method == "batex"
+        and any(c.basis is None for c in concepts)
+    ):
+        raise ValueError(
+            f"concepts were prepared for another method than {config.method}: prepare them with this config"
+        )
     device, C, width = clip.device, len(concepts), clip.width
     precision = backbone.precision if backbone is not None else config.precision
     mixed = lambda: autocast(device, precision)  # noqa: E731
@@ -331,9 +384,9 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
     ce = class_data(concepts, clip, config) if config.uses_ce else None
     generators = [torch.Generator().manual_seed(int(c.seed)) for c in concepts]
     T = backbone.scheduler.config.num_train_timesteps if config.uses_sd else 0
-    good = param.detach().clone()               # each concept's last numbers whose loss was finite
+    good = param.detach().clone()  # each concept's last numbers whose loss was finite
     stopped_at: list[int | None] = [None] * C
-    history: list[torch.Tensor] = []            # (4, C): step, l_SD, l_CE, L; every log_every steps
+    history: list[torch.Tensor] = []  # (4, C): step, l_SD, l_CE, L; every log_every steps
     last = torch.full((3, C), math.nan)
     start = time.perf_counter()
     steps_run = 0
@@ -346,17 +399,21 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
         for step in bar:
             optimizer.zero_grad(set_to_none=False)
             active = torch.tensor([s is None for s in stopped_at])
-            terms = torch.zeros(3, C)           # l_SD, l_CE, L of every concept this step
-            for idx in chunks:                  # all concepts at once, unless concepts_per_forward splits them
+            terms = torch.zeros(3, C)  # l_SD, l_CE, L of every concept this step
+            for idx in chunks:  # all concepts at once, unless concepts_per_forward splits them
                 group = [concepts[i] for i in idx]
                 # 4.1 the tokens: P(e - mu) + mu (ours), coefficients x basis (batex), or the vectors themselves
-                stacked = holder.vectors()                                 # (C, n_max, width)
+                stacked = holder.vectors()  # (C, n_max, width)
                 vectors = {concepts[i].placeholder: stacked[i, : concepts[i].n_vectors] for i in idx}
                 # 4.2 + 4.3 l_SD on this step's draws (one UNet forward), l_CE (one text forward)
-                batch = draw_sd_batch(group, [generators[i] for i in idx], config, T, device) if config.uses_sd else None
-                l_sd, l_ce = step_losses(vectors, group, clip, backbone, config, batch, ce.subset(idx) if ce else None, mixed)
+                batch = (
+                    draw_sd_batch(group, [generators[i] for i in idx], config, T, device) if config.uses_sd else None
+                )
+                l_sd, l_ce = step_losses(
+                    vectors, group, clip, backbone, config, batch, ce.subset(idx) if ce else None, mixed
+                )
                 # 4.4 L_c = lambda_SD l_SD,c + lambda_CE l_CE,c (Perera et al. Sec. 3), summed over concepts
-                loss = config.lambda_sd * l_sd + config.lambda_ce * l_ce     # (len(idx),)
+                loss = config.lambda_sd * l_sd + config.lambda_ce * l_ce  # (len(idx),)
                 use = torch.isfinite(loss.detach()).cpu() & active[idx]
                 if use.any():
                     loss[use.to(loss.device)].sum().backward()
@@ -383,8 +440,12 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
             last[:, active] = terms[:, active]
             if step % log_every == 0 or step == config.steps - 1:
                 history.append(torch.cat([torch.full((1, C), float(step)), terms]))
-            bar.set_postfix(l_SD=f"{terms[0, active].mean():.4f}", l_CE=f"{terms[1, active].mean():.4f}",
-                            L=f"{terms[2, active].mean():.4g}", refresh=False)
+            bar.set_postfix(
+                l_SD=f"{terms[0, active].mean():.4f}",
+                l_CE=f"{terms[1, active].mean():.4f}",
+                L=f"{terms[2, active].mean():.4g}",
+                refresh=False,
+            )
     seconds = time.perf_counter() - start
 
     # 5. each concept's result: its effective vectors from its last good numbers
@@ -398,23 +459,42 @@ def train_tokens(concepts: Sequence[ConceptData], clip, backbone, config: TokenT
             "steps": kept,
             "steps_asked": config.steps,
             "stopped_early": stop is not None,
-            "reason": "" if stop is None else (
+            "reason": ""
+            if stop is None
+            else (
                 f"the loss was not finite at step {stop}; stopped and kept the last token whose loss was finite "
-                f"(after {kept} update{'s' * (kept != 1)}{', its initialisation' if kept == 0 else ''})"),
-            "last_l_sd": float(last[0, i]), "last_l_ce": float(last[1, i]), "last_loss": float(last[2, i]),
-            "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(steps_run, 1), 5),
-            "concepts_in_batch": C, "n_images": int(len(c.image_features)),
+                f"(after {kept} update{'s' * (kept != 1)}{', its initialisation' if kept == 0 else ''})"
+            ),
+            "last_l_sd": float(last[0, i]),
+            "last_l_ce": float(last[1, i]),
+            "last_loss": float(last[2, i]),
+            "seconds": round(seconds, 3),
+            "seconds_per_step": round(seconds / max(steps_run, 1), 5),
+            "concepts_in_batch": C,
+            "n_images": int(len(c.image_features)),
             "n_negatives": int(len(c.negative_features)) if c.negative_features is not None else 0,
         }
-        rows = [{"step": int(h[0, i]), "l_sd": float(h[1, i]), "l_ce": float(h[2, i]), "loss": float(h[3, i])}
-                for h in history if stop is None or h[0, i] < stop]
-        results.append(TrainedToken(c.name, c.parent, final[i, : c.n_vectors].clone(), c.init, c.constraint(), summary, rows))
+        rows = [
+            {"step": int(h[0, i]), "l_sd": float(h[1, i]), "l_ce": float(h[2, i]), "loss": float(h[3, i])}
+            for h in history
+            if stop is None or h[0, i] < stop
+        ]
+        results.append(
+            TrainedToken(c.name, c.parent, final[i, : c.n_vectors].clone(), c.init, c.constraint(), summary, rows)
+        )
     return results
 
 
 @torch.no_grad()
-def evaluate_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[ConceptData], clip, backbone,
-                    config: TokenTrainConfig, seed: int = 12345, draws: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_losses(
+    vectors: dict[str, torch.Tensor],
+    concepts: Sequence[ConceptData],
+    clip,
+    backbone,
+    config: TokenTrainConfig,
+    seed: int = 12345,
+    draws: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(l_SD (C,), l_CE (C,)) for fixed VECTORS ({placeholder: (n, width)}) on fixed draws: `draws` batches from
     generators seeded SEED + concept index, the same for every call, so that losses before and after training
     compare (training's own draws are new every step)."""
@@ -432,21 +512,36 @@ def evaluate_losses(vectors: dict[str, torch.Tensor], concepts: Sequence[Concept
     return (sd_sum / (draws if config.uses_sd else 1)).cpu(), l_ce.cpu()
 
 
-def to_custom_token(trained: TrainedToken, config: TokenTrainConfig, model: str, diffusion: str = "",
-                    concept: ConceptData | None = None, concept_images: str = "",
-                    context_attributes: Sequence[str] = ()) -> CustomToken:
+def to_custom_token(
+    trained: TrainedToken,
+    config: TokenTrainConfig,
+    model: str,
+    diffusion: str = "",
+    concept: ConceptData | None = None,
+    concept_images: str = "",
+    context_attributes: Sequence[str] = (),
+) -> CustomToken:
     """A trained token with the metadata its file carries (tokens.token_file). With CONCEPT, the normalised mean
     of its image features is kept (GAIR scores generated images against it)."""
     from dataclasses import asdict
     from datetime import datetime, timezone
 
     info = TokenInfo(
-        name=trained.name, model=model, width=int(trained.vectors.shape[1]), n_vectors=int(trained.vectors.shape[0]),
-        parent=trained.parent, method=config.method, diffusion=diffusion or "",
-        config=json_safe(asdict(config)), subspace=trained.constraint, init=trained.init.describe(),
-        training=trained.summary, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        name=trained.name,
+        model=model,
+        width=int(trained.vectors.shape[1]),
+        n_vectors=int(trained.vectors.shape[0]),
+        parent=trained.parent,
+        method=config.method,
+        diffusion=diffusion or "",
+        config=json_safe(asdict(config)),
+        subspace=trained.constraint,
+        init=trained.init.describe(),
+        training=trained.summary,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         concept_feature=concept_feature(concept.image_features) if concept is not None else [],
-        concept_images=str(concept_images), context_attributes=list(context_attributes),
+        concept_images=str(concept_images),
+        context_attributes=list(context_attributes),
     )
     return CustomToken(trained.vectors.clone(), info)
 

@@ -5,29 +5,38 @@
 3000 random scenes (2400 train / 600 test), a linear classifier on the normalised image features for context,
 category, colour and pattern. High means the image tower represents the factor. Not part of the tests.
 """
+
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import numpy as np, torch
+import numpy as np
+import torch
+
 torch.set_num_threads(1)
 torch.manual_seed(0)
+from benchmarks.world import render_scene, world_config
 from retrieval.models.encoders import ClipEncoder
-from benchmarks.world import world_config, render_scene
-from benchmarks.world.evaluate import held_out_scenes
+
 w = world_config("pervl")
 clip = ClipEncoder.from_spec(sys.argv[1] if len(sys.argv) > 1 else "toyworld", device="cpu")
 rng = np.random.default_rng(5)
 from benchmarks.world.scene import sample_scene
+
 scenes = [sample_scene(rng, w) for _ in range(3000)]
 ims = [render_scene(s, w) for s in scenes]
 f = clip.encode_pil(ims)
 # also pre-projection features? use final features
 X = torch.from_numpy(f)
 for factor in ("category", "pattern", "colour", "context"):
-    names = sorted({getattr(s, factor) for s in scenes}); y = torch.tensor([names.index(getattr(s, factor)) for s in scenes])
-    lin = torch.nn.Linear(X.shape[1], len(names)); opt = torch.optim.Adam(lin.parameters(), 1e-2)
+    names = sorted({getattr(s, factor) for s in scenes})
+    y = torch.tensor([names.index(getattr(s, factor)) for s in scenes])
+    lin = torch.nn.Linear(X.shape[1], len(names))
+    opt = torch.optim.Adam(lin.parameters(), 1e-2)
     for _ in range(500):
-        opt.zero_grad(); loss = torch.nn.functional.cross_entropy(lin(X[:2400]*10), y[:2400]); loss.backward(); opt.step()
-    acc = (lin(X[2400:]*10).argmax(1) == y[2400:]).float().mean().item()
-    print(factor, "linear probe acc", round(acc, 3), "chance", round(1/len(names), 3))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(X[:2400] * 10), y[:2400])
+        loss.backward()
+        opt.step()
+    acc = (lin(X[2400:] * 10).argmax(1) == y[2400:]).float().mean().item()
+    print(factor, "linear probe acc", round(acc, 3), "chance", round(1 / len(names), 3))

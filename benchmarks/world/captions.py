@@ -20,51 +20,101 @@ from benchmarks.world.vocabulary import CONTEXTS, POSES, require_entries
 
 @dataclass(frozen=True)
 class ContextWords:
-    places: tuple[str, ...]                     # prepositional phrases: "in front of a brick wall"
-    noun: str                                   # the context as a subject: "a brick wall"
-    plural: bool                                # noun takes "are"
-    detailed: str                               # a longer place phrase, for detailed captions
+    places: tuple[str, ...]  # prepositional phrases: "in front of a brick wall"
+    noun: str  # the context as a subject: "a brick wall"
+    plural: bool  # noun takes "are"
+    detailed: str  # a longer place phrase, for detailed captions
 
 
 # No phrase here may contain a category, colour, pattern or emblem word (tests check it).
 CONTEXT_WORDS: dict[str, ContextWords] = {
-    "brick wall": ContextWords(("in front of a brick wall", "by a brick wall"), "a brick wall", False,
-                               "in front of a brick wall with pale mortar, above a paved path"),
-    "cabinets": ContextWords(("in front of kitchen cabinets", "in a kitchen by the cabinets"), "kitchen cabinets", True,
-                             "in front of kitchen cabinets with small knobs under a dark countertop"),
-    "railing": ContextWords(("by a railing with a building behind", "at a railing in front of a building"),
-                            "a railing and a building", True, "by a metal railing, with a tall building full of windows behind"),
-    "trees": ContextWords(("under some trees", "in a park among trees"), "leafy trees", True,
-                          "under leafy trees with thick trunks beside a park path"),
-    "beach": ContextWords(("on a beach", "on the sand by the sea"), "the sea", False,
-                          "on a sandy beach, with the sea and a clear sky behind"),
-    "couch": ContextWords(("in front of a couch", "by a couch in a living room"), "a couch", False,
-                          "in front of a large couch with cushions, on a rug"),
-    "marble floor": ContextWords(("on a marble floor", "on a polished marble floor"), "a hall with a marble floor", False,
-                                 "on a polished marble floor with veins, in a hall with pale walls"),
-    "shelves": ContextWords(("in front of shelves full of goods", "by store shelves"), "shelves full of goods", True,
-                            "in front of wooden shelves stacked with colourful boxes"),
-    "water": ContextWords(("by the water", "next to a lake"), "a lake", False,
-                          "next to a lake with rippling water and a distant shore"),
-    "grass": ContextWords(("on the grass", "on a lawn"), "a wide lawn", False,
-                          "on a wide lawn, with a row of trees and the sky behind"),
-    "curtains": ContextWords(("in front of curtains", "before heavy curtains"), "heavy curtains", True,
-                             "in front of heavy curtains with deep folds hanging from a rod"),
-    "shop window": ContextWords(("in front of a shop window", "by a store display window"), "a shop window", False,
-                                "in front of a glass shop window with metal frames and reflections"),
-    "street": ContextWords(("on a street", "on a sidewalk by the road"), "a city street", False,
-                           "on a sidewalk by a road with a dashed line, buildings in the distance"),
-    "tiled wall": ContextWords(("in front of a tiled wall", "by a wall of tiles"), "a tiled wall", False,
-                               "in front of a wall covered in small glossy tiles"),
+    "brick wall": ContextWords(
+        ("in front of a brick wall", "by a brick wall"),
+        "a brick wall",
+        False,
+        "in front of a brick wall with pale mortar, above a paved path",
+    ),
+    "cabinets": ContextWords(
+        ("in front of kitchen cabinets", "in a kitchen by the cabinets"),
+        "kitchen cabinets",
+        True,
+        "in front of kitchen cabinets with small knobs under a dark countertop",
+    ),
+    "railing": ContextWords(
+        ("by a railing with a building behind", "at a railing in front of a building"),
+        "a railing and a building",
+        True,
+        "by a metal railing, with a tall building full of windows behind",
+    ),
+    "trees": ContextWords(
+        ("under some trees", "in a park among trees"),
+        "leafy trees",
+        True,
+        "under leafy trees with thick trunks beside a park path",
+    ),
+    "beach": ContextWords(
+        ("on a beach", "on the sand by the sea"),
+        "the sea",
+        False,
+        "on a sandy beach, with the sea and a clear sky behind",
+    ),
+    "couch": ContextWords(
+        ("in front of a couch", "by a couch in a living room"),
+        "a couch",
+        False,
+        "in front of a large couch with cushions, on a rug",
+    ),
+    "marble floor": ContextWords(
+        ("on a marble floor", "on a polished marble floor"),
+        "a hall with a marble floor",
+        False,
+        "on a polished marble floor with veins, in a hall with pale walls",
+    ),
+    "shelves": ContextWords(
+        ("in front of shelves full of goods", "by store shelves"),
+        "shelves full of goods",
+        True,
+        "in front of wooden shelves stacked with colourful boxes",
+    ),
+    "water": ContextWords(
+        ("by the water", "next to a lake"), "a lake", False, "next to a lake with rippling water and a distant shore"
+    ),
+    "grass": ContextWords(
+        ("on the grass", "on a lawn"), "a wide lawn", False, "on a wide lawn, with a row of trees and the sky behind"
+    ),
+    "curtains": ContextWords(
+        ("in front of curtains", "before heavy curtains"),
+        "heavy curtains",
+        True,
+        "in front of heavy curtains with deep folds hanging from a rod",
+    ),
+    "shop window": ContextWords(
+        ("in front of a shop window", "by a store display window"),
+        "a shop window",
+        False,
+        "in front of a glass shop window with metal frames and reflections",
+    ),
+    "street": ContextWords(
+        ("on a street", "on a sidewalk by the road"),
+        "a city street",
+        False,
+        "on a sidewalk by a road with a dashed line, buildings in the distance",
+    ),
+    "tiled wall": ContextWords(
+        ("in front of a tiled wall", "by a wall of tiles"),
+        "a tiled wall",
+        False,
+        "in front of a wall covered in small glossy tiles",
+    ),
 }
 require_entries(CONTEXT_WORDS, CONTEXTS, "captions.CONTEXT_WORDS")
 
 
 @dataclass(frozen=True)
 class PoseWords:
-    ing: str                                    # "a person {ing} ..."
-    verb: str                                   # "the person {verb} ..."
-    person: str                                 # "... is behind {person}"
+    ing: str  # "a person {ing} ..."
+    verb: str  # "the person {verb} ..."
+    person: str  # "... is behind {person}"
 
 
 POSE_WORDS: dict[str, PoseWords] = {
@@ -96,7 +146,10 @@ CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
 )
 # How much of the garment a training caption names: (colour, pattern) kept, with weights.
 GARMENT_PARTS: tuple[tuple[tuple[bool, bool], float], ...] = (
-    ((True, True), 0.8), ((True, False), 0.1), ((False, True), 0.05), ((False, False), 0.05),
+    ((True, True), 0.8),
+    ((True, False), 0.1),
+    ((False, True), 0.05),
+    ((False, False), 0.05),
 )
 CONTEXT_TEMPLATES: tuple[str, ...] = (
     "a person {pose} {place}.",
@@ -137,8 +190,14 @@ def context_caption(scene: Scene, rng: np.random.Generator) -> str:
     words, pose = CONTEXT_WORDS[scene.context], POSE_WORDS[scene.pose]
     template = CONTEXT_TEMPLATES[int(rng.integers(len(CONTEXT_TEMPLATES)))]
     place = words.places[int(rng.integers(len(words.places)))]
-    return template.format(pose=pose.ing, verb=pose.verb, place=place, noun=words.noun,
-                           be="are" if words.plural else "is", person=pose.person)
+    return template.format(
+        pose=pose.ing,
+        verb=pose.verb,
+        place=place,
+        noun=words.noun,
+        be="are" if words.plural else "is",
+        person=pose.person,
+    )
 
 
 def short_caption(scene: Scene) -> str:

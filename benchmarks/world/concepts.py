@@ -15,16 +15,16 @@ from benchmarks.world.config import WorldConfig
 from benchmarks.world.garments import Details, sample_details
 
 CONCEPT_DETAIL_PROBABILITY = 0.8  # chance of a trim band, and of an emblem, on a concept (at least one is kept)
-MIN_DETAIL_DIFFERENCES = 2        # fields of Details in which two concepts of one group must differ
+MIN_DETAIL_DIFFERENCES = 2  # fields of Details in which two concepts of one group must differ
 
 
 @dataclass(frozen=True)
 class Concept:
-    pair_id: str                                # PerVL id: a decimal integer, as in the annotation files
-    category: str                               # garment category word
-    colour: str                                 # main colour word
-    pattern: str                                # pattern word
-    details: Details                            # what only images show
+    pair_id: str  # PerVL id: a decimal integer, as in the annotation files
+    category: str  # garment category word
+    colour: str  # main colour word
+    pattern: str  # pattern word
+    details: Details  # what only images show
 
     @property
     def words(self) -> tuple[str, str, str]:
@@ -60,8 +60,10 @@ def draw_concepts(rng: np.random.Generator, config: WorldConfig, n: int, first_i
             if all(details.differences(other) >= MIN_DETAIL_DIFFERENCES for other in group):
                 group.append(details)
         if len(group) < size:
-            raise ValueError(f"cannot draw {size} {colour} {pattern} {category} concepts that differ in "
-                             f"{MIN_DETAIL_DIFFERENCES} details; add colours or emblems, or lower group_sizes")
+            raise ValueError(
+                f"cannot draw {size} {colour} {pattern} {category} concepts that differ in "
+                f"{MIN_DETAIL_DIFFERENCES} details; add colours or emblems, or lower group_sizes"
+            )
         for details in group:
             concepts.append(Concept(str(first_id + len(concepts)), category, colour, pattern, details))
     return concepts

@@ -37,55 +37,63 @@ COLOURS: tuple[tuple[str, RGB], ...] = (
 @dataclass(frozen=True)
 class WorldConfig:
     # ----- images
-    image_size: int = 64                        # side of the square RGB images, px
-    supersample: int = 2                        # drawn at this multiple of image_size, then box-downsampled (anti-aliasing)
-    seed: int = 0                               # draws the benchmark concepts and their scenes
+    image_size: int = 64  # side of the square RGB images, px
+    supersample: int = 2  # drawn at this multiple of image_size, then box-downsampled (anti-aliasing)
+    seed: int = 0  # draws the benchmark concepts and their scenes
 
     # ----- vocabularies: words the captions use (emblems are never named); defaults: all the world knows
-    contexts: tuple[str, ...] = CONTEXTS        # backgrounds; PerVL captions describe these
-    categories: tuple[str, ...] = CATEGORIES    # garment categories, each with its own silhouette
+    contexts: tuple[str, ...] = CONTEXTS  # backgrounds; PerVL captions describe these
+    categories: tuple[str, ...] = CATEGORIES  # garment categories, each with its own silhouette
     colours: tuple[tuple[str, RGB], ...] = COLOURS  # (colour word, RGB) of the garment's main colour
-    patterns: tuple[str, ...] = PATTERNS        # garment patterns; "plain" is solid
-    poses: tuple[str, ...] = POSES              # the figure's pose; context captions name it
-    emblems: tuple[str, ...] = EMBLEMS          # unnamed detail: shape printed on a concept's garment
+    patterns: tuple[str, ...] = PATTERNS  # garment patterns; "plain" is solid
+    poses: tuple[str, ...] = POSES  # the figure's pose; context captions name it
+    emblems: tuple[str, ...] = EMBLEMS  # unnamed detail: shape printed on a concept's garment
 
     # ----- jitter of every scene (uniform ranges)
     person_height: tuple[float, float] = (0.84, 0.95)  # figure height / image height
     person_x: tuple[float, float] = (0.3, 0.7)  # figure centre / image width
     brightness: tuple[float, float] = (0.85, 1.12)  # background brightness factor
-    context_shift: float = 0.25                 # background crop offset, up to this fraction of the image
+    context_shift: float = 0.25  # background crop offset, up to this fraction of the image
 
     # ----- random (non-concept) scenes, as in training pairs
-    detail_probability: float = 0.5             # chance that a random garment has a trim band; the same for an emblem
+    detail_probability: float = 0.5  # chance that a random garment has a trim band; the same for an emblem
 
     # ----- benchmark split (PerVL-DeepFashion2 test: 50 concepts, 10-21 shots, 1-5 evaluation images each)
-    n_concepts: int = 50                        # concepts per split
-    group_sizes: tuple[int, int] = (2, 3)       # concepts sharing one (category, colour, pattern) triple: min, max
-    shots: tuple[int, int] = (5, 10)            # few-shot images per concept: min, max
-    eval_per_concept: int = 4                   # evaluation images per concept, one per context
-    jpeg_quality: int = 95                      # quality of the written .jpg images
+    n_concepts: int = 50  # concepts per split
+    group_sizes: tuple[int, int] = (2, 3)  # concepts sharing one (category, colour, pattern) triple: min, max
+    shots: tuple[int, int] = (5, 10)  # few-shot images per concept: min, max
+    eval_per_concept: int = 4  # evaluation images per concept, one per context
+    jpeg_quality: int = 95  # quality of the written .jpg images
 
     def __post_init__(self):
         for field_name, names in NAMES.items():
             unknown = [n for n in getattr(self, field_name) if n not in names]
             if unknown:
-                raise ValueError(f"WorldConfig.{field_name}: {unknown} cannot be both drawn and captioned; "
-                                 f"known (benchmarks.world.vocabulary): {sorted(names)}")
+                raise ValueError(
+                    f"WorldConfig.{field_name}: {unknown} cannot be both drawn and captioned; "
+                    f"known (benchmarks.world.vocabulary): {sorted(names)}"
+                )
         for field_name in ("contexts", "categories", "patterns", "poses", "emblems"):
             values = getattr(self, field_name)
             if len(set(values)) != len(values) or not values:
                 raise ValueError(f"WorldConfig.{field_name} must be non-empty without repeats, got {values}")
         if len({name for name, _ in self.colours}) != len(self.colours) or len(self.colours) < 3:
-            raise ValueError("WorldConfig.colours needs >= 3 distinct colour names (a detail colour must differ from the main one)")
+            raise ValueError(
+                "WorldConfig.colours needs >= 3 distinct colour names (a detail colour must differ from the main one)"
+            )
         if self.image_size < 16 or self.supersample < 1:
-            raise ValueError(f"image_size must be >= 16 and supersample >= 1, got {self.image_size}, {self.supersample}")
+            raise ValueError(
+                f"image_size must be >= 16 and supersample >= 1, got {self.image_size}, {self.supersample}"
+            )
         if len(self.contexts) <= self.eval_per_concept:
             raise ValueError(
                 f"{len(self.contexts)} contexts leave none for few-shot images when each concept is evaluated in "
                 f"{self.eval_per_concept}; lower eval_per_concept or add contexts"
             )
         if not 2 <= self.group_sizes[0] <= self.group_sizes[1]:
-            raise ValueError(f"group_sizes must be (min, max) with 2 <= min <= max (hard negatives), got {self.group_sizes}")
+            raise ValueError(
+                f"group_sizes must be (min, max) with 2 <= min <= max (hard negatives), got {self.group_sizes}"
+            )
         if self.n_concepts < self.group_sizes[0]:
             raise ValueError(f"n_concepts={self.n_concepts} is below the smallest group size {self.group_sizes[0]}")
         if not 1 <= self.shots[0] <= self.shots[1]:

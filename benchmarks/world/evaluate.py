@@ -32,8 +32,12 @@ HELD_OUT_SEED = 1_000_003
 
 
 def _words(factor: str, config: WorldConfig) -> tuple[str, ...]:
-    vocab = {"context": config.contexts, "category": config.categories, "colour": config.colour_names,
-             "pattern": config.patterns}
+    vocab = {
+        "context": config.contexts,
+        "category": config.categories,
+        "colour": config.colour_names,
+        "pattern": config.patterns,
+    }
     if factor not in vocab:
         raise ValueError(f"unknown factor {factor!r}; known: {FACTORS}")
     return tuple(vocab[factor])
@@ -46,14 +50,32 @@ def factor_prompt_sets(factor: str, config: WorldConfig) -> dict[str, list[str]]
         poses = [POSE_WORDS[p].ing for p in config.poses]
         return {c: [f"a person {pose} {place}." for place in CONTEXT_WORDS[c].places for pose in poses] for c in words}
     if factor == "category":
-        return {c: [f"a person wearing {garment_phrase(c, None, None)}."]
-                + [f"a person wearing {garment_phrase(c, col, pat)}." for col in config.colour_names for pat in config.patterns]
-                for c in words}
+        return {
+            c: [f"a person wearing {garment_phrase(c, None, None)}."]
+            + [
+                f"a person wearing {garment_phrase(c, col, pat)}."
+                for col in config.colour_names
+                for pat in config.patterns
+            ]
+            for c in words
+        }
     if factor == "colour":
-        return {col: [f"a person wearing {garment_phrase(cat, col, pat)}." for cat in config.categories for pat in config.patterns]
-                for col in words}
-    return {pat: [f"a person wearing {garment_phrase(cat, col, pat)}." for cat in config.categories for col in config.colour_names]
-            for pat in words}
+        return {
+            col: [
+                f"a person wearing {garment_phrase(cat, col, pat)}."
+                for cat in config.categories
+                for pat in config.patterns
+            ]
+            for col in words
+        }
+    return {
+        pat: [
+            f"a person wearing {garment_phrase(cat, col, pat)}."
+            for cat in config.categories
+            for col in config.colour_names
+        ]
+        for pat in words
+    }
 
 
 def factor_prompts(factor: str, config: WorldConfig) -> dict[str, str]:
@@ -69,7 +91,7 @@ def class_vectors(encoder, factor: str, config: WorldConfig) -> tuple[list[str],
     feats = encoder.encode_texts(flat)  # (n_prompts, dim), normalised
     vectors, start = [], 0
     for w in words:
-        mean = feats[start:start + len(sets[w])].mean(0)
+        mean = feats[start : start + len(sets[w])].mean(0)
         vectors.append(mean / np.linalg.norm(mean))
         start += len(sets[w])
     return words, np.stack(vectors).astype(np.float32)
@@ -85,8 +107,13 @@ def classify(encoder, images: Sequence[Image.Image], factor: str, config: WorldC
     return _predict(encoder.encode_pil(list(images)), encoder, factor, config)
 
 
-def zero_shot_report(encoder, images: Sequence[Image.Image], scenes: Sequence[Scene], config: WorldConfig,
-                     factors: Sequence[str] = FACTORS) -> dict[str, float]:
+def zero_shot_report(
+    encoder,
+    images: Sequence[Image.Image],
+    scenes: Sequence[Scene],
+    config: WorldConfig,
+    factors: Sequence[str] = FACTORS,
+) -> dict[str, float]:
     """Accuracy per factor of zero-shot classification of IMAGES against their SCENES' words."""
     if len(images) != len(scenes) or not scenes:
         raise ValueError(f"need one scene per image and at least one: got {len(images)} images, {len(scenes)} scenes")

@@ -24,4 +24,6 @@ def sample_training_pair(rng: np.random.Generator, config: WorldConfig) -> tuple
 
 def n_word_combinations(config: WorldConfig) -> int:
     """How many (context, category, colour, pattern, pose) combinations the world has."""
-    return len(config.contexts) * len(config.categories) * len(config.colours) * len(config.patterns) * len(config.poses)
+    return (
+        len(config.contexts) * len(config.categories) * len(config.colours) * len(config.patterns) * len(config.poses)
+    )

@@ -23,18 +23,27 @@ Point = tuple[float, float]
 
 # The body, in fractions of the figure's height h from the top of the head (x: from the centre line).
 BODY = dict(
-    head_y=0.072, head_r=0.068,                 # head centre and radius (hair included)
-    shoulder_y=0.185, shoulder_half=0.125,      # top edge of the torso
-    arm_root=(0.112, 0.205),                    # shoulder joint (x, y)
-    waist_y=0.40, waist_half=0.092,
-    hip_y=0.50, hip_half=0.115,
+    head_y=0.072,
+    head_r=0.068,  # head centre and radius (hair included)
+    shoulder_y=0.185,
+    shoulder_half=0.125,  # top edge of the torso
+    arm_root=(0.112, 0.205),  # shoulder joint (x, y)
+    waist_y=0.40,
+    waist_half=0.092,
+    hip_y=0.50,
+    hip_half=0.115,
     crotch_y=0.57,
-    leg_root=(0.058, 0.52),                     # hip joint (x, y)
-    upper_arm=0.165, forearm=0.15, thigh=0.235, shin=0.235,
-    arm_w=0.052, leg_w=0.072,                   # limb thickness
-    sleeve_w=0.07, trouser_w=0.09,              # clothed limb thickness
-    trim_w=0.05,                                # width of a trim band
-    emblem_r=0.05,                              # half size of an emblem
+    leg_root=(0.058, 0.52),  # hip joint (x, y)
+    upper_arm=0.165,
+    forearm=0.15,
+    thigh=0.235,
+    shin=0.235,
+    arm_w=0.052,
+    leg_w=0.072,  # limb thickness
+    sleeve_w=0.07,
+    trouser_w=0.09,  # clothed limb thickness
+    trim_w=0.05,  # width of a trim band
+    emblem_r=0.05,  # half size of an emblem
 )
 
 # Limb angles in degrees from straight down, positive away from the body: per side (image left, image right),
@@ -47,14 +56,14 @@ POSES: dict[str, dict[str, tuple[tuple[float, float], tuple[float, float]]]] = {
 }
 vocabulary.require_entries(POSES, vocabulary.POSES, "render.POSES")
 
-UNDER_GREY = (140, 140, 140)                    # the plain clothes beneath, never named
+UNDER_GREY = (140, 140, 140)  # the plain clothes beneath, never named
 SHOE = (40, 36, 34)
 
 
 def _dots(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     row = np.floor(v / 0.1)
     du = (u + 0.05 * (row % 2)) % 0.1 - 0.05  # every other row shifted by half a period
-    return du ** 2 + (v % 0.1 - 0.05) ** 2 < 0.024 ** 2
+    return du**2 + (v % 0.1 - 0.05) ** 2 < 0.024**2
 
 
 # Where each pattern puts its ink: (u, v) pixel centres in image widths, (H, W) each -> (H, W) bool.
@@ -89,10 +98,14 @@ class _Figure:
         self.cx = scene.person_x * size
         self.top = size * (0.985 - scene.person_height)  # feet near the bottom edge
         pose = POSES[scene.pose]
-        self.arms = [self._limb(BODY["arm_root"], angles, (BODY["upper_arm"], BODY["forearm"]), side)
-                     for side, angles in zip((-1, 1), pose["arms"])]  # image left, image right
-        self.legs = [self._limb(BODY["leg_root"], angles, (BODY["thigh"], BODY["shin"]), side)
-                     for side, angles in zip((-1, 1), pose["legs"])]
+        self.arms = [
+            self._limb(BODY["arm_root"], angles, (BODY["upper_arm"], BODY["forearm"]), side)
+            for side, angles in zip((-1, 1), pose["arms"])
+        ]  # image left, image right
+        self.legs = [
+            self._limb(BODY["leg_root"], angles, (BODY["thigh"], BODY["shin"]), side)
+            for side, angles in zip((-1, 1), pose["legs"])
+        ]
 
     def p(self, x: float, y: float) -> Point:
         """Body units -> canvas pixels."""
@@ -123,8 +136,10 @@ class _Figure:
 
     def band(self, y0: float, y1: float, half0: float, half1: float, at0: float, at1: float) -> list[Point]:
         """Polygon of a horizontal band from at0 to at1 over a trapezoid (y0, half0) -> (y1, half1)."""
+
         def half(y):
             return half0 + (half1 - half0) * (y - y0) / (y1 - y0)
+
         return [self.p(-half(at0), at0), self.p(half(at0), at0), self.p(half(at1), at1), self.p(-half(at1), at1)]
 
 
@@ -156,8 +171,14 @@ def _thick(draw: ImageDraw.ImageDraw, points: list[Point], width: int, fill, sta
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, fig: _Figure, shape: GarmentShape, fill, sleeves: float | None = None,
-                legs: float | None = None) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    fig: _Figure,
+    shape: GarmentShape,
+    fill,
+    sleeves: float | None = None,
+    legs: float | None = None,
+) -> None:
     """The silhouette of a garment (or the grey clothes beneath) in `fill`."""
     sleeves = shape.sleeves if sleeves is None else sleeves
     legs = shape.legs if legs is None else legs
@@ -168,8 +189,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, fig: _Figure, shape: GarmentShape, fi
         for leg in fig.legs:
             _thick(draw, _along(leg, 0.0, legs), fig.w(BODY["trouser_w"]), fill)
         wh, hh = BODY["waist_half"], BODY["hip_half"]
-        hip = [(-wh, BODY["waist_y"]), (wh, BODY["waist_y"]), (hh, BODY["hip_y"]), (hh - 0.01, BODY["crotch_y"]),
-               (0.0, BODY["crotch_y"] - 0.02), (-hh + 0.01, BODY["crotch_y"]), (-hh, BODY["hip_y"])]
+        hip = [
+            (-wh, BODY["waist_y"]),
+            (wh, BODY["waist_y"]),
+            (hh, BODY["hip_y"]),
+            (hh - 0.01, BODY["crotch_y"]),
+            (0.0, BODY["crotch_y"] - 0.02),
+            (-hh + 0.01, BODY["crotch_y"]),
+            (-hh, BODY["hip_y"]),
+        ]
         draw.polygon([fig.p(x, y) for x, y in hip], fill=fill)
     if shape.torso_hem is not None:
         draw.polygon(fig.torso(shape.torso_hem, shape.hem_half, shape.straps), fill=fill)
@@ -187,15 +215,24 @@ def _draw_trim(draw: ImageDraw.ImageDraw, fig: _Figure, shape: GarmentShape, whe
             y0, half0 = BODY["waist_y"] - 0.01, BODY["waist_half"] + 0.005
             draw.polygon(fig.band(y0, hem_y, half0, hem_half, hem_y - t, hem_y), fill=fill)
         elif shape.torso_hem is not None:
-            y0, half0 = (BODY["waist_y"], BODY["waist_half"]) if shape.torso_hem > BODY["waist_y"] + 0.02 else (
-                BODY["shoulder_y"], BODY["shoulder_half"])
-            draw.polygon(fig.band(y0, shape.torso_hem, half0, shape.hem_half, shape.torso_hem - t, shape.torso_hem),
-                         fill=fill)
+            y0, half0 = (
+                (BODY["waist_y"], BODY["waist_half"])
+                if shape.torso_hem > BODY["waist_y"] + 0.02
+                else (BODY["shoulder_y"], BODY["shoulder_half"])
+            )
+            draw.polygon(
+                fig.band(y0, shape.torso_hem, half0, shape.hem_half, shape.torso_hem - t, shape.torso_hem), fill=fill
+            )
         else:  # leg ends
             length = BODY["thigh"] + BODY["shin"]
             for leg in fig.legs:
-                _thick(draw, _along(leg, shape.legs - t * 1.5 / length, shape.legs), fig.w(BODY["trouser_w"]), fill,
-                       start_cap=False)
+                _thick(
+                    draw,
+                    _along(leg, shape.legs - t * 1.5 / length, shape.legs),
+                    fig.w(BODY["trouser_w"]),
+                    fill,
+                    start_cap=False,
+                )
     elif where == "collar":
         if shape.straps:
             pts = [(-0.085, 0.2), (-0.04, 0.2), (0.0, 0.26), (0.04, 0.2), (0.085, 0.2)]
@@ -205,8 +242,13 @@ def _draw_trim(draw: ImageDraw.ImageDraw, fig: _Figure, shape: GarmentShape, whe
     elif where == "cuffs":
         arm_length = BODY["upper_arm"] + BODY["forearm"]
         for arm in fig.arms:
-            _thick(draw, _along(arm, max(0.0, shape.sleeves - t * 1.4 / arm_length), shape.sleeves),
-                   fig.w(BODY["sleeve_w"] * 1.05), fill, start_cap=False)
+            _thick(
+                draw,
+                _along(arm, max(0.0, shape.sleeves - t * 1.4 / arm_length), shape.sleeves),
+                fig.w(BODY["sleeve_w"] * 1.05),
+                fill,
+                start_cap=False,
+            )
     elif where == "waist":
         y0, y1 = BODY["waist_y"] - 0.005, BODY["waist_y"] + t
         half = BODY["waist_half"] + 0.006
@@ -241,8 +283,13 @@ def _emblem_diamond(draw, x, y, r, fill):
     draw.polygon([(x, y - r), (x + 0.8 * r, y), (x, y + r), (x - 0.8 * r, y)], fill=fill)
 
 
-_EMBLEMS = {"circle": _emblem_circle, "square": _emblem_square, "triangle": _emblem_triangle,
-            "cross": _emblem_cross, "diamond": _emblem_diamond}
+_EMBLEMS = {
+    "circle": _emblem_circle,
+    "square": _emblem_square,
+    "triangle": _emblem_triangle,
+    "cross": _emblem_cross,
+    "diamond": _emblem_diamond,
+}
 vocabulary.require_entries(_EMBLEMS, vocabulary.EMBLEMS, "render._EMBLEMS")
 
 

@@ -17,21 +17,21 @@ HAIR_COLOURS = ((38, 28, 22), (105, 66, 36), (214, 184, 120), (20, 20, 20))
 @dataclass(frozen=True)
 class Scene:
     # ----- what words describe
-    context: str                                # background (WorldConfig.contexts)
-    category: str                               # garment category
-    colour: str                                 # garment's main colour
-    pattern: str                                # garment pattern
-    pose: str                                   # the figure's pose
+    context: str  # background (WorldConfig.contexts)
+    category: str  # garment category
+    colour: str  # garment's main colour
+    pattern: str  # garment pattern
+    pose: str  # the figure's pose
     # ----- what no word describes
-    details: Details                            # the garment's unnamed details
-    concept: str | None                         # pair_id of the concept worn; None: a random garment
+    details: Details  # the garment's unnamed details
+    concept: str | None  # pair_id of the concept worn; None: a random garment
     # ----- jitter
-    person_x: float                             # figure centre / image width
-    person_height: float                        # figure height / image height
-    shift: tuple[float, float]                  # background crop offset (x, y), fractions of the image
-    brightness: float                           # background brightness factor
-    skin: int                                   # index into SKIN_TONES
-    hair: int                                   # index into HAIR_COLOURS
+    person_x: float  # figure centre / image width
+    person_height: float  # figure height / image height
+    shift: tuple[float, float]  # background crop offset (x, y), fractions of the image
+    brightness: float  # background brightness factor
+    skin: int  # index into SKIN_TONES
+    hair: int  # index into HAIR_COLOURS
 
     @property
     def words(self) -> tuple[str, str, str]:
@@ -39,8 +39,13 @@ class Scene:
         return self.category, self.colour, self.pattern
 
 
-def sample_scene(rng: np.random.Generator, config: WorldConfig, concept: Concept | None = None,
-                 context: str | None = None, pose: str | None = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    config: WorldConfig,
+    concept: Concept | None = None,
+    context: str | None = None,
+    pose: str | None = None,
+) -> Scene:
     """One random scene. A concept fixes the garment (words and details); context and pose may be fixed too.
 
     The draws happen in a fixed order whatever is given, so one seed gives one sequence of scenes.

@@ -9,8 +9,8 @@ from PIL import Image, ImageDraw
 from benchmarks.world.scene import Scene
 from retrieval.io.images import image_grid
 
-LINE_HEIGHT = 11                                # px per label line (PIL's default font is ~10 px tall)
-GAP = 4                                         # white px right of and below each tile
+LINE_HEIGHT = 11  # px per label line (PIL's default font is ~10 px tall)
+GAP = 4  # white px right of and below each tile
 
 
 def scene_label(scene: Scene) -> list[str]:
@@ -21,8 +21,9 @@ def scene_label(scene: Scene) -> list[str]:
     return [scene.context, f"{scene.colour} {scene.pattern}", f"{scene.category}, {scene.pose}", trim, emblem]
 
 
-def contact_sheet(images: Sequence[Image.Image], labels: Sequence[Sequence[str]], columns: int = 8,
-                  zoom: int = 2, max_chars: int = 24) -> Image.Image:
+def contact_sheet(
+    images: Sequence[Image.Image], labels: Sequence[Sequence[str]], columns: int = 8, zoom: int = 2, max_chars: int = 24
+) -> Image.Image:
     """Tiles of `images` (each zoomed `zoom`x, nearest) with their label lines (cut to `max_chars`) underneath,
     `columns` tiles per row."""
     if len(images) != len(labels):

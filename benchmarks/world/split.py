@@ -29,25 +29,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from retrieval.io.atomic import write_atomic
 from benchmarks.world.captions import context_caption, detailed_caption, short_caption
 from benchmarks.world.concepts import Concept, draw_concepts
 from benchmarks.world.config import WorldConfig
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import Scene, sample_scene
+from retrieval.io.atomic import write_atomic
 
 FORMAT_VERSION = 1
-SPLITS = ("test", "validation")                 # PerVL's splits; the index seeds the draw and offsets the ids
-PAIR_ID_STRIDE = 10_000                         # pair_ids of split i: i * stride + 1, + 2, ...
-IMAGE_ID_STRIDE = 100_000                       # image numbers of split i: i * stride + 1, ... (6 digits, as DeepFashion2)
-IMAGE_DIR = "train/image"                       # DeepFashion2's folder, relative to the images root
+SPLITS = ("test", "validation")  # PerVL's splits; the index seeds the draw and offsets the ids
+PAIR_ID_STRIDE = 10_000  # pair_ids of split i: i * stride + 1, + 2, ...
+IMAGE_ID_STRIDE = 100_000  # image numbers of split i: i * stride + 1, ... (6 digits, as DeepFashion2)
+IMAGE_DIR = "train/image"  # DeepFashion2's folder, relative to the images root
 
 
 @dataclass(frozen=True)
 class PlannedImage:
-    name: str                                   # file name, e.g. "000123.jpg"
+    name: str  # file name, e.g. "000123.jpg"
     scene: Scene
-    caption: str | None                         # evaluation caption; None for a few-shot image
+    caption: str | None  # evaluation caption; None for a few-shot image
 
     @property
     def image_name(self) -> str:
@@ -59,15 +59,15 @@ class PlannedImage:
 class SplitPlan:
     split: str
     concepts: list[Concept]
-    fsl: dict[str, list[PlannedImage]]          # pair_id -> few-shot images
-    queries: list[PlannedImage]                 # evaluation images, concept by concept
+    fsl: dict[str, list[PlannedImage]]  # pair_id -> few-shot images
+    queries: list[PlannedImage]  # evaluation images, concept by concept
 
 
 @dataclass(frozen=True)
 class SplitPaths:
     root: Path
-    annotations: Path                           # what benchmarks.pervl_data.read_split reads
-    images: Path                                # images root: few-shot images are images/train/image/<name>
+    annotations: Path  # what benchmarks.pervl_data.read_split reads
+    images: Path  # images root: few-shot images are images/train/image/<name>
     fsl_train: Path
     captions: Path
     categories: Path
@@ -101,7 +101,10 @@ def plan_split(config: WorldConfig, split: str = "test") -> SplitPlan:
         for concept in group:
             n_shots = int(rng.integers(config.shots[0], config.shots[1] + 1))
             # every other context once (in random order) before any repeats
-            contexts = [others[i] for i in np.concatenate([rng.permutation(len(others)) for _ in range(-(-n_shots // len(others)))])]
+            contexts = [
+                others[i]
+                for i in np.concatenate([rng.permutation(len(others)) for _ in range(-(-n_shots // len(others)))])
+            ]
             fsl[concept.pair_id] = [
                 PlannedImage(f"{next(numbers):06d}.jpg", sample_scene(rng, config, concept, context), None)
                 for context in contexts[:n_shots]
@@ -111,7 +114,9 @@ def plan_split(config: WorldConfig, split: str = "test") -> SplitPlan:
                 queries.append(PlannedImage(f"{next(numbers):06d}.jpg", scene, context_caption(scene, rng)))
     last = int(queries[-1].name[:-4]) if queries else 0
     if last >= (index + 1) * IMAGE_ID_STRIDE:
-        raise ValueError(f"split {split!r} has more images than its {IMAGE_ID_STRIDE - 1} file numbers; lower n_concepts or shots")
+        raise ValueError(
+            f"split {split!r} has more images than its {IMAGE_ID_STRIDE - 1} file numbers; lower n_concepts or shots"
+        )
     return SplitPlan(split, concepts, fsl, queries)
 
 
@@ -122,8 +127,10 @@ def _check_same_world(root: Path, config: WorldConfig) -> dict:
     if path.exists():
         existing = json.loads(path.read_text())
         if existing != record:
-            raise ValueError(f"{root} holds a toy-world split of another config ({path}); write to an empty folder "
-                             f"or use the same WorldConfig")
+            raise ValueError(
+                f"{root} holds a toy-world split of another config ({path}); write to an empty folder "
+                f"or use the same WorldConfig"
+            )
     return record
 
 
@@ -131,10 +138,23 @@ def _scene_rows(images: list[PlannedImage], role: str) -> list[dict]:
     rows = []
     for im in images:
         s, d = im.scene, im.scene.details
-        rows.append({"image_name": im.image_name, "pair_id": s.concept, "role": role, "context": s.context,
-                     "category": s.category, "colour": s.colour, "pattern": s.pattern, "pose": s.pose,
-                     "trim": d.trim or "", "trim_colour": d.trim_colour or "", "emblem": d.emblem or "",
-                     "emblem_at": d.emblem_at or "", "emblem_colour": d.emblem_colour or ""})
+        rows.append(
+            {
+                "image_name": im.image_name,
+                "pair_id": s.concept,
+                "role": role,
+                "context": s.context,
+                "category": s.category,
+                "colour": s.colour,
+                "pattern": s.pattern,
+                "pose": s.pose,
+                "trim": d.trim or "",
+                "trim_colour": d.trim_colour or "",
+                "emblem": d.emblem or "",
+                "emblem_at": d.emblem_at or "",
+                "emblem_colour": d.emblem_colour or "",
+            }
+        )
     return rows
 
 
@@ -146,7 +166,9 @@ def write_split(out_dir: str | Path, config: WorldConfig, split: str = "test") -
     """Render a split and write it in PerVL's formats under out_dir (byte-identical files for one config)."""
     root = Path(out_dir)
     paths = SplitPaths(
-        root=root, annotations=root / "annotations", images=root / "images",
+        root=root,
+        annotations=root / "annotations",
+        images=root / "images",
         fsl_train=root / "annotations" / f"{split}_fsl_train.txt",
         captions=root / "annotations" / f"{split}_captions.csv",
         categories=root / "annotations" / "train_coarse_grained_names.csv",
@@ -173,23 +195,48 @@ def write_split(out_dir: str | Path, config: WorldConfig, split: str = "test") -
             write_atomic(target, lambda p, data=buf.getvalue(): p.write_bytes(data))
 
     # 3. few-shot lists: blocks separated by one blank line, newline at the end (as test_fsl_train.txt)
-    blocks = ["\n".join([f"codes_infer/{pair_id}:", *(im.name for im in images)]) for pair_id, images in plan.fsl.items()]
+    blocks = [
+        "\n".join([f"codes_infer/{pair_id}:", *(im.name for im in images)]) for pair_id, images in plan.fsl.items()
+    ]
     paths.fsl_train.write_text("\n\n".join(blocks) + "\n")
 
     # 4. evaluation captions, then the files every split shares
-    _write_csv(pd.DataFrame({"image_name": [q.image_name for q in plan.queries],
-                             "pair_id": [q.scene.concept for q in plan.queries],
-                             "caption": [q.caption for q in plan.queries]}), paths.captions)
+    _write_csv(
+        pd.DataFrame(
+            {
+                "image_name": [q.image_name for q in plan.queries],
+                "pair_id": [q.scene.concept for q in plan.queries],
+                "caption": [q.caption for q in plan.queries],
+            }
+        ),
+        paths.captions,
+    )
     all_concepts = [c for p in plans.values() for c in p.concepts]
-    _write_csv(pd.DataFrame({"unique_pair_ids": [int(c.pair_id) for c in all_concepts],
-                             "pair_id_categories": [c.category for c in all_concepts]}), paths.categories)
+    _write_csv(
+        pd.DataFrame(
+            {
+                "unique_pair_ids": [int(c.pair_id) for c in all_concepts],
+                "pair_id_categories": [c.category for c in all_concepts],
+            }
+        ),
+        paths.categories,
+    )
     all_queries = [q for p in plans.values() for q in p.queries]
     for path, variant in ((paths.short_captions, short_caption), (paths.detailed_captions, detailed_caption)):
-        _write_csv(pd.DataFrame({"image_name": [q.image_name for q in all_queries],
-                                 "pair_id": [q.scene.concept for q in all_queries],
-                                 "caption": [variant(q.scene) for q in all_queries]}), path)
+        _write_csv(
+            pd.DataFrame(
+                {
+                    "image_name": [q.image_name for q in all_queries],
+                    "pair_id": [q.scene.concept for q in all_queries],
+                    "caption": [variant(q.scene) for q in all_queries],
+                }
+            ),
+            path,
+        )
 
     # 5. what is not PerVL: ground truth of every image, and the config that made the folder
-    _write_csv(pd.DataFrame(_scene_rows(fsl_images, "few-shot") + _scene_rows(plan.queries, "evaluation")), paths.scenes)
+    _write_csv(
+        pd.DataFrame(_scene_rows(fsl_images, "few-shot") + _scene_rows(plan.queries, "evaluation")), paths.scenes
+    )
     (root / "toyworld_config.json").write_text(json.dumps(record, indent=1) + "\n")
     return paths

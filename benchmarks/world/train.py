@@ -26,14 +26,20 @@ PRESETS = {"toyworld": ("toyworld", "toyworld"), "smoke": ("smoke", "smoke")}
 def main(argv: list[str] | None = None) -> None:
     """Train the toy world's CLIP, then its diffusion model on that CLIP; write both model folders."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.world.train", description=main.__doc__)
-    parser.add_argument("--preset", default="toyworld", choices=sorted(PRESETS),
-                        help="toyworld: the committed models; smoke: a seconds-long twin for tests")
-    parser.add_argument("--out", default=str(WEIGHTS),
-                        help="folder that receives clip/ and diffusion/ (default: the committed weights)")
+    parser.add_argument(
+        "--preset",
+        default="toyworld",
+        choices=sorted(PRESETS),
+        help="toyworld: the committed models; smoke: a seconds-long twin for tests",
+    )
+    parser.add_argument(
+        "--out", default=str(WEIGHTS), help="folder that receives clip/ and diffusion/ (default: the committed weights)"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2: all of a 2-core machine)")
-    parser.add_argument("--grid", default="/tmp/toyworld_diffusion_samples.png",
-                        help="PNG of generated samples; '' for none")
+    parser.add_argument(
+        "--grid", default="/tmp/toyworld_diffusion_samples.png", help="PNG of generated samples; '' for none"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     clip_out, diffusion_out = out / "clip", out / "diffusion"
@@ -44,8 +50,20 @@ def main(argv: list[str] | None = None) -> None:
     train_clip.main(["--preset", clip_preset, "--out", str(clip_out), *common])
     # the committed pair names its CLIP "toyworld" (what loaders resolve); elsewhere the folder is the SPEC
     clip_spec = "toyworld" if clip_out.resolve() == (WEIGHTS / "clip").resolve() else str(clip_out.resolve())
-    train_diffusion.main(["--preset", diffusion_preset, "--out", str(diffusion_out), "--clip", clip_spec,
-                          "--grid", args.grid, "--no-progress", *common])
+    train_diffusion.main(
+        [
+            "--preset",
+            diffusion_preset,
+            "--out",
+            str(diffusion_out),
+            "--clip",
+            clip_spec,
+            "--grid",
+            args.grid,
+            "--no-progress",
+            *common,
+        ]
+    )
     print(f"trained both models in {(time.time() - t0) / 60:.1f} min: {clip_out}, {diffusion_out}", flush=True)
 
 

@@ -33,15 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.io.atomic import replace_dir
-from retrieval.models.clip import TOYWORLD_WEIGHTS
-
 from benchmarks.world import evaluate
 from benchmarks.world.captions import caption
 from benchmarks.world.config import WorldConfig, world_config
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
 from benchmarks.world.schedule import warmup_cosine_lr
+from retrieval.io.atomic import replace_dir
+from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 FORMAT_VERSION = 1
 RENDER_CHUNK = 2048  # pairs rendered per task; the seed of chunk i is (seed, i), whatever the worker count
@@ -68,36 +67,41 @@ SMOKE_MODEL_CFG: dict = {
 @dataclass(frozen=True)
 class ClipTrainConfig:
     # ----- reproducibility
-    seed: int = 0                               # seeds the model init, the rendered pairs and the batch order
-    world_preset: str = "pervl"                 # toy-world preset the pairs are drawn from (benchmarks.world.config)
+    seed: int = 0  # seeds the model init, the rendered pairs and the batch order
+    world_preset: str = "pervl"  # toy-world preset the pairs are drawn from (benchmarks.world.config)
     # ----- data
-    n_pairs: int = 0                            # pairs rendered before training; 0: steps * batch_size (each pair seen once)
-    render_workers: int = 2                     # processes rendering the pairs (<= 2 on the 2-core machines)
+    n_pairs: int = 0  # pairs rendered before training; 0: steps * batch_size (each pair seen once)
+    render_workers: int = 2  # processes rendering the pairs (<= 2 on the 2-core machines)
     # ----- optimisation (AdamW, linear warmup then cosine decay to 0, as in open_clip's training/scheduler.py)
-    steps: int = 1000                           # optimizer steps
-    batch_size: int = 128                       # pairs per step; the contrastive loss sees batch_size - 1 negatives
-    lr: float = 1e-3                            # peak learning rate
-    warmup: int = 100                           # linear warmup steps
-    weight_decay: float = 0.1                   # AdamW decay on weight matrices (not gains, biases, embeddings, logit scale)
-    betas: tuple[float, float] = (0.9, 0.98)    # AdamW betas (CLIP paper, Sec. 2.5)
-    eps: float = 1e-6                           # AdamW epsilon (CLIP paper)
-    grad_clip: float = 1.0                      # max global gradient norm; 0: no clipping
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # pairs per step; the contrastive loss sees batch_size - 1 negatives
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on weight matrices (not gains, biases, embeddings, logit scale)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (CLIP paper, Sec. 2.5)
+    eps: float = 1e-6  # AdamW epsilon (CLIP paper)
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     # ----- hard negatives (batch_order)
-    grouped_fraction: float = 0.0               # share of steps whose batch comes from a few groups of pairs only
+    grouped_fraction: float = 0.0  # share of steps whose batch comes from a few groups of pairs only
     group_by: tuple[str, ...] = ("context", "colour")  # the words that define a group
-    group_count: int = 4                        # groups in a grouped batch
+    group_count: int = 4  # groups in a grouped batch
     # ----- logging
-    log_every: int = 25                         # steps between training-log entries
-    eval_every: int = 250                       # steps between zero-shot checks on held-out scenes; 0: only at the end
-    eval_scenes: int = 200                      # held-out scenes for the checks during training
-    final_eval_scenes: int = 1000               # held-out scenes for eval.json
+    log_every: int = 25  # steps between training-log entries
+    eval_every: int = 250  # steps between zero-shot checks on held-out scenes; 0: only at the end
+    eval_scenes: int = 200  # held-out scenes for the checks during training
+    final_eval_scenes: int = 1000  # held-out scenes for eval.json
     # ----- model
-    model_cfg: dict = field(default_factory=lambda: json.loads(json.dumps(TOYWORLD_MODEL_CFG)))  # open_clip CLIP(**model_cfg)
+    model_cfg: dict = field(
+        default_factory=lambda: json.loads(json.dumps(TOYWORLD_MODEL_CFG))
+    )  # open_clip CLIP(**model_cfg)
 
     def __post_init__(self):
         if self.model_cfg["vision_cfg"]["image_size"] != world_config(self.world_preset).image_size:
             raise ValueError("model_cfg.vision_cfg.image_size must be the toy world's image size")
-        if self.model_cfg["text_cfg"].get("vocab_size") != 49408 or self.model_cfg["text_cfg"].get("context_length") != 77:
+        if (
+            self.model_cfg["text_cfg"].get("vocab_size") != 49408
+            or self.model_cfg["text_cfg"].get("context_length") != 77
+        ):
             raise ValueError("text_cfg must keep the real tokenizer's vocab_size 49408 and context_length 77")
         if not 1 <= self.render_workers <= 2 and self.render_workers != 0:
             raise ValueError(f"render_workers must be 0 (in process), 1 or 2, got {self.render_workers}")
@@ -116,9 +120,19 @@ class ClipTrainConfig:
 # `smoke`: the test twin, a few steps in seconds.
 CLIP_PRESETS: dict[str, dict] = {
     "toyworld": {"steps": 3600, "batch_size": 128, "n_pairs": 230400, "lr": 1e-3, "warmup": 100, "eval_every": 600},
-    "smoke": {"steps": 6, "batch_size": 16, "lr": 5e-3, "warmup": 1, "n_pairs": 32, "render_workers": 0,
-              "log_every": 1, "eval_every": 0, "eval_scenes": 16, "final_eval_scenes": 16,
-              "model_cfg": SMOKE_MODEL_CFG},
+    "smoke": {
+        "steps": 6,
+        "batch_size": 16,
+        "lr": 5e-3,
+        "warmup": 1,
+        "n_pairs": 32,
+        "render_workers": 0,
+        "log_every": 1,
+        "eval_every": 0,
+        "eval_scenes": 16,
+        "final_eval_scenes": 16,
+        "model_cfg": SMOKE_MODEL_CFG,
+    },
 }
 
 
@@ -127,7 +141,9 @@ def clip_train_config(preset: str = "toyworld", **overrides) -> ClipTrainConfig:
     if preset not in CLIP_PRESETS:
         raise KeyError(f"unknown CLIP training preset {preset!r}; known: {sorted(CLIP_PRESETS)}")
     merged = {**CLIP_PRESETS[preset], **overrides}
-    merged["model_cfg"] = json.loads(json.dumps(merged.get("model_cfg", TOYWORLD_MODEL_CFG)))  # open_clip mutates configs
+    merged["model_cfg"] = json.loads(
+        json.dumps(merged.get("model_cfg", TOYWORLD_MODEL_CFG))
+    )  # open_clip mutates configs
     return ClipTrainConfig(**merged)
 
 
@@ -142,8 +158,15 @@ def _render_chunk(args: tuple[int, int, int, WorldConfig]) -> tuple[np.ndarray, 
         scene = sample_scene(rng, world)
         images.append(np.asarray(render_scene(scene, world), dtype=np.uint8))
         captions.append(caption(scene, rng))
-        words.append({"context": scene.context, "category": scene.category, "colour": scene.colour,
-                      "pattern": scene.pattern, "pose": scene.pose})
+        words.append(
+            {
+                "context": scene.context,
+                "category": scene.category,
+                "colour": scene.colour,
+                "pattern": scene.pattern,
+                "pose": scene.pose,
+            }
+        )
     return np.stack(images), captions, words
 
 
@@ -226,15 +249,21 @@ def batch_order(keys: list, config: ClipTrainConfig) -> list[torch.Tensor]:
     that differ in them teach nothing: only ~B/140 share the positive's context and colour. In a batch of 4
     (context, colour) groups, ~B/4 do, and differ only in category, pattern and pose."""
     gen = torch.Generator().manual_seed(config.seed)
-    everything = torch.cat([torch.randperm(len(keys), generator=gen)
-                            for _ in range(math.ceil(config.steps * config.batch_size / len(keys)))])
+    everything = torch.cat(
+        [
+            torch.randperm(len(keys), generator=gen)
+            for _ in range(math.ceil(config.steps * config.batch_size / len(keys)))
+        ]
+    )
     groups = sorted(set(keys))
-    queues = [torch.tensor([i for i, k in enumerate(keys) if k == g]) for g in groups] if config.grouped_fraction else []
+    queues = (
+        [torch.tensor([i for i, k in enumerate(keys) if k == g]) for g in groups] if config.grouped_fraction else []
+    )
     queues = [q[torch.randperm(len(q), generator=gen)] for q in queues]  # each group's pairs, shuffled
     heads = [0] * len(queues)
 
     def take(k: int, m: int) -> torch.Tensor:  # m pairs of group k, cycling through its shuffled queue
-        out = torch.cat([queues[k]] * (1 + (heads[k] + m) // len(queues[k])))[heads[k]:heads[k] + m]
+        out = torch.cat([queues[k]] * (1 + (heads[k] + m) // len(queues[k])))[heads[k] : heads[k] + m]
         heads[k] = (heads[k] + m) % len(queues[k])
         return out
 
@@ -242,10 +271,12 @@ def batch_order(keys: list, config: ClipTrainConfig) -> list[torch.Tensor]:
     for _ in range(config.steps):
         if config.grouped_fraction and float(torch.rand((), generator=gen)) < config.grouped_fraction:
             chosen = torch.randperm(len(groups), generator=gen)[: config.group_count].tolist()
-            sizes = [config.batch_size // len(chosen) + (j < config.batch_size % len(chosen)) for j in range(len(chosen))]
+            sizes = [
+                config.batch_size // len(chosen) + (j < config.batch_size % len(chosen)) for j in range(len(chosen))
+            ]
             batches.append(torch.cat([take(k, m) for k, m in zip(chosen, sizes)]))
         else:
-            batches.append(everything[start:start + config.batch_size])
+            batches.append(everything[start : start + config.batch_size])
             start += config.batch_size
     return batches
 
@@ -254,22 +285,27 @@ def as_encoder(model, device: torch.device):
     """The model being trained as a ClipEncoder (the evaluation path users take), on the same device."""
     import open_clip
 
-    from retrieval.models.encoders import ClipEncoder
     from retrieval.models.clip import LoadedClip, _transform_for
+    from retrieval.models.encoders import ClipEncoder
 
-    loaded = LoadedClip(model=model, preprocess=_transform_for(model), spec="training",
-                        tokenizer=open_clip.get_tokenizer(TOKENIZER_NAME), model_cfg={})
+    loaded = LoadedClip(
+        model=model,
+        preprocess=_transform_for(model),
+        spec="training",
+        tokenizer=open_clip.get_tokenizer(TOKENIZER_NAME),
+        model_cfg={},
+    )
     return ClipEncoder(loaded, device=device, precision="fp32")
 
 
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainResult:
-    model: torch.nn.Module                      # the trained CLIP (token rows written back), eval mode
-    log: list[dict]                             # training log entries
-    eval: dict                                  # final zero-shot accuracies per factor on held-out scenes
-    seconds: float                              # wall time of the whole run (rendering included)
-    images_per_second: float                    # training throughput (steps only)
+    model: torch.nn.Module  # the trained CLIP (token rows written back), eval mode
+    log: list[dict]  # training log entries
+    eval: dict  # final zero-shot accuracies per factor on held-out scenes
+    seconds: float  # wall time of the whole run (rendering included)
+    images_per_second: float  # training throughput (steps only)
 
 
 def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", progress: bool = True) -> TrainResult:
@@ -299,8 +335,9 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
     rows = torch.nn.Parameter(table.detach()[used.to(device)].clone())  # (n_used, width)
 
     # 3. optimizer, loss, batch order
-    optimizer = torch.optim.AdamW(param_groups(model, rows, config.weight_decay), lr=config.lr,
-                                  betas=config.betas, eps=config.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, rows, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+    )
     loss_fn = ClipLoss()
     batches = batch_order([tuple(w[f] for f in config.group_by) for w in words], config)
     eval_scenes = evaluate.held_out_scenes(world, config.eval_scenes)
@@ -349,9 +386,17 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
         ips = seen / (time.time() - t_loop)
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
         if step % config.log_every == 0 or step == config.steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 5), "lr": lr, "logit_scale": round(model.logit_scale.exp().item(), 3),
-                        "grad_norm": round(float(grad_norm), 4), "images_per_s": round(ips, 1),
-                        "elapsed_s": round(time.time() - t_start, 1)})
+            log.append(
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 5),
+                    "lr": lr,
+                    "logit_scale": round(model.logit_scale.exp().item(), 3),
+                    "grad_norm": round(float(grad_norm), 4),
+                    "images_per_s": round(ips, 1),
+                    "elapsed_s": round(time.time() - t_start, 1),
+                }
+            )
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             log.append({"step": step, "zero_shot": zero_shot(eval_scenes, eval_images)})
             bar.write(f"step {step + 1}: zero-shot {log[-1]['zero_shot']}")
@@ -360,15 +405,24 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
     # 5. final model and evaluation on fresh held-out scenes
     write_back_rows()
     final_scenes = evaluate.held_out_scenes(world, config.final_eval_scenes, seed=evaluate.HELD_OUT_SEED + 1)
-    final = {"scenes": len(final_scenes), "seed": evaluate.HELD_OUT_SEED + 1,
-             "accuracy": zero_shot(final_scenes, evaluate.render_scenes(final_scenes, world))}
+    final = {
+        "scenes": len(final_scenes),
+        "seed": evaluate.HELD_OUT_SEED + 1,
+        "accuracy": zero_shot(final_scenes, evaluate.render_scenes(final_scenes, world)),
+    }
     model.eval().requires_grad_(False)
-    return TrainResult(model=model, log=log, eval=final, seconds=time.time() - t_start,
-                       images_per_second=config.steps * config.batch_size / train_seconds)
+    return TrainResult(
+        model=model,
+        log=log,
+        eval=final,
+        seconds=time.time() - t_start,
+        images_per_second=config.steps * config.batch_size / train_seconds,
+    )
 
 
-def save_trained(result: TrainResult, config: ClipTrainConfig, out: str | Path, dtype: torch.dtype = torch.float16,
-                 command: str = "") -> Path:
+def save_trained(
+    result: TrainResult, config: ClipTrainConfig, out: str | Path, dtype: torch.dtype = torch.float16, command: str = ""
+) -> Path:
     """Write the model folder (fp16 weights) with train_config.json, train_log.json and eval.json, atomically.
 
     The weights are cast to DTYPE for writing only (the model in memory stays as it is); `load_clip` builds an
@@ -391,18 +445,23 @@ def save_trained(result: TrainResult, config: ClipTrainConfig, out: str | Path, 
         finally:
             for t, data in saved:
                 t.data = data
-    (staging / "train_config.json").write_text(json.dumps({
-        "format_version": FORMAT_VERSION,
-        "config": asdict(config),
-        "weights_dtype": str(dtype).removeprefix("torch."),
-        "tokenizer": f"open_clip.get_tokenizer({TOKENIZER_NAME!r}) (OpenAI BPE, 49408 tokens, context 77)",
-        "open_clip_version": open_clip.__version__,
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),  # CPU results are reproducible for the same thread count
-        "wall_seconds": round(result.seconds, 1),
-        "images_per_second": round(result.images_per_second, 1),
-        "command": command,
-    }, indent=2))
+    (staging / "train_config.json").write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "config": asdict(config),
+                "weights_dtype": str(dtype).removeprefix("torch."),
+                "tokenizer": f"open_clip.get_tokenizer({TOKENIZER_NAME!r}) (OpenAI BPE, 49408 tokens, context 77)",
+                "open_clip_version": open_clip.__version__,
+                "torch_version": torch.__version__,
+                "torch_threads": torch.get_num_threads(),  # CPU results are reproducible for the same thread count
+                "wall_seconds": round(result.seconds, 1),
+                "images_per_second": round(result.images_per_second, 1),
+                "command": command,
+            },
+            indent=2,
+        )
+    )
     (staging / "train_log.json").write_text(json.dumps(result.log, indent=1))
     (staging / "eval.json").write_text(json.dumps(result.eval, indent=2))
     return replace_dir(staging, out)
@@ -416,9 +475,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--seed", type=int, help="override the preset's seed")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 is fastest when other processes share the 2 cores (measured there: "
-                             "~4 s per batch-128 step with 1 thread, ~10 s with 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 is fastest when other processes share the 2 cores (measured there: "
+        "~4 s per batch-128 step with 1 thread, ~10 s with 2)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
@@ -427,8 +490,11 @@ def main(argv: list[str] | None = None) -> None:
     result = train_clip(config, device=args.device)
     command = "python -m benchmarks.world.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
     folder = save_trained(result, config, args.out, command=command)
-    print(f"wrote {folder} in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s); "
-          f"zero-shot {result.eval['accuracy']}", flush=True)
+    print(
+        f"wrote {folder} in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s); "
+        f"zero-shot {result.eval['accuracy']}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.models.clip import TOYWORLD_WEIGHTS
-
 from benchmarks.world import evaluate
 from benchmarks.world.captions import CAPTION_TEMPLATES, CONTEXT_WORDS, POSE_WORDS, caption, garment_phrase
 from benchmarks.world.config import WorldConfig, world_config
@@ -40,6 +38,7 @@ from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
 from benchmarks.world.schedule import warmup_cosine_lr
 from benchmarks.world.sheet import contact_sheet
+from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 DEFAULT_OUT = TOYWORLD_WEIGHTS / "diffusion"
 STREAM = 0xD1FF  # training pairs come from default_rng([seed, STREAM]): not the CLIP's [seed, chunk] nor HELD_OUT_SEED
@@ -48,35 +47,37 @@ STREAM = 0xD1FF  # training pairs come from default_rng([seed, STREAM]): not the
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
     # ----- reproducibility and data
-    seed: int = 0                               # seeds the UNet init, the pairs, the caption dropout, noise and timesteps
-    world_preset: str = "pervl"                 # toy-world preset the pairs are drawn from
-    image_size: int = 64                        # rendered image side, px (the world's 64; smaller for the smoke test)
-    clip: str = "toyworld"                      # CLIP spec of the frozen text encoder (retrieval.models.clip)
-    caption_dropout: float = 0.1                # fraction of captions replaced by "" for classifier-free guidance
+    seed: int = 0  # seeds the UNet init, the pairs, the caption dropout, noise and timesteps
+    world_preset: str = "pervl"  # toy-world preset the pairs are drawn from
+    image_size: int = 64  # rendered image side, px (the world's 64; smaller for the smoke test)
+    clip: str = "toyworld"  # CLIP spec of the frozen text encoder (retrieval.models.clip)
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" for classifier-free guidance
     # ----- model: UNet2DConditionModel on SpaceToDepth latents
-    codec_factor: int = 2                       # SpaceToDepth block: 64x64x3 px -> 32x32x12 latents
+    codec_factor: int = 2  # SpaceToDepth block: 64x64x3 px -> 32x32x12 latents
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # channels per resolution level (32, 16, 8 for 64 px)
-    layers_per_block: int = 1                   # resnet (+ attention) layers per level (2: 5.7 M params, 1.5x the time)
-    attention_levels: int = 1                   # cross-attention only in the lowest N levels (CPU cost)
-    attention_heads: int = 8                    # heads of each attention layer (diffusers' attention_head_dim)
+    layers_per_block: int = 1  # resnet (+ attention) layers per level (2: 5.7 M params, 1.5x the time)
+    attention_levels: int = 1  # cross-attention only in the lowest N levels (CPU cost)
+    attention_heads: int = 8  # heads of each attention layer (diffusers' attention_head_dim)
     # ----- diffusion (DDPM forward process)
-    num_train_timesteps: int = 1000             # T (Ho et al. 2020)
-    beta_schedule: str = "squaredcos_cap_v2"    # cosine (Nichol & Dhariwal 2021): better than linear for pixel-scale data
-    prediction_type: str = "v_prediction"       # what the UNet predicts: epsilon (SD 1.x), v_prediction (SD 2.x 768) or sample.
-                                                # v: with the cosine schedule's ~zero terminal SNR, epsilon's x0 estimate
-                                                # at high noise is eps error / sqrt(abar) (measured: worse than the mean image)
+    num_train_timesteps: int = 1000  # T (Ho et al. 2020)
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine (Nichol & Dhariwal 2021): better than linear for pixel-scale data
+    prediction_type: str = (
+        "v_prediction"  # what the UNet predicts: epsilon (SD 1.x), v_prediction (SD 2.x 768) or sample.
+    )
+    # v: with the cosine schedule's ~zero terminal SNR, epsilon's x0 estimate
+    # at high noise is eps error / sqrt(abar) (measured: worse than the mean image)
     # ----- optimisation: AdamW, linear warmup then cosine decay to 0
-    steps: int = 1500                           # optimizer steps (37 min at 1.47 s/step on 2 CPU cores)
-    batch_size: int = 64                        # pairs per step
-    lr: float = 1e-3                            # peak learning rate
-    warmup: int = 100                           # linear warmup steps
-    weight_decay: float = 0.01                  # AdamW weight decay
-    grad_clip: float = 1.0                      # max global gradient norm; 0: none
-    ema_decay: float = 0.995                    # EMA of the weights (saved and evaluated); 0: none. Warmed up as (1+n)/(10+n)
+    steps: int = 1500  # optimizer steps (37 min at 1.47 s/step on 2 CPU cores)
+    batch_size: int = 64  # pairs per step
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm; 0: none
+    ema_decay: float = 0.995  # EMA of the weights (saved and evaluated); 0: none. Warmed up as (1+n)/(10+n)
     # ----- logging and evaluation
-    log_every: int = 25                         # steps between training-log entries
-    checkpoint_every: int = 200                 # steps between UNet state_dict checkpoints (with `checkpoint_dir`); 0: none
-    eval_scenes: int = 200                      # held-out scenes: their captions are generated and classified
+    log_every: int = 25  # steps between training-log entries
+    checkpoint_every: int = 200  # steps between UNet state_dict checkpoints (with `checkpoint_dir`); 0: none
+    eval_scenes: int = 200  # held-out scenes: their captions are generated and classified
     # ----- sampling (saved in backbone.json: what load_diffusion uses unless a caller overrides it)
     # Euler ancestral, 25 steps, guidance 4. Measured on the committed model, 100 held-out captions (generated
     # context / colour): euler-a 25 g4 1.00 / 0.81; g3 1.00 / 0.76; g5 0.98 / 0.80; g2 1.00 / 0.61; 15 steps g3
@@ -92,20 +93,35 @@ class DiffusionTrainConfig:
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 1 <= self.attention_levels <= len(self.block_out_channels):
-            raise ValueError(f"attention_levels must be in [1, {len(self.block_out_channels)}], got {self.attention_levels}")
+            raise ValueError(
+                f"attention_levels must be in [1, {len(self.block_out_channels)}], got {self.attention_levels}"
+            )
         latent = self.image_size // self.codec_factor
         if self.image_size % self.codec_factor or latent % 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError(f"image_size {self.image_size} / codec_factor {self.codec_factor} must be divisible by "
-                             f"2^{len(self.block_out_channels) - 1} (one halving per extra level)")
+            raise ValueError(
+                f"image_size {self.image_size} / codec_factor {self.codec_factor} must be divisible by "
+                f"2^{len(self.block_out_channels) - 1} (one halving per extra level)"
+            )
 
 
 # Named presets are data. `toyworld`: the committed model (37 min on 2 CPU cores); `smoke`: the test twin.
 DIFFUSION_TRAIN_PRESETS: dict[str, dict] = {
     "toyworld": {},
-    "smoke": {"clip": "tiny-random", "image_size": 32, "block_out_channels": (16, 32), "layers_per_block": 1,
-              "attention_heads": 4, "steps": 8, "batch_size": 8, "lr": 2e-3, "warmup": 1, "log_every": 1,
-              "eval_scenes": 4, "sampling": ("ddim", 2, 3.0),
-              "eval_samplers": (("ddim", 2, 1.0), ("ddpm", 2, 3.0), ("euler-a", 2, 3.0))},
+    "smoke": {
+        "clip": "tiny-random",
+        "image_size": 32,
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "attention_heads": 4,
+        "steps": 8,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "warmup": 1,
+        "log_every": 1,
+        "eval_scenes": 4,
+        "sampling": ("ddim", 2, 3.0),
+        "eval_samplers": (("ddim", 2, 1.0), ("ddpm", 2, 3.0), ("euler-a", 2, 3.0)),
+    },
 }
 
 
@@ -138,25 +154,35 @@ def unet_config(config: DiffusionTrainConfig, cross_attention_dim: int) -> dict:
 
 def scheduler_config(config: DiffusionTrainConfig) -> dict:
     # clip_sample: the latents ARE pixels in [-1, 1], so predicted x0 is clipped to that range while sampling
-    return {"num_train_timesteps": config.num_train_timesteps, "beta_schedule": config.beta_schedule,
-            "prediction_type": config.prediction_type, "clip_sample": True}
+    return {
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_schedule": config.beta_schedule,
+        "prediction_type": config.prediction_type,
+        "clip_sample": True,
+    }
 
 
 def build_backbone(config: DiffusionTrainConfig, clip=None, device: str | torch.device = "auto"):
     """A fresh, seeded DiffusionBackbone: new UNet, DDPM scheduler, SpaceToDepth codec, the frozen CLIP."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from retrieval.models.encoders import ClipEncoder
     from retrieval.models.diffusion import DiffusionBackbone, SpaceToDepthCodec, TextConditioning
+    from retrieval.models.encoders import ClipEncoder
 
     clip = clip or ClipEncoder.from_spec(config.clip, device=str(device), precision="fp32")
     torch.manual_seed(config.seed)
     unet = UNet2DConditionModel(**unet_config(config, clip.width))
     # SD 1.x's convention: pad with end-of-text, final layer
     name, steps, guidance = config.sampling
-    return DiffusionBackbone(unet, DDPMScheduler(**scheduler_config(config)), SpaceToDepthCodec(config.codec_factor),
-                             clip, TextConditioning(pad_id=49407, skip_last_layers=0), device=device,
-                             sampling={"sampler": name, "steps": steps, "guidance_scale": guidance})
+    return DiffusionBackbone(
+        unet,
+        DDPMScheduler(**scheduler_config(config)),
+        SpaceToDepthCodec(config.codec_factor),
+        clip,
+        TextConditioning(pad_id=49407, skip_last_layers=0),
+        device=device,
+        sampling={"sampler": name, "steps": steps, "guidance_scale": guidance},
+    )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -167,8 +193,11 @@ def triple(scene) -> tuple[str, str, str]:
 def eval_caption(scene, index: int = 0) -> str:
     """The full training-grammar caption of a scene: 'a person wearing a red striped dress standing on a beach.'"""
     places = CONTEXT_WORDS[scene.context].places
-    return CAPTION_TEMPLATES[0][0].format(g=garment_phrase(scene.category, scene.colour, scene.pattern),
-                                          pose=POSE_WORDS[scene.pose].ing, place=places[index % len(places)])
+    return CAPTION_TEMPLATES[0][0].format(
+        g=garment_phrase(scene.category, scene.colour, scene.pattern),
+        pose=POSE_WORDS[scene.pose].ing,
+        place=places[index % len(places)],
+    )
 
 
 def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out: set) -> tuple[list, list[str]]:
@@ -187,14 +216,19 @@ def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out:
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainResult:
-    backbone: object                            # DiffusionBackbone holding the trained (EMA) UNet, eval mode
-    log: list[dict]                             # training-log entries
-    seconds: float                              # wall time of the loop
-    seconds_per_step: float                     # mean wall time of one step
+    backbone: object  # DiffusionBackbone holding the trained (EMA) UNet, eval mode
+    log: list[dict]  # training-log entries
+    seconds: float  # wall time of the loop
+    seconds_per_step: float  # mean wall time of one step
 
 
-def train_diffusion(config: DiffusionTrainConfig, clip=None, device: str = "auto", progress: bool = True,
-                    checkpoint_dir: str | Path | None = None) -> TrainResult:
+def train_diffusion(
+    config: DiffusionTrainConfig,
+    clip=None,
+    device: str = "auto",
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
     """Train the UNet (text encoder frozen) on pairs rendered on the fly; the loop below is the whole recipe."""
     from tqdm import tqdm
 
@@ -250,8 +284,15 @@ def train_diffusion(config: DiffusionTrainConfig, clip=None, device: str = "auto
         elapsed = time.time() - t_loop
         bar.set_postfix(loss=f"{loss.item():.4f}", s_step=f"{elapsed / (step + 1):.2f}")
         if step % config.log_every == 0 or step == config.steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                        "elapsed_s": round(elapsed, 1)})
+            log.append(
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 5),
+                    "lr": lr,
+                    "grad_norm": round(float(grad_norm), 4),
+                    "elapsed_s": round(elapsed, 1),
+                }
+            )
             if not progress:
                 print(json.dumps(log[-1]), flush=True)
     seconds = time.time() - t_loop
@@ -280,20 +321,33 @@ def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
     world = world_config(config.world_preset, image_size=config.image_size)
     scenes = evaluate.held_out_scenes(world, config.eval_scenes)
     captions = [eval_caption(s, i) for i, s in enumerate(scenes)]
-    report = {"scenes": len(scenes), "held_out_seed": evaluate.HELD_OUT_SEED,
-              "held_out_triples": "the (context, category, colour) triples of these scenes never occur in training",
-              "caption_examples": captions[:3],
-              "real_images": evaluate.zero_shot_report(backbone.clip, evaluate.render_scenes(scenes, world), scenes, world),
-              "generated": []}
+    report = {
+        "scenes": len(scenes),
+        "held_out_seed": evaluate.HELD_OUT_SEED,
+        "held_out_triples": "the (context, category, colour) triples of these scenes never occur in training",
+        "caption_examples": captions[:3],
+        "real_images": evaluate.zero_shot_report(backbone.clip, evaluate.render_scenes(scenes, world), scenes, world),
+        "generated": [],
+    }
     for setting in config.eval_samplers:
         t0 = time.time()
         images = generate_for(backbone, captions, setting)
         accuracy = evaluate.zero_shot_report(backbone.clip, images, scenes, world)
         name, steps, guidance = setting
-        report["generated"].append({"sampler": name, "steps": steps, "guidance": guidance, "accuracy": accuracy,
-                                    "seconds": round(time.time() - t0, 1)})
+        report["generated"].append(
+            {
+                "sampler": name,
+                "steps": steps,
+                "guidance": guidance,
+                "accuracy": accuracy,
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
         print(f"{setting}: {accuracy} ({time.time() - t0:.0f} s)", flush=True)
-    best = max(report["generated"], key=lambda r: r["accuracy"]["context"] + r["accuracy"]["colour"] + r["accuracy"]["category"])
+    best = max(
+        report["generated"],
+        key=lambda r: r["accuracy"]["context"] + r["accuracy"]["colour"] + r["accuracy"]["category"],
+    )
     report["best"] = {k: best[k] for k in ("sampler", "steps", "guidance")}
     return report
 
@@ -320,9 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", help="override the preset's CLIP SPEC (the frozen text encoder), e.g. a model folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--grid", default="/tmp/toyworld_diffusion_samples.png", help="PNG of generated samples; '' for none")
+    parser.add_argument(
+        "--grid", default="/tmp/toyworld_diffusion_samples.png", help="PNG of generated samples; '' for none"
+    )
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    parser.add_argument("--checkpoint-dir", help="folder for UNet checkpoints every checkpoint_every steps (none if absent)")
+    parser.add_argument(
+        "--checkpoint-dir", help="folder for UNet checkpoints every checkpoint_every steps (none if absent)"
+    )
     parser.add_argument("--eval-only", action="store_true", help="skip training: evaluate the model already in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -332,14 +390,23 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. train, save (weights, config, log)
     if not args.eval_only:
-        result = train_diffusion(config, device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir)
-        train_info = {"config": asdict(config), "preset": args.preset, "wall_seconds": round(result.seconds, 1),
-                      "seconds_per_step": round(result.seconds_per_step, 3), "torch_version": torch.__version__,
-                      "device": str(result.backbone.device), "threads": torch.get_num_threads(),
-                      "command": f"python -m benchmarks.world.train_diffusion --preset {args.preset}"
-                                 + "".join(f" --{k} {v}" for k, v in overrides.items())}
-        folder = save_diffusion_folder(result.backbone, args.out, extra_config=train_info,
-                                       extra_files={"train_log.json": result.log})
+        result = train_diffusion(
+            config, device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir
+        )
+        train_info = {
+            "config": asdict(config),
+            "preset": args.preset,
+            "wall_seconds": round(result.seconds, 1),
+            "seconds_per_step": round(result.seconds_per_step, 3),
+            "torch_version": torch.__version__,
+            "device": str(result.backbone.device),
+            "threads": torch.get_num_threads(),
+            "command": f"python -m benchmarks.world.train_diffusion --preset {args.preset}"
+            + "".join(f" --{k} {v}" for k, v in overrides.items()),
+        }
+        folder = save_diffusion_folder(
+            result.backbone, args.out, extra_config=train_info, extra_files={"train_log.json": result.log}
+        )
         print(f"wrote {folder} ({result.seconds:.0f} s, {result.seconds_per_step:.2f} s/step)", flush=True)
 
     # 2. evaluate the saved model through the loading path users take; a grid of the best setting's images

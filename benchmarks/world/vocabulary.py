@@ -12,8 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 CONTEXTS: tuple[str, ...] = (
-    "brick wall", "cabinets", "railing", "trees", "beach", "couch", "marble floor",
-    "shelves", "water", "grass", "curtains", "shop window", "street", "tiled wall",
+    "brick wall",
+    "cabinets",
+    "railing",
+    "trees",
+    "beach",
+    "couch",
+    "marble floor",
+    "shelves",
+    "water",
+    "grass",
+    "curtains",
+    "shop window",
+    "street",
+    "tiled wall",
 )
 CATEGORIES: tuple[str, ...] = ("dress", "skirt", "top", "sweater", "vest", "coat", "trousers", "shorts")
 PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checked")
@@ -22,7 +34,11 @@ EMBLEMS: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
 
 # WorldConfig field -> every name it may hold
 NAMES: dict[str, tuple[str, ...]] = {
-    "contexts": CONTEXTS, "categories": CATEGORIES, "patterns": PATTERNS, "poses": POSES, "emblems": EMBLEMS,
+    "contexts": CONTEXTS,
+    "categories": CATEGORIES,
+    "patterns": PATTERNS,
+    "poses": POSES,
+    "emblems": EMBLEMS,
 }
 
 
@@ -30,5 +46,7 @@ def require_entries(table: Mapping[str, object], names: tuple[str, ...], what: s
     """Raise unless TABLE has one entry per name of NAMES and no other (WHAT names the table in the message)."""
     missing, unknown = sorted(set(names) - set(table)), sorted(set(table) - set(names))
     if missing or unknown:
-        raise ValueError(f"{what} must have one entry per name of benchmarks.world.vocabulary: missing {missing}, "
-                         f"not in the vocabulary {unknown}; add the entries or the names")
+        raise ValueError(
+            f"{what} must have one entry per name of benchmarks.world.vocabulary: missing {missing}, "
+            f"not in the vocabulary {unknown}; add the entries or the names"
+        )

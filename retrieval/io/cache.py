@@ -63,8 +63,9 @@ def write_cached(cache_dir: str | Path | None, label: str, key: dict, images: li
     return ImageSet(images, [folder / f"{i:04d}.png" for i in range(len(images))])
 
 
-def cached_images(cache_dir: str | Path | None, label: str, key: dict, k: int,
-                  make: Callable[[], list[Image.Image]]) -> ImageSet:
+def cached_images(
+    cache_dir: str | Path | None, label: str, key: dict, k: int, make: Callable[[], list[Image.Image]]
+) -> ImageSet:
     """K images that MAKE produces for KEY, read from CACHE_DIR when made before, else made and written there
     atomically: one folder per key (`<slug of label>-<sha1 of key>`) with the PNGs and images.json holding
     the key. A partial or stale folder is replaced. CACHE_DIR None: made every time."""
@@ -75,5 +76,3 @@ def cached_images(cache_dir: str | Path | None, label: str, key: dict, k: int,
     if len(images) != k:
         raise RuntimeError(f"expected {k} images for {label!r}, got {len(images)}")
     return write_cached(cache_dir, label, key, images)
-
-

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -77,7 +77,9 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> Image.Image:
+def load_image(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None
+) -> Image.Image:
     """Open, fully decode and convert PATH to an upright 8-bit RGB image (see the module docstring)."""
     return load_image_and_size(path, max_pixels, min_size)[0]
 
@@ -217,8 +219,8 @@ def _unidentified(path: str | os.PathLike) -> BadImage:
 # ----- folders of images (a concept's photos, negatives)
 @dataclass
 class ImageSet:
-    images: list[Image.Image]                   # RGB
-    paths: list[Path]                           # one per image
+    images: list[Image.Image]  # RGB
+    paths: list[Path]  # one per image
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason) of unusable files
 
 
@@ -240,14 +242,20 @@ def read_image_folder(folder: str | Path, min_images: int, what: str = "concept 
             skipped.append((p, e.reason))
     if len(images) < min_images:
         found = f"{len(images)} usable image{'s' * (len(images) != 1)}"
-        why = f" ({len(skipped)} unreadable: " + "; ".join(f"{p.name}: {r}" for p, r in skipped[:5]) + ")" if skipped else ""
+        why = (
+            f" ({len(skipped)} unreadable: " + "; ".join(f"{p.name}: {r}" for p, r in skipped[:5]) + ")"
+            if skipped
+            else ""
+        )
         raise ValueError(
             f"{what}: {folder} has {found}{why}; at least {min_images} are needed "
             f"(files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}): add images"
         )
     if skipped:
-        warnings.warn(f"{what}: skipped {len(skipped)} unreadable file(s) in {folder}: "
-                      + "; ".join(f"{p.name} ({r})" for p, r in skipped))
+        warnings.warn(
+            f"{what}: skipped {len(skipped)} unreadable file(s) in {folder}: "
+            + "; ".join(f"{p.name} ({r})" for p, r in skipped)
+        )
     return ImageSet(images, paths, skipped)
 
 

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from retrieval.io.atomic import replace_dir
-
 from retrieval.models import DEFAULT_MODEL  # noqa: E402  (the one definition; re-exported here)
+
 # the synthetic world's trained models (package data; remade by `python -m benchmarks.world.train`)
 TOYWORLD_WEIGHTS = Path(__file__).resolve().parent / "weights" / "toyworld"
 
@@ -43,8 +43,10 @@ TINY_MODEL_CFG: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-random": {"model_cfg": TINY_MODEL_CFG, "seed": 0},
     # the toy world's CLIP, trained from scratch and committed; retrain: python -m benchmarks.world.train_clip
-    "toyworld": {"folder": TOYWORLD_WEIGHTS / "clip",
-                 "train": "python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip"},
+    "toyworld": {
+        "folder": TOYWORLD_WEIGHTS / "clip",
+        "train": "python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip",
+    },
 }
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.pt")
@@ -58,10 +60,10 @@ class ModelLoadError(RuntimeError):
 class LoadedClip:
     """A CLIP model with what is needed to use it."""
 
-    model: torch.nn.Module                      # open_clip.CLIP, eval mode
-    preprocess: Callable                        # PIL image -> (3, H, W) float tensor
-    tokenizer: Any                              # open_clip SimpleTokenizer (or HFTokenizer)
-    spec: str                                   # the SPEC it was loaded from, as given
+    model: torch.nn.Module  # open_clip.CLIP, eval mode
+    preprocess: Callable  # PIL image -> (3, H, W) float tensor
+    tokenizer: Any  # open_clip SimpleTokenizer (or HFTokenizer)
+    spec: str  # the SPEC it was loaded from, as given
     model_cfg: dict = field(default_factory=dict)  # architecture config (what open_clip_config.json holds)
 
 
@@ -73,7 +75,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     if spec in PRESETS:
         return "preset", spec, None
     if spec.startswith("local-dir:"):
-        return "local-dir", spec[len("local-dir:"):], None
+        return "local-dir", spec[len("local-dir:") :], None
     if spec.startswith("hf-hub:"):
         return "hf-hub", spec, None
     if os.path.isdir(spec):
@@ -97,7 +99,9 @@ def _transform_for(model: torch.nn.Module, preprocess_cfg: dict | None = None) -
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     cfg.update(preprocess_cfg or {})
     cfg.setdefault("size", model.visual.image_size)
-    pp = open_clip.transform.PreprocessCfg(**{k: v for k, v in cfg.items() if k in open_clip.transform.PreprocessCfg.__dataclass_fields__})
+    pp = open_clip.transform.PreprocessCfg(
+        **{k: v for k, v in cfg.items() if k in open_clip.transform.PreprocessCfg.__dataclass_fields__}
+    )
     return open_clip.transform.image_transform_v2(pp, is_train=False)
 
 
@@ -123,7 +127,9 @@ def load_clip(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", pre
             preset = PRESETS[name]
             if "folder" in preset:
                 if not Path(preset["folder"]).is_dir():
-                    raise ModelLoadError(f"the {name} model folder {preset['folder']} is missing; train it: {preset['train']}")
+                    raise ModelLoadError(
+                        f"the {name} model folder {preset['folder']} is missing; train it: {preset['train']}"
+                    )
                 # a preset that is a shipped folder keeps its short name as its spec
                 return dataclasses.replace(load_clip(str(preset["folder"]), device, precision), spec=spec)
             model_cfg = preset["model_cfg"]
@@ -183,7 +189,9 @@ def _dtype(precision: str) -> torch.dtype:
         raise ModelLoadError(f"unknown precision {precision!r}: use fp32, fp16 or bf16") from None
 
 
-def save_model_folder(model: torch.nn.Module, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None) -> Path:
+def save_model_folder(
+    model: torch.nn.Module, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None
+) -> Path:
     """Write MODEL as a folder that `load_clip(folder)` (and open_clip's local-dir:) loads.
 
     Layout: open_clip_config.json {"model_cfg", "preprocess_cfg"} + open_clip_model.safetensors.

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from retrieval.io.atomic import replace_dir
+from retrieval.models.clip import TOYWORLD_WEIGHTS, ModelLoadError
 from retrieval.models.encoders import ClipEncoder
 from retrieval.models.precision import DTYPES, autocast, resolve_device, resolve_precision
-from retrieval.models.clip import ModelLoadError
-from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 FORMAT_VERSION = 1
 DEFAULT_DIFFUSION = "CompVis/stable-diffusion-v1-4"
@@ -44,8 +43,12 @@ DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "guidance_scale": 7.5}  # St
 # Sampling schedulers by name, each built from the model's training-scheduler config: ddim (deterministic, Song et al.
 # 2021), ddpm (ancestral, Ho et al. 2020), euler-a (Euler ancestral, Karras et al. 2022's sigma parametrisation with
 # fresh noise each step) and dpm++ (DPM-Solver++ 2M, Lu et al. 2022).
-SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
-            "dpm++": "DPMSolverMultistepScheduler"}
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
 TOYWORLD_FOLDER = TOYWORLD_WEIGHTS / "diffusion"
 
 
@@ -66,8 +69,8 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any]):
 class TextConditioning:
     """How prompts become the UNet's cross-attention input."""
 
-    pad_id: int = 49407                         # id filling positions after end-of-text: SD 1.x 49407, SD 2.x 0
-    skip_last_layers: int = 0                   # text blocks skipped before ln_final: SD 1.x 0, SD 2.x 1 (penultimate)
+    pad_id: int = 49407  # id filling positions after end-of-text: SD 1.x 49407, SD 2.x 0
+    skip_last_layers: int = 0  # text blocks skipped before ln_final: SD 1.x 0, SD 2.x 1 (penultimate)
 
 
 # ----- presets are data: each Stable Diffusion family with the open_clip text tower that IS its text encoder
@@ -128,7 +131,7 @@ class SpaceToDepthCodec:
     kind = "space-to-depth"
 
     def __init__(self, factor: int = 2, image_channels: int = 3):
-        self.factor = factor                    # spatial downsampling = block side
+        self.factor = factor  # spatial downsampling = block side
         self.latent_channels = image_channels * factor * factor
 
     def to(self, device=None, dtype=None) -> "SpaceToDepthCodec":
@@ -192,7 +195,7 @@ class DiffusionBackbone:
         self.unet = unet.to(self.device).eval()
         if self.unet.dtype != torch.float32:  # master weights stay fp32; autocast lowers the compute precision
             self.unet.float()
-        self.scheduler = scheduler                  # training: DDPM forward process (add_noise, targets)
+        self.scheduler = scheduler  # training: DDPM forward process (add_noise, targets)
         # default sampler settings of this model (Stable Diffusion's: 50 DDIM steps, guidance 7.5); callers may override
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.sample_scheduler = sample_scheduler or make_sampler(self.sampling["sampler"], scheduler.config)
@@ -214,7 +217,9 @@ class DiffusionBackbone:
                 f"{codec.latent_channels}: UNet and codec come from different models"
             )
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise DiffusionLoadError(f"prediction_type {scheduler.config.prediction_type!r} unsupported: use epsilon, v_prediction or sample")
+            raise DiffusionLoadError(
+                f"prediction_type {scheduler.config.prediction_type!r} unsupported: use epsilon, v_prediction or sample"
+            )
 
     @property
     def image_size(self) -> int:
@@ -269,7 +274,9 @@ class DiffusionBackbone:
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=gen_device)
         if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), generator=generator, device=gen_device)
+            timesteps = torch.randint(
+                0, self.scheduler.config.num_train_timesteps, (B,), generator=generator, device=gen_device
+            )
         noise, t = noise.to(latents.device), timesteps.to(latents.device)
         # 2. forward process q(x_t | x_0)
         noisy = self.scheduler.add_noise(latents, noise, t)
@@ -366,7 +373,9 @@ class DiffusionBackbone:
         images: list[Image.Image] = []
         for start in range(0, cond.shape[0], batch_size):
             chunk = cond[start : start + batch_size]
-            images.extend(to_pil(self.sample(chunk, uncond, guidance_scale, steps, list(seeds[start : start + chunk.shape[0]]))))
+            images.extend(
+                to_pil(self.sample(chunk, uncond, guidance_scale, steps, list(seeds[start : start + chunk.shape[0]])))
+            )
             if on_batch is not None:
                 on_batch(chunk.shape[0])
         return images
@@ -386,7 +395,9 @@ class DiffusionBackbone:
         """Prompts (with optional placeholder vectors) -> n PIL images each, prompt-major; image i uses seed + i."""
         rows = [p for p in prompts for _ in range(n)]
         cond = self.conditioning(rows, vectors)
-        return self.sample_images(cond, range(seed, seed + len(rows)), guidance_scale, steps, batch_size, negative_prompt)
+        return self.sample_images(
+            cond, range(seed, seed + len(rows)), guidance_scale, steps, batch_size, negative_prompt
+        )
 
 
 # ----- pixels
@@ -429,7 +440,9 @@ def _pad_id_from_tokenizer(get: Callable[[str], str | None]) -> int | None:
     if pad is None:
         return None
     pad = pad["content"] if isinstance(pad, dict) else pad
-    vocab = _load_json(get, "tokenizer/vocab.json") or (_load_json(get, "tokenizer/tokenizer.json") or {}).get("model", {}).get("vocab", {})
+    vocab = _load_json(get, "tokenizer/vocab.json") or (_load_json(get, "tokenizer/tokenizer.json") or {}).get(
+        "model", {}
+    ).get("vocab", {})
     if pad not in vocab:
         raise DiffusionLoadError(f"the tokenizer's pad token {pad!r} is not in its vocabulary")
     return int(vocab[pad])
@@ -557,7 +570,9 @@ def load_diffusion(
     elif preset is not None and "folder" in preset:
         folder = Path(preset["folder"])
         if not (folder / "backbone.json").is_file():
-            raise DiffusionLoadError(f"the {spec!r} diffusion model is not at {folder}: build it with `{preset['how']}`")
+            raise DiffusionLoadError(
+                f"the {spec!r} diffusion model is not at {folder}: build it with `{preset['how']}`"
+            )
         parts = _folder_parts(folder, spec, clip_encoder, dev)
     elif preset is not None:
         parts = _diffusers_parts(preset["repo"], spec, preset, clip_encoder, dev)
@@ -582,8 +597,9 @@ def load_diffusion(
     # 2. assemble (checks that the parts fit)
     # a saved backbone carries its sampler settings; the others (sampling None) sample as Stable Diffusion does
     unet, scheduler, codec, clip, text, sampling = parts
-    return DiffusionBackbone(unet, scheduler, codec, clip, text, device=dev, precision=precision, spec=spec,
-                             sampling=sampling)
+    return DiffusionBackbone(
+        unet, scheduler, codec, clip, text, device=dev, precision=precision, spec=spec, sampling=sampling
+    )
 
 
 # ----- saving

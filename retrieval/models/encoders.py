@@ -29,10 +29,10 @@ from retrieval.models.precision import DTYPES, resolve_device, resolve_precision
 class TokenizedPrompts:
     """Token ids of a batch of prompts, with where each placeholder vector goes."""
 
-    ids: torch.Tensor                           # (B, L) int64; placeholder slots hold `filler_id`
-    eot: torch.Tensor                           # (B,) int64, position of the end-of-text token
-    slots: list[tuple[int, int, str, int]]      # (row, position, placeholder name, vector index)
-    truncated: list[bool]                       # (B,) prompt was longer than the context and was cut
+    ids: torch.Tensor  # (B, L) int64; placeholder slots hold `filler_id`
+    eot: torch.Tensor  # (B,) int64, position of the end-of-text token
+    slots: list[tuple[int, int, str, int]]  # (row, position, placeholder name, vector index)
+    truncated: list[bool]  # (B,) prompt was longer than the context and was cut
 
 
 class ClipEncoder:
@@ -106,7 +106,9 @@ class ClipEncoder:
         many slots. Too-long prompts are cut to the context (end-of-text kept), with a warning."""
         tok = self.tokenizer
         if not hasattr(tok, "encode") or not hasattr(tok, "eot_token_id"):
-            raise ModelLoadError(f"{self.spec}: placeholder prompts need open_clip's BPE tokenizer; this model uses {type(tok).__name__}")
+            raise ModelLoadError(
+                f"{self.spec}: placeholder prompts need open_clip's BPE tokenizer; this model uses {type(tok).__name__}"
+            )
         placeholders = dict(placeholders or {})
         pattern = (
             re.compile("(" + "|".join(re.escape(p) for p in sorted(placeholders, key=len, reverse=True)) + ")")
@@ -140,7 +142,9 @@ class ClipEncoder:
             eot[row] = len(seq) - 1
         return TokenizedPrompts(ids=ids, eot=eot, slots=slots, truncated=truncated)
 
-    def input_embeddings(self, tokenized: TokenizedPrompts, vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def input_embeddings(
+        self, tokenized: TokenizedPrompts, vectors: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Token embeddings (B, L, width) with each placeholder slot replaced by its vector (differentiable
         with respect to `vectors`, for token training)."""
         emb = self.model.token_embedding(tokenized.ids.to(self.device))  # (B, L, width)
@@ -157,8 +161,9 @@ class ClipEncoder:
                 rows.append(r)
                 pos.append(p)
                 vals.append(v[j])
-            emb = emb.index_put((torch.tensor(rows, device=emb.device), torch.tensor(pos, device=emb.device)),
-                                torch.stack(vals).to(emb))
+            emb = emb.index_put(
+                (torch.tensor(rows, device=emb.device), torch.tensor(pos, device=emb.device)), torch.stack(vals).to(emb)
+            )
         return emb
 
     def text_transformer(
@@ -176,7 +181,9 @@ class ClipEncoder:
             raise ModelLoadError(f"{self.spec}: custom-token prompts need open_clip's built-in text transformer")
         n_blocks = len(m.transformer.resblocks)
         if not 0 <= skip_last_layers < n_blocks:
-            raise ValueError(f"skip_last_layers must be in [0, {n_blocks - 1}] for this {n_blocks}-block text tower, got {skip_last_layers}")
+            raise ValueError(
+                f"skip_last_layers must be in [0, {n_blocks - 1}] for this {n_blocks}-block text tower, got {skip_last_layers}"
+            )
         dtype = m.transformer.get_cast_dtype()
         x = embeddings.to(dtype) + m.positional_embedding.to(dtype)
         if skip_last_layers == 0:
@@ -209,7 +216,9 @@ class ClipEncoder:
         """Differentiable: (hidden (B, L, width), normalised features (B, dim), tokenized)."""
         vectors = dict(vectors or {})
         tokenized = self.tokenize(texts, {k: v.shape[0] for k, v in vectors.items()}, pad_id=pad_id)
-        hidden, feats = self.text_transformer(self.input_embeddings(tokenized, vectors), tokenized.eot, skip_last_layers)
+        hidden, feats = self.text_transformer(
+            self.input_embeddings(tokenized, vectors), tokenized.eot, skip_last_layers
+        )
         return hidden, F.normalize(feats.float(), dim=-1), tokenized
 
     @torch.no_grad()
@@ -219,7 +228,10 @@ class ClipEncoder:
         """Texts (with optional placeholder vectors) -> (n, dim) float32, L2-normalised."""
         if isinstance(texts, str):
             texts = [texts]
-        out = [self.text_features(texts[i : i + batch_size], vectors)[1].cpu().numpy() for i in range(0, len(texts), batch_size)]
+        out = [
+            self.text_features(texts[i : i + batch_size], vectors)[1].cpu().numpy()
+            for i in range(0, len(texts), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
@@ -234,4 +246,3 @@ class ClipEncoder:
         Use pad_id = end-of-text (49407) for Stable Diffusion 1.x's padding convention, and
         skip_last_layers=1 for Stable Diffusion 2.x's penultimate layer."""
         return self.text_features(texts, vectors, pad_id=pad_id, skip_last_layers=skip_last_layers)[0].float()
-

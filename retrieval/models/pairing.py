@@ -62,19 +62,24 @@ def load_clip_encoder(model: str, device: str = "auto") -> ClipEncoder:
     return ClipEncoder.from_spec(model, device=device, precision="fp32")
 
 
-def load_paired_diffusion(clip: ClipEncoder, diffusion: str | None = None, device: str = "auto",
-                          precision: str = "auto") -> DiffusionBackbone:
+def load_paired_diffusion(
+    clip: ClipEncoder, diffusion: str | None = None, device: str = "auto", precision: str = "auto"
+) -> DiffusionBackbone:
     """The diffusion model DIFFUSION (None/"auto": the one paired with clip.spec), conditioned on that same CLIP
     object."""
     return load_diffusion(check_pair(clip.spec, diffusion), clip_encoder=clip, device=device, precision=precision)
 
 
-def load_models(model: str, diffusion: str | None = None, *, need_diffusion: bool = True, device: str = "auto",
-                precision: str = "auto") -> tuple[ClipEncoder, DiffusionBackbone | None]:
+def load_models(
+    model: str,
+    diffusion: str | None = None,
+    *,
+    need_diffusion: bool = True,
+    device: str = "auto",
+    precision: str = "auto",
+) -> tuple[ClipEncoder, DiffusionBackbone | None]:
     """(clip, backbone or None): `load_clip_encoder`, then, when NEED_DIFFUSION, `load_paired_diffusion` on it."""
     if need_diffusion:
         check_pair(model, diffusion)  # before the CLIP loads
     clip = load_clip_encoder(model, device)
     return clip, load_paired_diffusion(clip, diffusion, device, precision) if need_diffusion else None
-
-

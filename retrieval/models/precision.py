@@ -22,7 +22,9 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"`device={device}` asked for, but torch sees no CUDA GPU; use `device=cpu` or `device=auto`")
+        raise ModelLoadError(
+            f"`device={device}` asked for, but torch sees no CUDA GPU; use `device=cpu` or `device=auto`"
+        )
     return dev
 
 

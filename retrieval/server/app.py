@@ -55,15 +55,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tqdm import tqdm
 
 from indexes.store import IndexStoreError
-from retrieval.composed import STAR, QueryError, composed_feature, context_features, mix
+from retrieval.composed import STAR, composed_feature, context_features, mix
 from retrieval.engine import Engine
 from retrieval.gair import DEFAULT_WEIGHTS, GairConfig, parse_weights
 from retrieval.io.images import IMAGE_EXTENSIONS, BadImage, load_image
 from retrieval.search import Hit, search_vectors
-from retrieval.server.mix import FILE, GALLERY_ID, MixError, Term, combine, parse_mix
+from retrieval.server.mix import FILE, GALLERY_ID, Term, combine, parse_mix
 from tokens.methods import METHOD_DEFAULTS, METHODS, token_train_config
 from tokens.store import TokenExistsError, TokenNotFoundError
-from tokens.token_file import TokenFileError, check_name
+from tokens.token_file import check_name
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONCEPTS_DIR = ".server-concepts"  # under the token store: the photos a token was learned from in the page
@@ -72,8 +72,10 @@ log = logging.getLogger("retrieval.server")
 
 # No inline script or style anywhere; images from this origin, and the blob: URLs the page makes for images
 # fetched with an API key.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
@@ -85,20 +87,20 @@ SECURITY_HEADERS = {
 
 @dataclass(frozen=True)
 class ServerConfig:
-    api_key: str | None = None                  # when set, every /api request needs the header X-API-Key
+    api_key: str | None = None  # when set, every /api request needs the header X-API-Key
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted (None: any); loopback binds set them
-    max_upload_bytes: int = 16 * 2**20          # one uploaded file
-    max_request_bytes: int = 64 * 2**20         # one request body (all its files)
-    max_upload_pixels: int = 40_000_000         # one uploaded image (a 40-megapixel photo); the indexer's default is larger
-    max_uploads: int = 24                       # files in one request
-    max_k: int = 500                            # results per query
-    thumb_size: int = 256                       # longest side of a thumbnail, px
-    thumb_cache: int = 2048                     # thumbnails kept in memory
-    gair_runs_kept: int = 8                     # GAIR outcomes kept for `choose` and their images (oldest dropped)
-    max_gair_weights: int = 21                  # weights in one GAIR request
-    max_gair_steps: int = 200                   # sampler steps in one GAIR request
-    max_token_steps: int = 100_000              # optimiser steps of one token job
-    jobs_kept: int = 32                         # finished jobs listed
+    max_upload_bytes: int = 16 * 2**20  # one uploaded file
+    max_request_bytes: int = 64 * 2**20  # one request body (all its files)
+    max_upload_pixels: int = 40_000_000  # one uploaded image (a 40-megapixel photo); the indexer's default is larger
+    max_uploads: int = 24  # files in one request
+    max_k: int = 500  # results per query
+    thumb_size: int = 256  # longest side of a thumbnail, px
+    thumb_cache: int = 2048  # thumbnails kept in memory
+    gair_runs_kept: int = 8  # GAIR outcomes kept for `choose` and their images (oldest dropped)
+    max_gair_weights: int = 21  # weights in one GAIR request
+    max_gair_steps: int = 200  # sampler steps in one GAIR request
+    max_token_steps: int = 100_000  # optimiser steps of one token job
+    jobs_kept: int = 32  # finished jobs listed
 
 
 # ----- errors: always JSON {"error": message}
@@ -138,6 +140,25 @@ class SafeJSONResponse(JSONResponse):
 
 def error(status: int, message: str) -> SafeJSONResponse:
     return SafeJSONResponse({"error": message}, status_code=status)
+
+
+# The library's errors are the user's to fix (as the CLI treats them): their message, with this status.
+ERROR_STATUS: dict[type[Exception], int] = {
+    TokenNotFoundError: 404,
+    TokenExistsError: 409,
+    IndexStoreError: 409,
+    BadImage: 415,
+    ValueError: 400,  # QueryError, MixError, TokenFileError and the engine's argument errors
+    KeyError: 400,
+}
+
+
+def library_error(request: Request, exc: Exception) -> SafeJSONResponse:
+    if isinstance(exc, ApiError):
+        return error(exc.status, exc.message)
+    status = next(ERROR_STATUS[t] for t in type(exc).__mro__ if t in ERROR_STATUS)
+    message = getattr(exc, "reason", None) or (str(exc).strip("'\"") if isinstance(exc, KeyError) else str(exc))
+    return error(status, message)
 
 
 class Guard:
@@ -195,7 +216,9 @@ class Guard:
         host = headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
         if self.config.allowed_hosts is not None and name not in self.config.allowed_hosts:
-            return error(400, f"Host {host!r} is not served here (this server answers {', '.join(self.config.allowed_hosts)})")
+            return error(
+                400, f"Host {host!r} is not served here (this server answers {', '.join(self.config.allowed_hosts)})"
+            )
         origin = headers.get("origin")
         if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin is not None and origin != "null":
             if origin.split("://", 1)[-1] != host:
@@ -203,12 +226,18 @@ class Guard:
         if scope["path"].startswith("/api/") and self.config.api_key:
             given = headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), self.config.api_key.encode()):
-                return error(401, "this server needs an API key: send it in the X-API-Key header"
-                             + (" (the one sent is wrong)" if given else ""))
+                return error(
+                    401,
+                    "this server needs an API key: send it in the X-API-Key header"
+                    + (" (the one sent is wrong)" if given else ""),
+                )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_request_bytes:
-            return error(413, f"the request body is larger than {self.config.max_request_bytes // 2**20} MiB: "
-                              "send fewer or smaller files")
+            return error(
+                413,
+                f"the request body is larger than {self.config.max_request_bytes // 2**20} MiB: "
+                "send fewer or smaller files",
+            )
         return None
 
 
@@ -290,8 +319,13 @@ def png_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-FULL_IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
-                    ".webp": "image/webp"}  # served as they are; BMP and TIFF are re-encoded as PNG
+FULL_IMAGE_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}  # served as they are; BMP and TIFF are re-encoded as PNG
 
 
 def decode_upload(upload: UploadFile, config: ServerConfig) -> Image.Image:
@@ -310,8 +344,14 @@ def decode_upload(upload: UploadFile, config: ServerConfig) -> Image.Image:
 
 
 def hit_json(h: Hit) -> dict:
-    return {"rank": h.rank, "score": round(h.score, 6), "path": h.path, "id": h.id,
-            "thumb": f"/api/thumbs/{h.id}", "image": f"/api/images/{h.id}"}
+    return {
+        "rank": h.rank,
+        "score": round(h.score, 6),
+        "path": h.path,
+        "id": h.id,
+        "thumb": f"/api/thumbs/{h.id}",
+        "image": f"/api/images/{h.id}",
+    }
 
 
 # ----- token jobs: one at a time, in a thread
@@ -359,14 +399,14 @@ class Job:
     name: str
     parent: str
     method: str
-    total: int                                  # optimiser steps asked
-    folder: Path                                # the concept photos it learns from
-    state: str = "queued"                       # queued | running | done | failed | cancelled
+    total: int  # optimiser steps asked
+    folder: Path  # the concept photos it learns from
+    state: str = "queued"  # queued | running | done | failed | cancelled
     created: float = field(default_factory=time.time)
     finished: float | None = None
     step: int = 0
     loss: dict = field(default_factory=dict)
-    train_seconds: float = 0.0                  # time inside the training loop (from the trainer's bar)
+    train_seconds: float = 0.0  # time inside the training loop (from the trainer's bar)
     seen_bar: bool = False
     error: str = ""
     result: dict | None = None
@@ -387,16 +427,32 @@ class Job:
     def to_json(self) -> dict:
         self.observe()
         running = self.state == "running"
-        phase = ("training" if running and self.seen_bar and self.step < self.total else
-                 "saving" if running and self.seen_bar else
-                 "preparing: reading the photos, loading models, sampling negatives" if running else self.state)
+        phase = (
+            "training"
+            if running and self.seen_bar and self.step < self.total
+            else "saving"
+            if running and self.seen_bar
+            else "preparing: reading the photos, loading models, sampling negatives"
+            if running
+            else self.state
+        )
         eta = (self.train_seconds / self.step * (self.total - self.step)) if running and self.step else None
         end = self.finished or time.time()
         return {
-            "id": self.id, "kind": "learn-token", "token": self.name, "parent": self.parent, "method": self.method,
-            "state": self.state, "phase": phase, "step": self.step, "total": self.total, "loss": self.loss,
-            "elapsed_s": round(end - self.created, 2), "eta_s": round(eta, 1) if eta is not None else None,
-            "error": self.error, "result": self.result,
+            "id": self.id,
+            "kind": "learn-token",
+            "token": self.name,
+            "parent": self.parent,
+            "method": self.method,
+            "state": self.state,
+            "phase": phase,
+            "step": self.step,
+            "total": self.total,
+            "loss": self.loss,
+            "elapsed_s": round(end - self.created, 2),
+            "eta_s": round(eta, 1) if eta is not None else None,
+            "error": self.error,
+            "result": self.result,
             "progress_from": "the trainer's progress bar (tokens/ offers no progress callback)",
         }
 
@@ -404,10 +460,10 @@ class Job:
 class Jobs:
     """Token-learning jobs, one running at a time."""
 
-    def __init__(self, engine: Engine, config: ServerConfig):
-        self.engine, self.config = engine, config
+    def __init__(self, engine: Engine, config: ServerConfig, models_lock: threading.Lock):
+        self.engine, self.config, self.models_lock = engine, config, models_lock
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # held by a request from its busy check to its job's start
 
     def running(self) -> Job | None:
         return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
@@ -434,12 +490,19 @@ class Jobs:
     def _run(self, job: Job, options: dict) -> None:
         try:
             try:
-                result = self.engine.learn_token(job.name, job.folder, job.parent, progress=True, method=job.method,
-                                                 **options)
+                with self.models_lock:  # the diffusion model, loaded once (a GAIR request may want it too)
+                    self.engine.backbone  # noqa: B018
+                result = self.engine.learn_token(
+                    job.name, job.folder, job.parent, progress=True, method=job.method, **options
+                )
                 info = result.token.info
                 with self.lock:
-                    job.result = {"token": info.name, "path": str(result.path), "training": info.training,
-                                  "skipped": [[str(p), r] for p, r in result.skipped]}
+                    job.result = {
+                        "token": info.name,
+                        "path": str(result.path),
+                        "training": info.training,
+                        "skipped": [[str(p), r] for p, r in result.skipped],
+                    }
                     t = info.training
                     job.step = int(t.get("steps", job.step))
                     job.loss = {"L": t.get("last_loss"), "l_SD": t.get("last_l_sd"), "l_CE": t.get("last_l_ce")}
@@ -477,23 +540,27 @@ class GairRun:
     token: str
     k: int
     weights: tuple[float, ...]
-    best: int                                   # index of w* in weights
-    g_star: np.ndarray                          # (dim,) g([t, *, c])
-    g_ctx: np.ndarray                           # (dim,) mean_i g([t, a_i, c])
-    images: list[bytes]                         # PNG of I(w), one per weight
-    context_images: list[bytes]                 # PNG of x_c
-    summary: dict                               # the JSON answered (without results)
+    best: int  # index of w* in weights
+    g_star: np.ndarray  # (dim,) g([t, *, c])
+    g_ctx: np.ndarray  # (dim,) mean_i g([t, a_i, c])
+    images: list[bytes]  # PNG of I(w), one per weight
+    context_images: list[bytes]  # PNG of x_c
+    summary: dict  # the JSON answered (without results)
     chosen: float | None = None
 
 
 class GairRequest(BaseModel):
     q: str = Field(..., description="The query with * where the token goes, e.g. 'a person wearing a * on the grass'")
     token: str = Field(..., description="The custom token's name")
-    weights: list[float] | str = Field("0:1:0.1", description="The w of Algorithm 1: a list, '0,0.5,1' or start:stop:step")
+    weights: list[float] | str = Field(
+        "0:1:0.1", description="The w of Algorithm 1: a list, '0,0.5,1' or start:stop:step"
+    )
     steps: int | None = Field(None, description="Sampler steps (default: the diffusion model's)")
     k: int = Field(10, description="Results")
     seed: int = Field(0, description="Noise seed: every w uses the same noise")
-    attributes: list[str] | None = Field(None, description="Context words A (default: the token's own, else the paper's)")
+    attributes: list[str] | None = Field(
+        None, description="Context words A (default: the token's own, else the paper's)"
+    )
 
 
 class ChooseRequest(BaseModel):
@@ -503,23 +570,22 @@ class ChooseRequest(BaseModel):
 # ----- the app
 def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI:
     """The FastAPI app answering for ENGINE (which it shares between requests: load it once, before)."""
-    app = FastAPI(title="personal-retrieval", version="1", docs_url=None, redoc_url=None,
-                  default_response_class=SafeJSONResponse,
-                  description="Search a gallery by text, image and custom tokens; learn tokens; see GAIR's queries.")
-    gallery, jobs = Gallery(engine, config), Jobs(engine, config)
-    runs: OrderedDict[str, GairRun] = OrderedDict()
+    app = FastAPI(
+        title="personal-retrieval",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=SafeJSONResponse,
+        description="Search a gallery by text, image and custom tokens; learn tokens; see GAIR's queries.",
+    )
     gair_lock, backbone_lock = threading.Lock(), threading.Lock()
+    gallery, jobs = Gallery(engine, config), Jobs(engine, config, backbone_lock)
+    runs: OrderedDict[str, GairRun] = OrderedDict()  # changed under gair_lock
     app.state.engine, app.state.jobs, app.state.runs = engine, jobs, runs
 
     # 1. errors as JSON
-    statuses = [(ApiError, None), (MixError, 400), (QueryError, 400), (TokenNotFoundError, 404), (TokenExistsError, 409),
-                (TokenFileError, 400), (IndexStoreError, 409), (BadImage, 415), (KeyError, 400), (ValueError, 400)]
-    for exc_type, status in statuses:
-        def handler(request: Request, exc: Exception, status=status):
-            if isinstance(exc, ApiError):
-                return error(exc.status, exc.message)
-            return error(status, getattr(exc, "reason", None) or (str(exc).strip("'\"") if isinstance(exc, KeyError) else str(exc)))
-        app.add_exception_handler(exc_type, handler)
+    for exc_type in (ApiError, *ERROR_STATUS):
+        app.add_exception_handler(exc_type, library_error)
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, exc: StarletteHTTPException):
@@ -528,8 +594,10 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x not in ('body', 'query', 'path'))}: {e.get('msg')}"
-                 for e in exc.errors()]
+        parts = [
+            f"{'.'.join(str(x) for x in e.get('loc', ()) if x not in ('body', 'query', 'path'))}: {e.get('msg')}"
+            for e in exc.errors()
+        ]
         return error(400, "bad request: " + "; ".join(parts))
 
     app.add_middleware(Guard, config=config)
@@ -564,16 +632,27 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         named = {t.value for t in terms if t.kind == FILE}
         unused = sorted(set(uploads) - named)
         if unused:
-            raise ApiError(400, f"uploaded {unused[0]!r} but the query does not name it: write {unused[0]} in the query "
-                                "(e.g. \"a red dress\" + photo.jpg)")
+            raise ApiError(
+                400,
+                f"uploaded {unused[0]!r} but the query does not name it: write {unused[0]} in the query "
+                '(e.g. "a red dress" + photo.jpg)',
+            )
         vectors = [term_vector(t, tokens, uploads) for t in terms]
         used = {n for t in terms if t.kind == "text" for n in token_names_in(t.value, tokens)}
         if set(tokens) - used:
-            raise ApiError(400, f"token {sorted(set(tokens) - used)[0]!r} is given but no term of the mix uses it: "
-                                "write * in a quoted term, e.g. \"a person wearing a *\" + #12")
+            raise ApiError(
+                400,
+                f"token {sorted(set(tokens) - used)[0]!r} is given but no term of the mix uses it: "
+                'write * in a quoted term, e.g. "a person wearing a *" + #12',
+            )
         qv = combine(np.array([t.weight for t in terms]), np.stack(vectors))
-        return {"query": q, "model": engine.model, "tokens": tokens, "terms": [t.to_json() for t in terms],
-                "results": search_vector(qv, k)}
+        return {
+            "query": q,
+            "model": engine.model,
+            "tokens": tokens,
+            "terms": [t.to_json() for t in terms],
+            "results": search_vector(qv, k),
+        }
 
     def token_names_in(text: str, tokens: list[str]) -> list[str]:
         named = [n for n in tokens if f"<{n}>" in text]
@@ -585,8 +664,11 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         if term.kind == FILE:
             if term.value not in uploads:
                 have = ", ".join(repr(n) for n in uploads) or "none"
-                raise ApiError(400, f"the query names the file {term.value!r}, but no upload has that name (uploaded: "
-                                    f"{have}); send it with POST /api/search, or name a gallery image as #ID")
+                raise ApiError(
+                    400,
+                    f"the query names the file {term.value!r}, but no upload has that name (uploaded: "
+                    f"{have}); send it with POST /api/search, or name a gallery image as #ID",
+                )
             return engine.clip.encode_pil([uploads[term.value]])[0]
         used = token_names_in(term.value, tokens)
         if used or STAR in term.value:
@@ -607,24 +689,39 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
     def info():
         store = engine.store
         return {
-            "model": engine.model, "diffusion": engine.diffusion, "count": store.count, "dim": store.manifest["dim"],
-            "index": store.manifest["index"]["params"].get("index_type"), "generation": store.manifest.get("generation"),
-            "tokens": engine.tokens.names(), "methods": list(METHODS), "gair_weights": list(DEFAULT_WEIGHTS),
+            "model": engine.model,
+            "diffusion": engine.diffusion,
+            "count": store.count,
+            "dim": store.manifest["dim"],
+            "index": store.manifest["index"]["params"].get("index_type"),
+            "generation": store.manifest.get("generation"),
+            "tokens": engine.tokens.names(),
+            "methods": list(METHODS),
+            "gair_weights": list(DEFAULT_WEIGHTS),
             "api_key_required": bool(config.api_key),
-            "limits": {"max_k": config.max_k, "max_upload_bytes": config.max_upload_bytes,
-                       "max_request_bytes": config.max_request_bytes, "max_upload_pixels": config.max_upload_pixels,
-                       "max_uploads": config.max_uploads, "max_gair_weights": config.max_gair_weights,
-                       "max_gair_steps": config.max_gair_steps, "max_token_steps": config.max_token_steps},
+            "limits": {
+                "max_k": config.max_k,
+                "max_upload_bytes": config.max_upload_bytes,
+                "max_request_bytes": config.max_request_bytes,
+                "max_upload_pixels": config.max_upload_pixels,
+                "max_uploads": config.max_uploads,
+                "max_gair_weights": config.max_gair_weights,
+                "max_gair_steps": config.max_gair_steps,
+                "max_token_steps": config.max_token_steps,
+            },
         }
 
     @app.get("/api/search", summary="Search by words, custom tokens (* or <name>) or a mix of texts and gallery images")
     def search_get(q: str, k: int = 10, token: Annotated[list[str], Query()] = []):  # noqa: B006 - FastAPI reads it
         return answer(q, k, token, {})
 
-    @app.post("/api/search", summary="Search: as GET, plus uploaded images named in the mix (\"a dress\" + photo.jpg)")
-    def search_post(q: Annotated[str, Form()], k: Annotated[int, Form()] = 10,
-                    token: Annotated[list[str], Form()] = [],  # noqa: B006
-                    images: Annotated[list[UploadFile], File()] = []):  # noqa: B006
+    @app.post("/api/search", summary='Search: as GET, plus uploaded images named in the mix ("a dress" + photo.jpg)')
+    def search_post(
+        q: Annotated[str, Form()],
+        k: Annotated[int, Form()] = 10,
+        token: Annotated[list[str], Form()] = [],  # noqa: B006
+        images: Annotated[list[UploadFile], File()] = [],
+    ):  # noqa: B006
         return answer(q, k, token, read_uploads(images))
 
     def read_uploads(images: list[UploadFile]) -> dict[str, Image.Image]:
@@ -642,14 +739,23 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
     def search_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10):
         check_k(k)
         im = decode_upload(image, config)
-        return {"query": image.filename or "upload", "model": engine.model,
-                "results": search_vector(engine.clip.encode_pil([im])[0], k)}
+        return {
+            "query": image.filename or "upload",
+            "model": engine.model,
+            "results": search_vector(engine.clip.encode_pil([im])[0], k),
+        }
 
-    @app.get("/api/similar/{image_id}", summary="More like this: the images closest to a gallery image (itself left out)")
+    @app.get(
+        "/api/similar/{image_id}", summary="More like this: the images closest to a gallery image (itself left out)"
+    )
     def similar(image_id: int, k: int = 10):
         check_k(k)
-        return {"query": f"#{image_id}", "model": engine.model, "id": image_id,
-                "results": search_vector(gallery.vector(image_id), k, exclude=image_id)}
+        return {
+            "query": f"#{image_id}",
+            "model": engine.model,
+            "id": image_id,
+            "results": search_vector(gallery.vector(image_id), k, exclude=image_id),
+        }
 
     @app.get("/api/images/{image_id}", summary="The full gallery image of an id", response_class=Response)
     def full_image(image_id: int):
@@ -661,14 +767,19 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
 
     @app.get("/api/thumbs/{image_id}", summary="A JPEG thumbnail of a gallery image", response_class=Response)
     def thumb(image_id: int):
-        return Response(gallery.thumbnail(image_id), media_type="image/jpeg",
-                        headers={"cache-control": "private, max-age=300"})
+        return Response(
+            gallery.thumbnail(image_id), media_type="image/jpeg", headers={"cache-control": "private, max-age=300"}
+        )
 
     @app.get("/api/meta/{image_id}", summary="A gallery image's path and links")
     def meta(image_id: int):
         gallery.check(image_id)
-        return {"id": image_id, "path": gallery.relative_path(image_id), "thumb": f"/api/thumbs/{image_id}",
-                "image": f"/api/images/{image_id}"}
+        return {
+            "id": image_id,
+            "path": gallery.relative_path(image_id),
+            "thumb": f"/api/thumbs/{image_id}",
+            "image": f"/api/images/{image_id}",
+        }
 
     # custom tokens
     @app.get("/api/tokens", summary="The tokens of the token store")
@@ -676,9 +787,20 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         out = []
         for e in engine.tokens.entries():
             i = e.info
-            out.append({"name": e.name, "readable": i is not None, "problem": e.problem} if i is None else
-                       {"name": i.name, "readable": True, "method": i.method, "parent": i.parent, "n_vectors": i.n_vectors,
-                        "model": i.model, "usable": i.model == engine.model, "created": i.created})
+            out.append(
+                {"name": e.name, "readable": i is not None, "problem": e.problem}
+                if i is None
+                else {
+                    "name": i.name,
+                    "readable": True,
+                    "method": i.method,
+                    "parent": i.parent,
+                    "n_vectors": i.n_vectors,
+                    "model": i.model,
+                    "usable": i.model == engine.model,
+                    "created": i.created,
+                }
+            )
         return {"tokens": out}
 
     def concept_files(info) -> list[Path]:
@@ -692,22 +814,39 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         info = engine.tokens.info(check_name(name))
         meta = {k: v for k, v in asdict(info).items() if k != "concept_feature"}
         files = concept_files(info)
-        return {**meta, "placeholder": info.placeholder, "usable": info.model == engine.model,
-                "has_concept_feature": bool(info.concept_feature), "concept_images_found": bool(files),
-                "images": [f"/api/tokens/{name}/images/{i}" for i in range(min(len(files), 16))]}
+        return {
+            **meta,
+            "placeholder": info.placeholder,
+            "usable": info.model == engine.model,
+            "has_concept_feature": bool(info.concept_feature),
+            "concept_images_found": bool(files),
+            "images": [f"/api/tokens/{name}/images/{i}" for i in range(min(len(files), 16))],
+        }
 
-    @app.get("/api/tokens/{name}/images/{index}", summary="Thumbnail of a token's concept image", response_class=Response)
+    @app.get(
+        "/api/tokens/{name}/images/{index}", summary="Thumbnail of a token's concept image", response_class=Response
+    )
     def token_image(name: str, index: int):
         files = concept_files(engine.tokens.info(check_name(name)))
         if not 0 <= index < min(len(files), 16):
             raise ApiError(404, f"token {name!r} has {len(files)} concept image(s) to show")
         return Response(thumbnail_bytes(files[index], config.thumb_size), media_type="image/jpeg")
 
-    @app.post("/api/tokens", status_code=202, summary="Learn a token from uploaded photos and/or gallery ids (a background job)")
-    def learn(name: Annotated[str, Form()], parent: Annotated[str, Form()], method: Annotated[str, Form()] = "ours",
-              steps: Annotated[int | None, Form()] = None, ids: Annotated[str, Form()] = "",
-              n_negatives: Annotated[int | None, Form()] = None, negative_steps: Annotated[int | None, Form()] = None,
-              images: Annotated[list[UploadFile], File()] = []):  # noqa: B006
+    @app.post(
+        "/api/tokens",
+        status_code=202,
+        summary="Learn a token from uploaded photos and/or gallery ids (a background job)",
+    )
+    def learn(
+        name: Annotated[str, Form()],
+        parent: Annotated[str, Form()],
+        method: Annotated[str, Form()] = "ours",
+        steps: Annotated[int | None, Form()] = None,
+        ids: Annotated[str, Form()] = "",
+        n_negatives: Annotated[int | None, Form()] = None,
+        negative_steps: Annotated[int | None, Form()] = None,
+        images: Annotated[list[UploadFile], File()] = [],
+    ):  # noqa: B006
         # 1. check the request before anything is written
         check_name(name)
         engine.tokens.check_free(name)
@@ -718,7 +857,9 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             raise ApiError(400, "parent is empty: give the concept's parent word, e.g. dress")
         if steps is not None and not 0 <= steps <= config.max_token_steps:
             raise ApiError(400, f"steps={steps}: give 0 to {config.max_token_steps}")
-        overrides = {k: v for k, v in (("n_negatives", n_negatives), ("negative_steps", negative_steps)) if v is not None}
+        overrides = {
+            k: v for k, v in (("n_negatives", n_negatives), ("negative_steps", negative_steps)) if v is not None
+        }
         if any(v < 1 or v > 1000 for v in overrides.values()):
             raise ApiError(400, "n_negatives and negative_steps must be 1 to 1000")
         try:
@@ -729,21 +870,25 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             gallery.check(i)
         need = token_train_config(method).min_images
         if len(images) + len(gallery_ids) < need:
-            raise ApiError(400, f"{len(images) + len(gallery_ids)} photo(s) given: a token needs at least {need} "
-                                "(upload photos of the concept, or select gallery results)")
-        if jobs.running() is not None:
-            raise ApiError(409, "a token job is still running: wait for it or cancel it")
+            raise ApiError(
+                400,
+                f"{len(images) + len(gallery_ids)} photo(s) given: a token needs at least {need} "
+                "(upload photos of the concept, or select gallery results)",
+            )
         photos = list(read_uploads(images).values()) + [gallery.image(i) for i in gallery_ids]
-        # 2. the photos, re-encoded, in the store's concepts folder (the token remembers it: the token panel shows them)
-        folder = engine.tokens.root / CONCEPTS_DIR / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for i, im in enumerate(photos):
-            im.save(folder / f"{i:03d}.png")
-        # 3. the job
-        total = steps if steps is not None else METHOD_DEFAULTS[method]["steps"]
-        job = Job(secrets.token_hex(4), name, parent, method, total, folder)
-        jobs.start(job, {"steps": steps, **({"overrides": overrides} if overrides else {})})
+        with jobs.lock:  # no other request writes a concepts folder or starts a job meanwhile
+            if jobs.running() is not None:
+                raise ApiError(409, "a token job is still running: wait for it or cancel it")
+            # 2. the photos, re-encoded, in the store's concepts folder (the token remembers it: its panel shows them)
+            folder = engine.tokens.root / CONCEPTS_DIR / name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for i, im in enumerate(photos):
+                im.save(folder / f"{i:03d}.png")
+            # 3. the job
+            total = steps if steps is not None else METHOD_DEFAULTS[method]["steps"]
+            job = Job(secrets.token_hex(4), name, parent, method, total, folder)
+            jobs.start(job, {"steps": steps, **({"overrides": overrides} if overrides else {})})
         return job.to_json()
 
     @app.get("/api/jobs", summary="Token jobs, the latest last")
@@ -764,7 +909,9 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         # 1. check the request
         k = check_k(body.k)
         check_name(body.token)
-        weights = parse_weights(body.weights) if isinstance(body.weights, str) else tuple(float(w) for w in body.weights)
+        weights = (
+            parse_weights(body.weights) if isinstance(body.weights, str) else tuple(float(w) for w in body.weights)
+        )
         if len(weights) > config.max_gair_weights:
             raise ApiError(400, f"{len(weights)} weights: give at most {config.max_gair_weights}")
         if body.steps is not None and not 1 <= body.steps <= config.max_gair_steps:
@@ -775,8 +922,9 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             engine.backbone  # noqa: B018 - loaded once, not by two requests at the same time
         # 2. Algorithm 1 (one run at a time: it is the heaviest thing the server does)
         with gair_lock:
-            result = engine.query_many([body.q], [body.token], k=k, gair=True, attributes=body.attributes,
-                                       gair_config=gair_config)[0]
+            result = engine.query_many(
+                [body.q], [body.token], k=k, gair=True, attributes=body.attributes, gair_config=gair_config
+            )[0]
         outcome = result.gair
         # 3. g_* and g_A, for choosing another w without generating again
         plan = engine.plan(body.q, [body.token])
@@ -784,24 +932,44 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         g_ctx = context_features(engine.clip, plan, result.attributes).mean(0)
         run_id = secrets.token_hex(6)
         summary = {
-            "run": run_id, "query": body.q, "composed": result.composed, "token": body.token,
-            "attributes": list(result.attributes), "weights": list(outcome.weights), "best": outcome.best,
-            "w": outcome.w, "scores": [round(float(s), 6) for s in outcome.scores],
+            "run": run_id,
+            "query": body.q,
+            "composed": result.composed,
+            "token": body.token,
+            "attributes": list(result.attributes),
+            "weights": list(outcome.weights),
+            "best": outcome.best,
+            "w": outcome.w,
+            "scores": [round(float(s), 6) for s in outcome.scores],
             "concept_similarity": [round(float(s), 6) for s in outcome.concept_similarity],
             "context_similarity": [round(float(s), 6) for s in outcome.context_similarity],
             "images": [f"/api/gair/{run_id}/{i}.png" for i in range(len(outcome.images))],
             "context_images": [f"/api/gair/{run_id}/context/{j}.png" for j in range(len(outcome.context_images))],
         }
-        runs[run_id] = GairRun(run_id, body.q, body.token, k, tuple(outcome.weights), outcome.best, g_star, g_ctx,
-                               [png_bytes(im) for im in outcome.images], [png_bytes(im) for im in outcome.context_images],
-                               summary)
-        while len(runs) > config.gair_runs_kept:
-            runs.popitem(last=False)
+        kept = GairRun(
+            run_id,
+            body.q,
+            body.token,
+            k,
+            tuple(outcome.weights),
+            outcome.best,
+            g_star,
+            g_ctx,
+            [png_bytes(im) for im in outcome.images],
+            [png_bytes(im) for im in outcome.context_images],
+            summary,
+        )
+        with gair_lock:
+            runs[run_id] = kept
+            while len(runs) > config.gair_runs_kept:
+                runs.popitem(last=False)
         return {**summary, "chosen": outcome.w, "results": [hit_json(h) for h in result.hits]}
 
     def get_run(run_id: str) -> GairRun:
         if run_id not in runs:
-            raise ApiError(404, f"no GAIR run {run_id!r}: the server keeps the last {config.gair_runs_kept}; run GAIR again")
+            raise ApiError(
+                404, f"no GAIR run {run_id!r}: the server keeps the last {config.gair_runs_kept}; run GAIR again"
+            )
         return runs[run_id]
 
     @app.get("/api/gair/{run_id}", summary="A GAIR run's record")
@@ -809,7 +977,9 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         run = get_run(run_id)
         return {**run.summary, "chosen": run.chosen if run.chosen is not None else run.summary["w"]}
 
-    @app.get("/api/gair/{run_id}/{index}.png", summary="The image generated for the index-th w", response_class=Response)
+    @app.get(
+        "/api/gair/{run_id}/{index}.png", summary="The image generated for the index-th w", response_class=Response
+    )
     def gair_image(run_id: str, index: int):
         run = get_run(run_id)
         if not 0 <= index < len(run.images):
@@ -828,8 +998,13 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         run = get_run(run_id)
         run.chosen = float(body.w)
         nearest = int(np.argmin([abs(w - body.w) for w in run.weights]))
-        return {"run": run_id, "w": run.chosen, "w_star": run.weights[run.best], "nearest_image": nearest,
-                "results": search_vector(mix(run.g_star, run.g_ctx, run.chosen), run.k)}
+        return {
+            "run": run_id,
+            "w": run.chosen,
+            "w_star": run.weights[run.best],
+            "nearest_image": nearest,
+            "results": search_vector(mix(run.g_star, run.g_ctx, run.chosen), run.k),
+        }
 
     return app
 
@@ -840,21 +1015,33 @@ def docs_html(schema: dict) -> str:
     rows = []
     for path, ops in schema.get("paths", {}).items():
         for method, op in ops.items():
-            params = [f"{p['name']} ({p['in']}{', required' if p.get('required') else ''})" for p in op.get("parameters", [])]
+            params = [
+                f"{p['name']} ({p['in']}{', required' if p.get('required') else ''})" for p in op.get("parameters", [])
+            ]
             body = op.get("requestBody", {}).get("content", {})
             for media, spec in body.items():
                 ref = spec.get("schema", {}).get("$ref", "")
-                props = schema.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[-1], {}).get("properties", {})
+                props = (
+                    schema.get("components", {})
+                    .get("schemas", {})
+                    .get(ref.rsplit("/", 1)[-1], {})
+                    .get("properties", {})
+                )
                 params.append(f"body {media}: {', '.join(props) or 'see openapi.json'}")
-            rows.append(f"<tr><td class=method>{e(method.upper())}</td><td><code>{e(path)}</code></td>"
-                        f"<td>{e(op.get('summary', ''))}</td><td>{e('; '.join(params))}</td></tr>")
-    return ("<!doctype html><html lang=en><head><meta charset=utf-8><title>personal-retrieval API</title>"
-            "<link rel=icon href=\"data:,\"><link rel=stylesheet href=/static/app.css></head><body class=docs><h1>personal-retrieval API</h1>"
-            f"<p>{e(schema.get('info', {}).get('description', ''))} The machine-readable schema: "
-            "<a href=/openapi.json>/openapi.json</a>. Errors are JSON <code>{\"error\": message}</code>. "
-            "With an API key, send it as the <code>X-API-Key</code> header.</p>"
-            "<table><tr><th>method</th><th>path</th><th>what</th><th>parameters</th></tr>"
-            + "".join(rows) + "</table><p><a href=/>back to the search page</a></p></body></html>")
+            rows.append(
+                f"<tr><td class=method>{e(method.upper())}</td><td><code>{e(path)}</code></td>"
+                f"<td>{e(op.get('summary', ''))}</td><td>{e('; '.join(params))}</td></tr>"
+            )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>personal-retrieval API</title>"
+        '<link rel=icon href="data:,"><link rel=stylesheet href=/static/app.css></head><body class=docs><h1>personal-retrieval API</h1>'
+        f"<p>{e(schema.get('info', {}).get('description', ''))} The machine-readable schema: "
+        '<a href=/openapi.json>/openapi.json</a>. Errors are JSON <code>{"error": message}</code>. '
+        "With an API key, send it as the <code>X-API-Key</code> header.</p>"
+        "<table><tr><th>method</th><th>path</th><th>what</th><th>parameters</th></tr>"
+        + "".join(rows)
+        + "</table><p><a href=/>back to the search page</a></p></body></html>"
+    )
 
 
 # ----- running it
@@ -870,9 +1057,11 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to serve beyond this machine without an API key."""
     if not is_loopback(host) and not api_key:
-        raise ValueError(f"`host={host}` is not a loopback address: anyone who can reach it could search the gallery "
-                         "and learn tokens; pass `api_key=KEY` (every /api request then needs the X-API-Key header), "
-                         "or bind `host=127.0.0.1`")
+        raise ValueError(
+            f"`host={host}` is not a loopback address: anyone who can reach it could search the gallery "
+            "and learn tokens; pass `api_key=KEY` (every /api request then needs the X-API-Key header), "
+            "or bind `host=127.0.0.1`"
+        )
 
 
 def bind_config(host: str, api_key: str | None, port: int) -> ServerConfig:
@@ -887,9 +1076,20 @@ def warm(engine: Engine) -> None:
     engine.query("a photo", k=1)
 
 
-def serve(index_dir: str | Path, tokens_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, model: str | None = None, diffusion: str = "auto", device: str = "auto") -> None:
-    """Open the engine once and serve the page and the API on HOST:PORT until interrupted."""
+def serve(
+    index_dir: str | Path,
+    tokens_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model: str | None = None,
+    diffusion: str = "auto",
+    device: str = "auto",
+    access_log: bool = True,
+) -> None:
+    """Open the engine once and serve the page and the API on HOST:PORT until interrupted (ACCESS_LOG: one line per
+    request on stdout; benchmarks turn it off)."""
     import uvicorn
 
     config = bind_config(host, api_key, port)  # 1. refuse an unsafe bind before any model loads
@@ -897,6 +1097,10 @@ def serve(index_dir: str | Path, tokens_dir: str | Path, *, host: str = "127.0.0
     warm(engine)
     app = create_app(engine, config)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {engine.store.count} images of {index_dir} on http://{shown}:{port}/  (API: http://{shown}:{port}/docs)",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)  # 3. until Ctrl-C
+    print(
+        f"serving {engine.store.count} images of {index_dir} on http://{shown}:{port}/  (API: http://{shown}:{port}/docs)",
+        flush=True,
+    )
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", access_log=access_log, server_header=False
+    )  # 3. until Ctrl-C

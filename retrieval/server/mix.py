@@ -33,26 +33,30 @@ TEXT, GALLERY_ID, FILE = "text", "id", "file"  # the kinds of term
 _WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+):")
 _ID = re.compile(r"#(\d+)")
 _FILE = re.compile(r"[^\s\"'+]+")  # a filename may contain "-" (my-photo.jpg) but not "+" or quotes
-_MARK = re.compile(r"(?:^|[\s+\-:])(?:#\d+|[^\s\"'+]+\.(?:" + "|".join(e[1:] for e in sorted(IMAGE_EXTENSIONS)) + r"))(?=$|[\s+\-])",
-                   re.IGNORECASE)
+_MARK = re.compile(
+    r"(?:^|[\s+\-:])(?:#\d+|[^\s\"'+]+\.(?:" + "|".join(e[1:] for e in sorted(IMAGE_EXTENSIONS)) + r"))(?=$|[\s+\-])",
+    re.IGNORECASE,
+)
 
 
 class MixError(ValueError):
     """A query mix that does not parse; says where (0-based character position) and what was expected there."""
 
     def __init__(self, text: str, position: int, expected: str):
-        found = repr(text[position:position + 12]) if position < len(text) else "the end of the query"
-        super().__init__(f"query mix, at position {position}: found {found}, expected {expected} "
-                         "(e.g. \"2:a red dress\" + photo.jpg - \"hat\", or \"a dress\" + #12)")
+        found = repr(text[position : position + 12]) if position < len(text) else "the end of the query"
+        super().__init__(
+            f"query mix, at position {position}: found {found}, expected {expected} "
+            '(e.g. "2:a red dress" + photo.jpg - "hat", or "a dress" + #12)'
+        )
         self.position, self.expected = position, expected
 
 
 @dataclass(frozen=True)
 class Term:
-    kind: str                                   # TEXT, GALLERY_ID or FILE
-    value: str                                  # the text, the id's digits, or the file name
-    weight: float                               # signed: the operator's sign times the written weight (default 1)
-    start: int                                  # where the term begins in the query (0-based)
+    kind: str  # TEXT, GALLERY_ID or FILE
+    value: str  # the text, the id's digits, or the file name
+    weight: float  # signed: the operator's sign times the written weight (default 1)
+    start: int  # where the term begins in the query (0-based)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "value": self.value, "weight": self.weight}
@@ -66,7 +70,7 @@ def is_mix(text: str) -> bool:
 def parse_mix(text: str) -> list[Term]:
     """TEXT -> its terms (see the module docstring); a plain sentence is one text term. Raises MixError."""
     if not text or not text.strip():
-        raise MixError(text or "", 0, "a query (a sentence, \"quoted text\", #ID or an image file name)")
+        raise MixError(text or "", 0, 'a query (a sentence, "quoted text", #ID or an image file name)')
     if not is_mix(text):
         return [Term(TEXT, " ".join(text.split()), 1.0, len(text) - len(text.lstrip()))]
     terms: list[Term] = []
@@ -101,12 +105,12 @@ def _term(text: str, pos: int, sign: float) -> tuple[Term, int]:
     if m:
         weight, pos = _positive(text, pos, m.group(1)), m.end()
     if pos >= len(text):
-        raise MixError(text, pos, "a term: \"quoted text\", #ID or an image file name")
+        raise MixError(text, pos, 'a term: "quoted text", #ID or an image file name')
     if text[pos] == '"':
         body, end = _quoted(text, pos)
         inner = _WEIGHT.match(body)
         if inner and m is None:  # "2:a red dress": the weight written inside the quotes
-            weight, body = _positive(text, pos + 1, inner.group(1)), body[inner.end():]
+            weight, body = _positive(text, pos + 1, inner.group(1)), body[inner.end() :]
         body = " ".join(body.split())
         if not body:
             raise MixError(text, pos, "some text inside the quotes")
@@ -119,7 +123,7 @@ def _term(text: str, pos: int, sign: float) -> tuple[Term, int]:
     m_file = _FILE.match(text, pos)
     if m_file and "." + m_file.group().rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and "." in m_file.group():
         return Term(FILE, m_file.group(), sign * weight, start), m_file.end()
-    what = "\"quoted text\", #ID or an image file name (" + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+    what = '"quoted text", #ID or an image file name (' + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
     if m_file:
         what += "; put words in double quotes"
     raise MixError(text, pos, what)
