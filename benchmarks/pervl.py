@@ -55,6 +55,7 @@ from retrieval.composed import insert_concept, plan_query
 from retrieval.gair import GairConfig, parse_weights, run_gair
 from retrieval.io.atomic import write_atomic, write_json, write_npy, write_parquet
 from retrieval.io.images import load_image
+from retrieval.models import DEFAULT_MODEL
 from tokens.learn import ConceptImages, learn_tokens
 from tokens.methods import MODEL_DEFAULTS, token_train_config
 from tokens.token_file import load_token_file, save_token_file
@@ -108,7 +109,7 @@ class BenchConfig:
     shots: int = 5  # few-shot images per concept and seed
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
-    model: str = "ViT-L-14-quickgelu/openai"  # CLIP SPEC (the tokens' and the gallery's)
+    model: str = DEFAULT_MODEL  # CLIP SPEC (the tokens' and the gallery's)
     diffusion: str = "auto"  # diffusion SPEC; auto: paired with model
     parent: str = "category"  # "category" or a fixed word
     out: str = "out/pervl"

@@ -1,7 +1,7 @@
 """Index a gallery folder: scan it, diff it against the committed index, embed new or changed images in
 resumable shards, merge, commit a new generation.
 
-    index_gallery(gallery_dir, index_dir, IndexingConfig(model="ViT-L-14-quickgelu/openai"))
+    index_gallery(gallery_dir, index_dir, IndexingConfig(model=DEFAULT_MODEL))
 
 `index_gallery` is a loop of numbered steps in plain sight; each step is a plain function with dataclass
 inputs and outputs, tested on its own (tests/test_indexer_steps.py):

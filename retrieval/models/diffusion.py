@@ -74,7 +74,11 @@ class TextConditioning:
 
 
 # ----- presets are data: each Stable Diffusion family with the open_clip text tower that IS its text encoder
-SD1_TEXT = {"clip": "ViT-L-14-quickgelu/openai", "pad_id": 49407, "skip_last_layers": 0}
+SD1_TEXT = {
+    "clip": "ViT-L-14-quickgelu/openai",  # OpenAI CLIP ViT-L/14 (a fact of SD 1.x, not a default)
+    "pad_id": 49407,
+    "skip_last_layers": 0,
+}
 SD2_TEXT = {"clip": "ViT-H-14/laion2b_s32b_b79k", "pad_id": 0, "skip_last_layers": 1}
 
 # A seeded tiny UNet on the tiny-random CLIP (width 32): 32 px images -> 16x16x12 SpaceToDepth latents.
