@@ -151,7 +151,16 @@ def query(
     text: Optional[str] = typer.Argument(
         None,
         help='The query, e.g. "a person in a red dress on a beach", or with a custom token: '
-        '"a person wearing a * in front of a brick wall" --token my-dress.',
+        '"a person wearing a * in front of a brick wall" --token my-dress, or a weighted mix of quoted texts, '
+        'image files and gallery ids: \'"2:a red dress" + photo.jpg - "hat" + #12\' (an image file\'s path, '
+        "#ID an id from an earlier result).",
+    ),
+    image: Optional[Path] = typer.Option(
+        None,
+        "--image",
+        dir_okay=False,
+        help="Query by this image file instead of a TEXT: the gallery images nearest it (to mix it with words, "
+        "name it in the TEXT: '\"a red dress\" + photo.jpg').",
     ),
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="The index to search."),
     k: int = typer.Option(10, min=1, help="Results per query."),
@@ -207,31 +216,58 @@ def query(
     ),
     progress: bool = typer.Option(True, help="Show a progress bar while GAIR generates."),
 ):
-    """Search the index by text: prints rank, score and path of the best matches.
+    """Search the index by text, by an image (--image) or by a mix of both: prints rank, score and path of the best
+    matches.
 
     With --token, the query is composed with a custom token (`learn-token`); with --gair it is also visualised:
     the generated images show what the engine understood (see --report).
     """
     from retrieval import Engine, GairConfig
     from retrieval.gair import parse_weights
+    from retrieval.io.images import BadImage, load_image
+    from retrieval.mix import is_mix, parse_mix, read_mix_files
 
     texts = [text] if text is not None else []
     if queries is not None:
         texts += [line.strip() for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
-        _fail("give a query TEXT or --queries FILE")
+    if not texts and image is None:
+        _fail("give a query TEXT, --queries FILE or --image PATH")
+    if texts and image is not None:
+        _fail(
+            "give a query TEXT (or --queries) or --image, not both: to mix them, name the image in the TEXT, "
+            "'\"a red dress\" + photo.jpg'"
+        )
+    mixes = image is not None or any(is_mix(t) for t in texts)
+    if mixes and gair:
+        _fail("--gair takes sentences with * (one custom token), not an image or a mix of terms")
+    images = None  # the concept images, for GAIR and the report
     try:
         # 1. every check that needs no model, then the models (once), then the queries
+        picture = load_image(image) if image is not None else None
         engine = Engine(index_dir, tokens_dir, model=model, diffusion=diffusion, device=device)
-        engine.check_queries(texts, token, gair)
-        config = GairConfig(
-            weights=parse_weights(weights), steps=steps, guidance_scale=guidance, seed=seed, n_context=n_context
-        )
-        words = [a.strip() for a in attributes.split(",")] if attributes is not None else None
-        images = engine.read_concept_images(concept_images) if concept_images is not None else None
-        results = engine.query_many(
-            texts, token, k=k, gair=gair, attributes=words, gair_config=config, concept_images=images, progress=progress
-        )
+        if picture is not None:
+            results = [engine.query_image(picture, k, name=str(image))]
+        elif mixes:  # each line a mix (a plain sentence is a mix of one term); the files it names are paths from here
+            results = [engine.query_mix(t, k=k, images=read_mix_files(parse_mix(t)), tokens=token) for t in texts]
+        else:
+            engine.check_queries(texts, token, gair)
+            config = GairConfig(
+                weights=parse_weights(weights), steps=steps, guidance_scale=guidance, seed=seed, n_context=n_context
+            )
+            words = [a.strip() for a in attributes.split(",")] if attributes is not None else None
+            images = engine.read_concept_images(concept_images) if concept_images is not None else None
+            results = engine.query_many(
+                texts,
+                token,
+                k=k,
+                gair=gair,
+                attributes=words,
+                gair_config=config,
+                concept_images=images,
+                progress=progress,
+            )
+    except BadImage as e:
+        _fail(f"cannot use --image {image}: {e.reason}")
     except _user_errors() as e:
         _fail(str(e))
     for r in results:
@@ -247,6 +283,8 @@ def query(
         typer.echo(f"# {r.query}")
         if hasattr(r, "composed"):
             typer.echo(f"#   encoded as: {r.composed}")
+        if hasattr(r, "terms"):
+            typer.echo("#   mix: " + "  ".join(f"{t.weight:+g} x {t.kind} {t.value}" for t in r.terms))
         if getattr(r, "gair", None) is not None:
             typer.echo(f"#   GAIR w* = {r.gair.w:g}   (attributes: {', '.join(r.attributes)})")
             for w, s, c, x in zip(r.gair.weights, r.gair.scores, r.gair.concept_similarity, r.gair.context_similarity):

@@ -21,18 +21,29 @@ _EXPORTS = {
     "Engine": "retrieval.engine",
     "ComposedResult": "retrieval.engine",
     "Generated": "retrieval.engine",
+    "MixResult": "retrieval.engine",
     "GairConfig": "retrieval.gair",
     "QueryError": "retrieval.composed",
     "QueryResult": "retrieval.search",
     "Hit": "retrieval.search",
     "IndexSummary": "retrieval.indexer",
 }
-__all__ = ["ComposedResult", "Engine", "GairConfig", "Generated", "Hit", "IndexSummary", "QueryError", "QueryResult"]
+__all__ = [
+    "ComposedResult",
+    "Engine",
+    "GairConfig",
+    "Generated",
+    "Hit",
+    "IndexSummary",
+    "MixResult",
+    "QueryError",
+    "QueryResult",
+]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and readers; at run time `__getattr__` below resolves these
     from retrieval.composed import QueryError
-    from retrieval.engine import ComposedResult, Engine, Generated
+    from retrieval.engine import ComposedResult, Engine, Generated, MixResult
     from retrieval.gair import GairConfig
     from retrieval.indexer import IndexSummary
     from retrieval.search import Hit, QueryResult

@@ -17,9 +17,9 @@ Errors name Python arguments in backticks (`tokens=[...]`); the CLI says them as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,6 +40,7 @@ from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, GairOutcome, run_gair
 from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery
 from retrieval.io.atomic import write_atomic
 from retrieval.io.images import image_grid, read_image_folder
+from retrieval.mix import FILE, GALLERY_ID, TEXT, Term, combine, parse_mix
 from retrieval.models.clip import DEFAULT_MODEL
 from retrieval.models.diffusion import DiffusionBackbone
 from retrieval.models.encoders import ClipEncoder
@@ -50,6 +51,7 @@ from retrieval.search import Hit, QueryResult, search_texts, search_vectors
 from tokens.learn import DEFAULT_TOKENS_DIR, LearnRequest, LearnResult, learn_token, needs_diffusion
 from tokens.store import TokenStore
 from tokens.token_file import STAR, CustomToken, placeholder_names
+from tokens.trainer import StepReport
 
 
 @dataclass
@@ -90,6 +92,30 @@ class Generated:
     out: Path | None = None  # the grid written, when asked
 
 
+@dataclass
+class MixResult:
+    """A query mix's answer (`Engine.query_mix`): its terms as parsed and the hits of their weighted sum."""
+
+    query: str  # as written ("" when terms were given)
+    model: str
+    terms: list[Term]
+    hits: list[Hit]
+    tokens: tuple[str, ...] = ()  # the custom tokens its terms use
+
+    def to_json(self) -> dict:
+        out = QueryResult(self.query, self.model, self.hits).to_json()
+        return {**out, "tokens": list(self.tokens), "terms": [t.to_json() for t in self.terms]}
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of PATH, or None if absent: changes whenever a commit replaces the file atomically."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 TokenRef = str | CustomToken  # a token by its name in the store, or a loaded one
 
 
@@ -125,7 +151,7 @@ class Engine:
         self.diffusion, self.device = diffusion, device
         self.tokens = TokenStore(tokens_dir)
         self.cache_dir = self.tokens.root / CONTEXT_CACHE_DIR  # GAIR's context images
-        self._clip, self._backbone, self._store = clip, backbone, None
+        self._clip, self._backbone, self._store, self._store_stamp = clip, backbone, None, None
         if manifest is not None:
             self.store.check_model(self.model)  # refuse before a possibly large model loads
 
@@ -144,11 +170,21 @@ class Engine:
 
     @property
     def store(self) -> IndexStore:
-        """The committed index (reopened after `index` / `reindex` commit a new generation)."""
-        if self._store is None:
-            if self.index_dir is None:
-                raise IndexStoreError("this engine has no index: pass `index_dir` to Engine(...)")
-            self._store = IndexStore(self.index_dir)
+        """The committed index, switched to a newer commit when one has landed since it was opened (by this engine or
+        by another process, e.g. `cli.py index` while a server runs): each use sees one whole committed version.
+        The check is one stat of manifest.json; the manifest is read again only when that file changed."""
+        if self.index_dir is None:
+            raise IndexStoreError("this engine has no index: pass `index_dir` to Engine(...)")
+        stamp = _stamp(self.index_dir / "manifest.json")
+        if self._store is None or stamp != self._store_stamp:
+            manifest = read_manifest(self.index_dir)
+            if manifest is None:
+                raise IndexStoreError(
+                    f"no index in {self.index_dir}: index a gallery into `index_dir={self.index_dir}` first"
+                )
+            if self._store is None or manifest["directory"] != self._store.manifest["directory"]:
+                self._store = IndexStore(self.index_dir, manifest=manifest)
+            self._store_stamp = stamp
         return self._store
 
     # ----- indexing
@@ -181,11 +217,19 @@ class Engine:
 
     # ----- custom tokens
     def learn_token(
-        self, name: str, images: str | Path, parent: str, *, progress: bool = True, **options
+        self,
+        name: str,
+        images: str | Path,
+        parent: str,
+        *,
+        progress: bool = True,
+        on_step: Callable[[StepReport], bool | None] | None = None,
+        **options,
     ) -> LearnResult:
         """Learn a token from the images in the folder IMAGES and the parent word, and save it in the token store.
         OPTIONS: any `tokens.learn.LearnRequest` field (method, steps, n_vectors, init_caption, negatives, seed,
-        overwrite, overrides, context_attributes)."""
+        overwrite, overrides, context_attributes). ON_STEP(StepReport) after every optimiser step (steps done / total,
+        losses, seconds); returning False cancels: `tokens.trainer.TrainingCancelled` is raised, no token is saved."""
         fixed = {"name", "images", "parent", "model", "diffusion", "tokens_dir", "device"}
         allowed = {f.name for f in fields(LearnRequest)} - fixed
         unknown = sorted(set(options) - allowed)
@@ -204,7 +248,7 @@ class Engine:
             **options,
         )
         backbone = self.backbone if needs_diffusion(request) else None
-        return learn_token(request, progress=progress, models=(self.clip, backbone))
+        return learn_token(request, progress=progress, models=(self.clip, backbone), on_step=on_step)
 
     def token(self, ref: TokenRef) -> CustomToken:
         """A token by name from the store (checked against this engine's CLIP), or the token given."""
@@ -254,10 +298,12 @@ class Engine:
         gair_config: GairConfig = GairConfig(),
         concept_images: Sequence[Image.Image] | None = None,
         progress: bool = False,
+        on_image: Callable[[int, int], None] | None = None,
     ) -> list[QueryResult] | list[ComposedResult]:
         """Answer TEXTS. Words only (no TOKENS, no `*`, no GAIR): plain text search, `QueryResult`s. With custom
         tokens: composed queries (`*` or <name> in the text), `ComposedResult`s; with GAIR (Perera et al.,
-        Algorithm 1) the images of every query and weight are generated in batches of `gair_config.batch_size`."""
+        Algorithm 1) the images of every query and weight are generated in batches of `gair_config.batch_size`,
+        ON_IMAGE(images done, total) told as they arrive."""
         if k < 1:
             raise ValueError(f"`k={k}`: ask for at least one result")
         self.check_queries(texts, tokens, gair)
@@ -272,7 +318,9 @@ class Engine:
                     "GAIR mixes the query with and without a token: pass `tokens=[NAME]` and write * in the query"
                 )
             means = np.stack([self.concept_mean(p, concept_images) for p in plans])
-            outcomes = run_gair(plans, self.backbone, means, attrs, gair_config, self.cache_dir, progress)
+            outcomes = run_gair(
+                plans, self.backbone, means, attrs, gair_config, self.cache_dir, progress, on_image=on_image
+            )
             vectors = np.stack([o.query_vector for o in outcomes])
         else:
             vectors = np.stack([composed_feature(self.clip, p) for p in plans])
@@ -294,6 +342,101 @@ class Engine:
             )
             for t, p, h, a, o in zip(texts, plans, hits, attrs, outcomes)
         ]
+
+    def query_mix(
+        self,
+        mix: str | Sequence[Term],
+        *,
+        k: int = 10,
+        images: Mapping[str, Image.Image] | None = None,
+        tokens: Sequence[TokenRef] = (),
+    ) -> MixResult:
+        """A weighted mix of texts and images (retrieval.mix: `"2:a red dress" + photo.jpg - "hat" + #12`, or its parsed
+        terms): sum_i w_i f(term_i), L2-normalised, searched. f is the unit CLIP feature of the term: of its text
+        (composed with TOKENS when it has `*` or <name>), of the gallery image `#ID` (its stored embedding), or of the
+        image that IMAGES gives under a file name (the engine opens no path written in a query). A plain sentence is
+        a mix of one term, with the same hits as `query`."""
+        # 1. the terms, and every check that needs no model
+        if k < 1:
+            raise ValueError(f"`k={k}`: ask for at least one result")
+        terms = parse_mix(mix) if isinstance(mix, str) else list(mix)
+        if not terms:
+            raise QueryError("`mix` has no terms: write a query, e.g. '\"a red dress\" + #12'")
+        images = dict(images or {})
+        named = {t.value for t in terms if t.kind == FILE}
+        missing, unused = sorted(named - set(images)), sorted(set(images) - named)
+        if missing:
+            raise QueryError(
+                f"the query names the image file {missing[0]!r} but `images` has no image of that name "
+                f"(given: {', '.join(map(repr, images)) or 'none'}): pass `images={{{missing[0]!r}: PIL.Image}}`"
+            )
+        if unused:
+            raise QueryError(
+                f"image {unused[0]!r} is given but the query does not name it: write {unused[0]} in the query "
+                f'(e.g. "a red dress" + {unused[0]})'
+            )
+        given = {t.info.name: t for t in map(self.token, tokens)}
+        uses = [self._tokens_in(t.value, given) if t.kind == TEXT else [] for t in terms]
+        idle = sorted(set(given) - {n for u in uses for n in u})
+        if idle:
+            raise QueryError(
+                f"token {idle[0]!r} is given but no term of the mix uses it: write * (or <{idle[0]}>) in a quoted "
+                'term, e.g. "a person wearing a *" + #12'
+            )
+        plain = [i for i, t in enumerate(terms) if t.kind == TEXT and not uses[i] and STAR not in t.value]
+        if plain:
+            self.check_queries([terms[i].value for i in plain])  # <name> of a stored token not given
+        store = self.store  # one committed version for the ids and the search
+        ids = [i for i, t in enumerate(terms) if t.kind == GALLERY_ID]
+        self._check_ids(store, [int(terms[i].value) for i in ids])
+        # 2. one unit feature per term, (n_terms, dim): words, gallery images and given images each in one batch
+        vectors = np.zeros((len(terms), self.clip.dim), np.float32)
+        if plain:
+            vectors[plain] = self.clip.encode_texts([terms[i].value for i in plain])
+        for i, t in enumerate(terms):
+            if t.kind == TEXT and i not in plain:
+                vectors[i] = composed_feature(self.clip, self.plan(t.value, [given[n] for n in uses[i]]))
+        if ids:
+            vectors[ids] = store.vectors_for_ids(np.array([int(terms[i].value) for i in ids]))
+        files = [i for i, t in enumerate(terms) if t.kind == FILE]
+        if files:
+            vectors[files] = self.clip.encode_pil([images[terms[i].value] for i in files])
+        # 3. the weighted sum, normalised, and the search
+        q = combine(np.array([t.weight for t in terms]), vectors)  # (dim,)
+        hits = search_vectors(store, q[None], k)[0]
+        used = tuple(dict.fromkeys(n for u in uses for n in u))
+        return MixResult(mix if isinstance(mix, str) else "", self.model, terms, hits, used)
+
+    def query_image(self, image: Image.Image | int, k: int = 10, *, name: str | None = None) -> QueryResult:
+        """The images nearest IMAGE: a PIL image (encoded by the CLIP), or a gallery id ("more like this": its stored
+        embedding, the image itself left out of the hits). NAME: the result's query (default "#ID", or "image")."""
+        if k < 1:
+            raise ValueError(f"`k={k}`: ask for at least one result")
+        store = self.store
+        if isinstance(image, Image.Image):
+            hits = search_vectors(store, self.clip.encode_pil([image]), k)[0]
+            return QueryResult(name or "image", self.model, hits)
+        if isinstance(image, bool) or not isinstance(image, (int, np.integer)):
+            raise TypeError(f"`image` must be a PIL image or a gallery id (int), not {type(image).__name__}")
+        image_id = int(image)
+        self._check_ids(store, [image_id])
+        found = search_vectors(store, store.vectors_for_ids(np.array([image_id])), k + 1)[0]
+        hits = [replace(h, rank=r + 1) for r, h in enumerate(h for h in found if h.id != image_id)][:k]
+        return QueryResult(name or f"#{image_id}", self.model, hits)
+
+    @staticmethod
+    def _tokens_in(text: str, given: Mapping[str, CustomToken]) -> list[str]:
+        """The names of the GIVEN tokens a text term uses: those it writes as <name>, else all of them if it has `*`."""
+        named = [n for n in given if f"<{n}>" in text]
+        return named or (list(given) if STAR in text else [])
+
+    def _check_ids(self, store: IndexStore, ids: Sequence[int]) -> None:
+        known = np.isin(np.asarray(ids, np.int64), store.metadata["id"].to_numpy())
+        if not known.all():
+            bad = int(np.asarray(ids)[~known][0])
+            raise QueryError(
+                f"no image with id {bad} in the index in {store.dir}: gallery ids come from search results (`Hit.id`)"
+            )
 
     def concept_mean(self, plan: ComposedQuery, concept_images: Sequence[Image.Image] | None = None) -> np.ndarray:
         """Mean CLIP feature of the concept images: of CONCEPT_IMAGES if given, else the token files' stored means

@@ -12,13 +12,14 @@ f is the CLIP image encoder (the index's model, which the tokens were made for);
 normalised means. Every I(w) of a query uses the same noise (seed), so the images differ by w only; context image
 j uses seed + 1 + j. All rows of a batch of queries are generated in few batched sampler calls (`batch_size` rows
 each), never one call per weight; context images are cached per (query, attributes, models, seed, sampler) on disk.
+Each outcome keeps g_* and g_A, so that q(w) for another w (`GairOutcome.query_at`) needs no encoding again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -93,12 +94,18 @@ class GairOutcome:
     context_similarity: np.ndarray  # (|W|,) cos(f(I(w)), mean f(x_c))
     best: int  # index of w* in weights
     query_vector: np.ndarray  # (dim,) q(w*) normalised: what the index is searched with
+    composed_feature: np.ndarray  # (dim,) float32 g_* = g([t, *, c]), step 1
+    context_feature: np.ndarray  # (dim,) float32 g_A = mean_i g([t, a_i, c]), step 1
     images: list[Image.Image] = field(default_factory=list)  # I(w), one per weight
     context_images: list[Image.Image] = field(default_factory=list)  # x_c
 
     @property
     def w(self) -> float:
         return float(self.weights[self.best])
+
+    def query_at(self, w: float) -> np.ndarray:
+        """q(w) = w g_* + (1 - w) g_A, normalised (step 2): another w to search with, nothing encoded again."""
+        return mix(self.composed_feature, self.context_feature, w)
 
     def to_json(self) -> dict:
         return {"w": self.w, "scores": {f"{w:g}": round(float(s), 6) for w, s in zip(self.weights, self.scores)}}
@@ -141,10 +148,12 @@ def run_gair(
     config: GairConfig = GairConfig(),
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> list[GairOutcome]:
     """Algorithm 1 for a batch of queries. concept_means (Q, dim): mean CLIP image feature of each query's concept
     images (any norm); attributes: one list for all queries or one per query. The image encoder f and the text
-    encoder g are backbone.clip."""
+    encoder g are backbone.clip. ON_IMAGE(images done, total): told at the start (0 done) and as images arrive,
+    one call per sampler batch (context images read from the cache count as done); total = Q (|W| + n_context)."""
     clip = backbone.clip
     Q = len(plans)
     per_query = (
@@ -155,7 +164,18 @@ def run_gair(
     concept_means = np.asarray(concept_means, dtype=np.float32).reshape(Q, -1)
     steps, guidance = config.steps_and_guidance(backbone)
     W = list(config.weights)
-    bar = tqdm(total=Q * (len(W) + config.n_context), desc="GAIR images", unit="img", leave=False, disable=not progress)
+    total, done = Q * (len(W) + config.n_context), 0
+    bar = tqdm(total=total, desc="GAIR images", unit="img", leave=False, disable=not progress)
+
+    def arrived(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        if on_image is not None:
+            on_image(done, total)
+
+    if on_image is not None:
+        on_image(0, total)
     # 1. features g_* and g_A; conditioning sequences H_* and aligned H_A
     g_star = np.stack([composed_feature(clip, p) for p in plans])  # (Q, d)
     g_ctx = np.stack([context_features(clip, p, a).mean(0) for p, a in zip(plans, per_query)])  # (Q, d)
@@ -164,11 +184,12 @@ def run_gair(
     keys = [context_key(backbone, p, a, config) for p, a in zip(plans, per_query)]
     context_images = [read_cached(cache_dir, "context", key, config.n_context) for key in keys]
     missing = [q for q, found in enumerate(context_images) if found is None]
-    bar.update((Q - len(missing)) * config.n_context)
+    if len(missing) < Q:
+        arrived((Q - len(missing)) * config.n_context)
     if missing:
         cond = torch.cat([pairs[q][1][None].expand(config.n_context, -1, -1) for q in missing])
         seeds = [config.seed + 1 + j for _ in missing for j in range(config.n_context)]
-        made = backbone.sample_images(cond, seeds, guidance, steps, config.batch_size, on_batch=bar.update)
+        made = backbone.sample_images(cond, seeds, guidance, steps, config.batch_size, on_batch=arrived)
         for i, q in enumerate(missing):
             context_images[q] = write_cached(
                 cache_dir, "context", keys[q], made[i * config.n_context : (i + 1) * config.n_context]
@@ -177,7 +198,7 @@ def run_gair(
     # 3. I(w) for every query and weight: |Q| x |W| rows, batched
     cond = torch.cat([mix_conditioning(h_star, h_ctx, W) for h_star, h_ctx in pairs])  # (Q |W|, L, width)
     images = backbone.sample_images(
-        cond, [config.seed] * cond.shape[0], guidance, steps, config.batch_size, on_batch=bar.update
+        cond, [config.seed] * cond.shape[0], guidance, steps, config.batch_size, on_batch=arrived
     )
     bar.close()
     # 4. scores, w*, q(w*)
@@ -195,6 +216,8 @@ def run_gair(
                 to_context,
                 best,
                 mix(g_star[q], g_ctx[q], W[best]),
+                g_star[q].astype(np.float32),
+                g_ctx[q].astype(np.float32),
                 images[q * len(W) : (q + 1) * len(W)],
                 context_images[q],
             )

@@ -9,6 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from retrieval import Engine
+from retrieval.mix import parse_mix, read_mix_files
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -58,6 +60,57 @@ def test_query_table_json_and_html(indexed, tmp_path):
     text = page.read_text()
     assert "<script>alert" not in text and "&lt;script&gt;" in text
     assert text.count("data:image/jpeg;base64,") == 4
+
+
+def test_query_by_an_image_file(indexed, gallery):
+    photo = sorted(gallery.rglob("*.png"))[0]
+    r = runner.invoke(app, ["query", "--image", str(photo), "--index-dir", str(indexed), "--k", "3"])
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.output.splitlines() if not line.startswith("#")]
+    assert [row[0] for row in rows] == ["1", "2", "3"] and rows[0][2] == photo.relative_to(gallery).as_posix()
+    assert f"# {photo}" in r.output
+    obj = json.loads(runner.invoke(app, ["query", "--image", str(photo), "--index-dir", str(indexed), "--json"]).stdout)
+    assert obj["query"] == str(photo) and obj["model"] == "tiny-random" and len(obj["results"]) == 10
+    assert obj["results"][0]["path"] == photo.relative_to(gallery).as_posix() and obj["results"][0]["score"] > 0.99
+
+
+def test_query_mixes_of_texts_image_files_and_gallery_ids(indexed, gallery, monkeypatch):
+    photo = sorted(gallery.rglob("*.jpg"))[1]
+    monkeypatch.chdir(gallery)  # a file name in a mix is a path from the working directory
+    rel = photo.relative_to(gallery).as_posix()
+    mix = f'"2:a red dress" + {rel} - "hat" + 0.5:#3'
+    r = runner.invoke(app, ["query", mix, "--index-dir", str(indexed), "--k", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert [t["kind"] for t in obj["terms"]] == ["text", "file", "text", "id"]
+    assert [t["weight"] for t in obj["terms"]] == [2.0, 1.0, -1.0, 0.5] and obj["query"] == mix
+    engine = Engine(indexed)
+    expected = engine.query_mix(mix, k=4, images=read_mix_files(parse_mix(mix)))
+    assert [h["id"] for h in obj["results"]] == [h.id for h in expected.hits]
+    table = runner.invoke(app, ["query", mix, "--index-dir", str(indexed), "--k", "4"])
+    assert table.exit_code == 0 and "#   mix: +2 x text a red dress  +1 x file " + rel in table.output
+    assert len([line for line in table.output.splitlines() if not line.startswith("#")]) == 4
+
+
+def test_image_and_mix_errors_are_messages_not_tracebacks(indexed, tmp_path):
+    (tmp_path / "fake.jpg").write_bytes(b"this is not a JPEG")
+    idx = ["--index-dir", str(indexed)]
+    cases = [
+        (["query", "--image", str(tmp_path / "gone.png"), *idx], "cannot use --image"),
+        (["query", "--image", str(tmp_path / "gone.png"), *idx], "unreadable file"),
+        (["query", "--image", str(tmp_path / "fake.jpg"), *idx], "not an image"),
+        (["query", "a dress", "--image", str(tmp_path / "fake.jpg"), *idx], "not both"),
+        (["query", f'"a dress" + {tmp_path / "fake.jpg"}', *idx], "cannot be used: not an image"),
+        (["query", '"a dress" + #424242', *idx], "no image with id 424242"),
+        (["query", '"a dress" hat', *idx], "position 10"),
+        (["query", '"a * dress" + #1', "--gair", *idx], "--gair takes sentences"),
+        (["query", '"a * dress" + #1', *idx], "--token NAME"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.output, (args, r.output)
+        assert "Traceback" not in r.output
 
 
 def test_info(indexed):

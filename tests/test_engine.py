@@ -112,3 +112,19 @@ def test_generate_adds_the_parent_word_and_uses_the_models_own_sampler(tiny, tmp
 )
 def test_the_cli_says_python_arguments_as_its_flags(message, said):
     assert flags(message) == said
+
+
+def test_a_long_lived_engine_switches_to_a_newer_commit_between_queries(tmp_path, gallery):
+    from tests.tiny import write_gallery
+
+    reader = Engine(tmp_path / "idx", model="tiny-random", device="cpu")
+    reader.index(gallery, progress=False, workers=0)
+    before = reader.store
+    assert len(reader.query("a red dress", k=100).hits) == before.count == 24
+    write_gallery(gallery / "more", 3, seed=7)
+    Engine(tmp_path / "idx", model="tiny-random", device="cpu").index(
+        gallery, progress=False, workers=0
+    )  # another writer
+    assert reader.store is not before and reader.store.count == 27
+    assert len(reader.query("a red dress", k=100).hits) == 27
+    assert reader.store is reader.store  # unchanged manifest: the same open store

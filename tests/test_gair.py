@@ -194,6 +194,43 @@ def test_context_images_are_cached(tiny, tmp_path, monkeypatch):
     np.testing.assert_allclose(first.scores, again.scores, atol=1e-6)
 
 
+def test_outcome_keeps_g_star_and_g_a_and_tells_images_as_they_arrive(tiny, tmp_path):
+    clip = tiny.clip
+    p = plan_query("a * on a beach", [make_token(clip)])
+    config = GairConfig(weights=(0.0, 0.5, 1.0), steps=1, n_context=2, batch_size=2)
+    seen: list[tuple[int, int]] = []
+    out = run_gair(
+        [p],
+        tiny,
+        np.ones((1, clip.dim)),
+        ["red", "old"],
+        config,
+        cache_dir=tmp_path,
+        on_image=lambda *a: seen.append(a),
+    )[0]
+    # g_* and g_A of step 1, (dim,) float32: any other w is mixed from them, nothing encoded again
+    g_star, g_ctx = composed_feature(clip, p), context_features(clip, p, ["red", "old"]).mean(0)
+    assert out.composed_feature.shape == out.context_feature.shape == (clip.dim,)
+    assert out.composed_feature.dtype == out.context_feature.dtype == np.float32
+    np.testing.assert_allclose(out.composed_feature, g_star, atol=1e-6)
+    np.testing.assert_allclose(out.context_feature, g_ctx, atol=1e-6)
+    assert np.array_equal(out.query_at(out.w), out.query_vector)
+    np.testing.assert_allclose(out.query_at(0.3), mix(g_star, g_ctx, 0.3), atol=1e-6)
+    # images done / total: 0 first, then per sampler batch (2 context images, then 3 I(w) in batches of 2)
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    seen.clear()
+    run_gair(
+        [p],
+        tiny,
+        np.ones((1, clip.dim)),
+        ["red", "old"],
+        config,
+        cache_dir=tmp_path,
+        on_image=lambda *a: seen.append(a),
+    )
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]  # the cached context images count as done at once
+
+
 def test_weights_parse_and_check():
     assert parse_weights("0:1:0.1") == tuple(round(i / 10, 1) for i in range(11))
     assert parse_weights("0, 0.5,1") == (0.0, 0.5, 1.0)
@@ -258,6 +295,22 @@ def test_python_entry_point_w1_is_the_plain_composed_query(tiny, world):
     assert [h.id for h in zero.hits] == [h.id for h in search_vectors(index, mix(ctx, ctx, 0.0)[None], 5)[0]]
     with pytest.raises(QueryError, match="`concept_images=DIR`"):
         engine.query("a * on a beach", ["old-style"], gair=True, gair_config=GairConfig(weights=(0.0, 1.0), steps=1))
+
+
+def test_engine_passes_on_image_through(tiny, world):
+    idx, store, _ = world
+    engine = Engine(idx, tokens_dir=store.root, backbone=tiny)
+    seen: list[tuple[int, int]] = []
+    result = engine.query(
+        "a * on a beach",
+        ["my-dress"],
+        k=2,
+        gair=True,
+        gair_config=GairConfig(weights=(0.0, 1.0), steps=1),
+        on_image=lambda done, total: seen.append((done, total)),
+    )
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3) and result.gair is not None
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
 def test_cli_query_with_token_gair_json_and_report(world, tmp_path):

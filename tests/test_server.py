@@ -5,6 +5,7 @@ bad input: unknown ids, traversal attempts, oversized and non-image uploads, bad
 import io
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from typer.testing import CliRunner
 
 from retrieval import Engine
 from retrieval.composed import mix
+from retrieval.mix import combine
 from retrieval.models.diffusion import load_diffusion
-from retrieval.server import ServerConfig, check_bind, combine, create_app, parse_mix
+from retrieval.server import ServerConfig, check_bind, create_app
 from retrieval.server.app import STATIC_DIR, bind_config
-from retrieval.server.mix import FILE, GALLERY_ID, TEXT, MixError, Term
 from tests.tiny import write_gallery
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -142,52 +143,6 @@ def test_search_words_tokens_and_bad_queries(client, world):
     assert_error(client.get("/api/search", params={"q": "a", "k": "many"}), 400, "k")
     assert_error(client.get("/api/search", params={"q": "  "}), 400, "expected a query")
     assert_error(client.get("/api/search"), 400, "q")
-
-
-@pytest.mark.parametrize(
-    "text, terms",
-    [
-        (
-            '"2:a red dress" + photo.jpg - "hat"',
-            [(TEXT, "a red dress", 2.0), (FILE, "photo.jpg", 1.0), (TEXT, "hat", -1.0)],
-        ),
-        ("a person wearing a * on the grass", [(TEXT, "a person wearing a * on the grass", 1.0)]),
-        ("a black-and-white t-shirt", [(TEXT, "a black-and-white t-shirt", 1.0)]),
-        ('#12 + 0.5:"red"', [(GALLERY_ID, "12", 1.0), (TEXT, "red", 0.5)]),
-        ('-"hat" + 3:#4', [(TEXT, "hat", -1.0), (GALLERY_ID, "4", 3.0)]),
-        ("2:my-photo.PNG+#4", [(FILE, "my-photo.PNG", 2.0), (GALLERY_ID, "4", 1.0)]),
-        ('"a \\"quoted\\" word"', [(TEXT, 'a "quoted" word', 1.0)]),
-    ],
-)
-def test_mix_parses(text, terms):
-    assert [(t.kind, t.value, t.weight) for t in parse_mix(text)] == terms
-
-
-@pytest.mark.parametrize(
-    "text, position, expected",
-    [
-        ('"a dress" hat', 10, "'+' or '-'"),
-        ('"a dress" + hat', 12, "quoted text"),
-        ('"unclosed', 9, "closing"),
-        ('"a" +', 5, "a term"),
-        ('#x + "a"', 1, "digits"),
-        ('0:"a"', 0, "above 0"),
-        ('"" + #1', 0, "some text"),
-        ("", 0, "a query"),
-    ],
-)
-def test_mix_errors_say_where_and_what(text, position, expected):
-    with pytest.raises(MixError) as e:
-        parse_mix(text)
-    assert e.value.position == position and expected in e.value.expected and f"position {position}" in str(e.value)
-
-
-def test_combine_is_the_normalised_weighted_sum():
-    v = np.eye(3, dtype=np.float32)
-    np.testing.assert_allclose(combine(np.array([2.0, -1.0]), v[:2]), np.array([2, -1, 0]) / np.sqrt(5), atol=1e-6)
-    with pytest.raises(ValueError, match="cancel out"):
-        combine(np.array([1.0, -1.0]), np.stack([v[0], v[0]]))
-    assert Term(TEXT, "a", -2.0, 0).to_json() == {"kind": "text", "value": "a", "weight": -2.0}
 
 
 def test_mixes_of_text_gallery_images_and_uploads(client, world):
@@ -422,15 +377,19 @@ def test_a_running_job_reports_progress_and_can_be_cancelled(client, world):
         "/api/tokens", data={"name": "other", "parent": "dress", "method": "ti", "ids": ",".join(map(str, ids))}
     )
     assert_error(busy, 409, "still running")
-    assert client.delete(f"/api/jobs/{job['id']}").status_code == 202
+    asked = client.delete(f"/api/jobs/{job['id']}")  # sets the job's Event: its on_step hook answers False
+    assert asked.status_code == 202 and asked.json()["cancel_requested"]
+    assert asked.json()["state"] == "done" or asked.json()["phase"].startswith("cancelling")
     gone = wait_for(client, job["id"], lambda j: j["state"] != "running", timeout=10)
-    assert gone["state"] == "cancelled" and not engine.tokens.exists("long")
+    assert gone["state"] == "cancelled" and not engine.tokens.exists("long") and gone["result"] is None
+    assert job["step"] <= gone["step"] < 100000  # stopped at the step after the cancel, not run to the end
+    assert not list(engine.tokens.root.glob("long*"))  # no token file written
     assert not (engine.tokens.root / ".server-concepts" / "long").exists()
     assert_error(client.delete(f"/api/jobs/{job['id']}"), 409, "only a running job")
 
 
 # ----- GAIR
-def test_gair_images_per_w_and_choosing_another_w(client, world):
+def test_gair_images_per_w_and_choosing_another_w(client, world, monkeypatch):
     engine = world[0]
     body = {"q": "a person wearing a * on the grass", "token": "tok", "weights": [0.0, 1.0], "steps": 2, "k": 5}
     run = client.post("/api/gair", json=body).json()
@@ -446,7 +405,9 @@ def test_gair_images_per_w_and_choosing_another_w(client, world):
 
     plan = engine.plan(body["q"], ["tok"])
     g_star, g_ctx = composed_feature(engine.clip, plan), context_features(engine.clip, plan, run["attributes"]).mean(0)
-    other = client.post(f"/api/gair/{run['run']}/choose", json={"w": 0.3}).json()
+    with monkeypatch.context() as m:  # choose mixes the g_* and g_A GAIR's outcome kept: no text is encoded again
+        m.setattr(engine.clip, "text_features", lambda *a, **k: pytest.fail("choose encoded a text again"))
+        other = client.post(f"/api/gair/{run['run']}/choose", json={"w": 0.3}).json()
     assert other["w"] == 0.3 and other["w_star"] == run["w"] and other["nearest_image"] == 0
     assert [h["id"] for h in other["results"]] == brute_force(engine, mix(g_star, g_ctx, 0.3), 5)
     assert client.get(f"/api/gair/{run['run']}").json()["chosen"] == 0.3
@@ -462,6 +423,53 @@ def test_gair_images_per_w_and_choosing_another_w(client, world):
     assert_error(
         client.post("/api/gair", content=b"{not json", headers={"content-type": "application/json"}), 400, "json"
     )
+
+
+def poll(client, url: str, until, timeout: float = 20.0) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        got = client.get(url).json()
+        if until(got):
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never got there: {got}")
+
+
+def test_gair_in_the_background_reports_images_done_then_the_result(client, world, monkeypatch):
+    engine = world[0]
+    body = {"q": "a person wearing a * on the grass", "token": "tok", "weights": [0.0, 1.0], "steps": 2, "k": 5}
+    sync = client.post("/api/gair", json=body).json()  # the same run in the request (its context image now cached)
+    gate, held = threading.Event(), threading.Event()
+    sample = engine.backbone.sample
+
+    def gated(*args, **kwargs):  # the sampler waits until the test has seen the run half done
+        held.set()
+        assert gate.wait(20)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(engine.backbone, "sample", gated)
+    r = client.post("/api/gair", json={**body, "async": True})
+    assert r.status_code == 202, r.text
+    started = r.json()
+    assert started["state"] == "running" and started["images_total"] == 3 and "results" not in started
+    url = f"/api/gair/{started['run']}"
+    try:
+        assert held.wait(20)
+        mid = client.get(url).json()
+        assert mid["state"] == "running" and (mid["images_done"], mid["images_total"]) == (1, 3)  # x_c from the cache
+        assert_error(client.get(f"{url}/0.png"), 409, "1 / 3 images")
+        assert_error(client.post(f"{url}/choose", json={"w": 0.5}), 409, "still generating")
+        assert_error(client.post("/api/gair", json={**body, "async": True}), 409, "still generating")
+    finally:
+        gate.set()
+    done = poll(client, url, lambda g: g["state"] != "running")
+    assert done["state"] == "done" and done["images_done"] == done["images_total"] == 3
+    assert done["w"] == sync["w"] and done["chosen"] == sync["w"] and done["composed"] == sync["composed"]
+    assert done["scores"] == pytest.approx(sync["scores"], abs=1e-5)
+    assert [h["id"] for h in done["results"]] == [h["id"] for h in sync["results"]]
+    assert client.get(done["images"][1]).headers["content-type"] == "image/png"
+    chosen = client.post(f"{url}/choose", json={"w": done["w"]}).json()
+    assert [h["id"] for h in chosen["results"]] == [h["id"] for h in done["results"]]
 
 
 # ----- safe by default

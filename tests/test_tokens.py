@@ -40,6 +40,8 @@ from tokens.token_file import (
     save_token_file,
 )
 from tokens.trainer import (
+    StepReport,
+    TrainingCancelled,
     evaluate_losses,
     prepare_concept,
     to_custom_token,
@@ -251,6 +253,59 @@ def test_nan_loss_stops_that_concept_and_keeps_its_last_good_token(tiny, monkeyp
     assert rb.summary["stopped_early"] and "not finite at step 2" in rb.summary["reason"] and rb.summary["steps"] == 1
     assert torch.isfinite(rb.vectors).all()
     torch.testing.assert_close(rb.vectors, b_after_one.vectors, atol=1e-5, rtol=1e-5)  # the token after 1 update
+
+
+# ----- the on_step hook: progress and cancel
+def test_on_step_sees_every_step_and_changes_nothing(tiny):
+    cfg, concept = prepared(tiny, "ours", steps=4, lambda_ce=1.0)
+    plain = train_tokens([concept], tiny.clip, tiny, cfg, progress=False)[0]
+    reports: list[StepReport] = []
+    watched = train_tokens([concept], tiny.clip, tiny, cfg, progress=False, on_step=reports.append)[0]
+    assert torch.equal(watched.vectors, plain.vectors)  # the hook only observes: bit-identical
+    assert [r.step for r in reports] == [1, 2, 3, 4] and {r.steps for r in reports} == {4}
+    assert all(np.isfinite([r.l_sd, r.l_ce, r.loss]).all() for r in reports)
+    assert [r.seconds for r in reports] == sorted(r.seconds for r in reports) and reports[0].seconds > 0
+    last = reports[-1]  # the summary's last losses are the last step's
+    assert (last.l_sd, last.l_ce, last.loss) == (
+        plain.summary["last_l_sd"],
+        plain.summary["last_l_ce"],
+        plain.summary["last_loss"],
+    )
+    assert last.loss == pytest.approx(weighted(cfg, last.l_sd, last.l_ce), rel=1e-6)
+
+
+def test_on_step_returning_false_cancels_and_writes_no_token(tiny, tmp_path):
+    from dataclasses import replace
+
+    from tokens.learn import LearnRequest, learn_token
+
+    request = LearnRequest(
+        name="stopped",
+        images=write_images(tmp_path / "imgs", RED),
+        parent="dress",
+        method="ti",
+        steps=50,
+        n_vectors=2,
+        model="tiny-random",
+        tokens_dir=tmp_path / "store",
+        device="cpu",
+    )
+    seen: list[int] = []
+    grads = [p.requires_grad for p in tiny.unet.parameters()]
+
+    def stop_at_two(report: StepReport) -> bool:
+        seen.append(report.step)
+        return report.step < 2
+
+    with pytest.raises(TrainingCancelled, match="after step 2 of 50") as e:
+        learn_token(request, progress=False, models=(tiny.clip, tiny), on_step=stop_at_two)
+    assert (e.value.step, e.value.steps) == (2, 50) and seen == [1, 2]  # stopped at that very step
+    store = TokenStore(tmp_path / "store")
+    assert not store.exists("stopped") and store.names() == []
+    assert not list((tmp_path / "store").glob("*.safetensors"))  # no token file at all
+    assert [p.requires_grad for p in tiny.unet.parameters()] == grads  # unfrozen again on the way out
+    kept = learn_token(replace(request, steps=2), progress=False, models=(tiny.clip, tiny), on_step=lambda r: True)
+    assert kept.path.is_file() and kept.token.info.training["steps"] == 2  # True (or None) goes on
 
 
 # ----- the token file and the store

@@ -4,7 +4,7 @@
 benchmarks (benchmarks/pervl.py, benchmarks/token_quality.py) call it:
  1. negatives for l_CE: a concept's own, or images sampled for "image of a <parent>" (cached, tokens.negatives);
  2. each concept prepared once (tokens.trainer.prepare_concept);
- 3. all concepts trained in ONE batched loop (tokens.trainer.train_tokens);
+ 3. all concepts trained in ONE batched loop (tokens.trainer.train_tokens), `on_step` told after every step;
  4. each result with the metadata its file carries (tokens.trainer.to_custom_token).
 
 Steps of `learn_token`:
@@ -14,12 +14,13 @@ Steps of `learn_token`:
     (`diffusion`; default: the one paired with `model`) conditioned on that same CLIP;
  4. `learn_tokens` on that one concept, its negatives from the `negatives` folder or sampled (cached in the store);
  5. save the token in the store (tokens.store).
+Cancelling (`on_step` returning False) raises tokens.trainer.TrainingCancelled out of step 4: nothing is saved.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tokens.methods import TokenTrainConfig, fill_prompt, model_defaults, token_
 from tokens.negatives import sampled_negatives
 from tokens.store import TokenStore
 from tokens.token_file import CustomToken, check_name
-from tokens.trainer import prepare_concept, to_custom_token, train_tokens
+from tokens.trainer import StepReport, prepare_concept, to_custom_token, train_tokens
 
 
 @dataclass
@@ -56,10 +57,12 @@ def learn_tokens(
     concepts: Sequence[ConceptImages],
     negatives_dir: str | Path | None,
     progress: bool = True,
+    on_step: Callable[[StepReport], bool | None] | None = None,
 ) -> list[CustomToken]:
     """The tokens of CONCEPTS, trained together in ONE batched loop (steps in the module docstring), in their order.
     CLIP and BACKBONE are the caller's (`load_models`); BACKBONE may be None when the method needs no diffusion model
-    (`TokenTrainConfig.needs_diffusion`). Negatives a concept lacks are sampled and cached in NEGATIVES_DIR."""
+    (`TokenTrainConfig.needs_diffusion`). Negatives a concept lacks are sampled and cached in NEGATIVES_DIR.
+    ON_STEP: `train_tokens`' hook, called after every optimiser step; returning False raises TrainingCancelled."""
     # 0. check inputs: a diffusion model where one is needed, negatives only where l_CE uses them
     if not concepts:
         raise ValueError("no concepts to learn tokens for")
@@ -92,7 +95,7 @@ def learn_tokens(
         seed = config.seed + i if c.seed is None else c.seed
         prepared.append(prepare_concept(c.name, c.parent, c.images, clip, backbone, config, negatives, seed=seed))
     # 3. one batched loop for all of them
-    trained = train_tokens(prepared, clip, backbone, config, progress=progress)
+    trained = train_tokens(prepared, clip, backbone, config, progress=progress, on_step=on_step)
     # 4. the tokens with their metadata
     diffusion = backbone.spec if backbone is not None else ""
     return [
@@ -169,10 +172,16 @@ def needs_diffusion(request: LearnRequest) -> bool:
     return request_config(request).needs_diffusion(negatives_given=request.negatives is not None)
 
 
-def learn_token(request: LearnRequest, progress: bool = True, models: tuple | None = None) -> LearnResult:
+def learn_token(
+    request: LearnRequest,
+    progress: bool = True,
+    models: tuple | None = None,
+    on_step: Callable[[StepReport], bool | None] | None = None,
+) -> LearnResult:
     """Learn the token REQUEST describes and save it in its store (steps in the module docstring). MODELS: the
     (clip, backbone) of `load_models` for request.model, when the caller already holds them (backbone None
-    when `needs_diffusion(request)` is False)."""
+    when `needs_diffusion(request)` is False). ON_STEP(StepReport) after every optimiser step: steps done / total,
+    losses, seconds; returning False cancels (tokens.trainer.TrainingCancelled is raised and no file is written)."""
     # 1. check the request before anything expensive
     check_name(request.name)
     store = TokenStore(request.tokens_dir)
@@ -218,7 +227,7 @@ def learn_token(request: LearnRequest, progress: bool = True, models: tuple | No
         source=str(Path(request.images).resolve()),
         context_attributes=attributes or tuple(model_defaults(request.model).get("context_attributes", ())),
     )
-    token = learn_tokens(clip, backbone, config, [concept], store.negatives_dir, progress=progress)[0]
+    token = learn_tokens(clip, backbone, config, [concept], store.negatives_dir, progress=progress, on_step=on_step)[0]
     # 5. save
     path = store.save(token, overwrite=request.overwrite)
     return LearnResult(path, token, skipped)

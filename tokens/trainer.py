@@ -12,7 +12,8 @@ subspace of `ours`, the vocabulary basis of `batex`). The loop (`train_tokens`) 
  3. l_CE: ONE text forward for all C class prompts, against the precomputed image features;
  4. sums L_c = lambda_SD l_SD,c + lambda_CE l_CE,c over the concepts; a concept whose L_c is not finite stops
     and keeps its last good vectors, the others go on;
- 5. one Adam step, logging, the progress bar (each loss term).
+ 5. one Adam step, logging, the progress bar (each loss term), and the caller's `on_step(StepReport)`: its
+    progress, and its way to cancel (returning False raises `TrainingCancelled`: no token results, none is saved).
 Where one forward for all concepts does not fit in memory (Stable Diffusion at 512 px: ~4 rows per concept),
 `concepts_per_forward` splits steps 1-4 into chunks of concepts whose gradients accumulate before the one Adam
 step: the same result, more forwards.
@@ -31,7 +32,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -297,6 +298,28 @@ class TrainedToken:
     history: list[dict] = field(default_factory=list)  # {"step", "l_sd", "l_ce", "loss"} every log_every steps
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """What `train_tokens` tells its `on_step` after each optimiser step: losses are means over the concepts still
+    training (those of the progress bar)."""
+
+    step: int  # optimiser steps done: 1 after the first, `steps` after the last
+    steps: int  # optimiser steps asked (config.steps)
+    l_sd: float  # l_SD this step
+    l_ce: float  # l_CE this step
+    loss: float  # L = lambda_SD l_SD + lambda_CE l_CE this step
+    seconds: float  # since the loop started: seconds / step * (steps - step) is the time left
+
+
+class TrainingCancelled(Exception):
+    """`train_tokens` stopped because its `on_step` returned False. Raised rather than returning the tokens so far:
+    a cancelled training yields no token, and `tokens.learn.learn_token` writes no file."""
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"training cancelled by on_step after step {step} of {steps}: no token was kept")
+        self.step, self.steps = step, steps
+
+
 @contextlib.contextmanager
 def _frozen(*modules):
     """Weights not requiring gradients for the duration (restored after): backward then reaches only the token."""
@@ -341,9 +364,13 @@ def train_tokens(
     config: TokenTrainConfig,
     progress: bool = True,
     log_every: int = 10,
+    on_step: Callable[[StepReport], bool | None] | None = None,
 ) -> list[TrainedToken]:
     """Train every concept's token together (see the module docstring). CLIP and the backbone are passed in;
-    the backbone must condition on this very CLIP (`load_diffusion(spec, clip_encoder=clip)`)."""
+    the backbone must condition on this very CLIP (`load_diffusion(spec, clip_encoder=clip)`).
+    ON_STEP(StepReport) is called after every optimiser step (not after a step at which every concept stopped on a
+    non-finite loss); when it returns False, training stops there and `TrainingCancelled` is raised, so that a
+    cancelled run yields no token (None or True: go on). It only observes: the numbers are those without it."""
     # 1. check inputs
     if not concepts:
         raise ValueError("no concepts to train")
@@ -446,6 +473,19 @@ def train_tokens(
                 L=f"{terms[2, active].mean():.4g}",
                 refresh=False,
             )
+            # 4.8 tell the caller; False cancels (no token: the exception leaves before step 5)
+            if on_step is not None:
+                report = StepReport(
+                    step=steps_run,
+                    steps=config.steps,
+                    l_sd=float(terms[0, active].mean()),
+                    l_ce=float(terms[1, active].mean()),
+                    loss=float(terms[2, active].mean()),
+                    seconds=time.perf_counter() - start,
+                )
+                if on_step(report) is False:
+                    bar.close()
+                    raise TrainingCancelled(steps_run, config.steps)
     seconds = time.perf_counter() - start
 
     # 5. each concept's result: its effective vectors from its last good numbers

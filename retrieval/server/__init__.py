@@ -4,11 +4,9 @@ tokens as background jobs; see GAIR's generated images and choose w by looking (
 | module | what | tests |
 | --- | --- | --- |
 | `app` | the FastAPI app (`create_app`), its safety checks, token jobs, GAIR runs, `serve` | tests/test_server.py, tests/test_server_browser.py |
-| `mix` | the query-mix parser (`"2:a red dress" + photo.jpg - "hat"`) and the mixed vector | tests/test_server.py |
 | `static/` | the page: index.html, app.js, app.css (no build step, no CDN) | tests/test_server_browser.py |
 """
 
 from retrieval.server.app import ServerConfig, check_bind, create_app, serve
-from retrieval.server.mix import MixError, Term, combine, is_mix, parse_mix
 
-__all__ = ["MixError", "ServerConfig", "Term", "check_bind", "combine", "create_app", "is_mix", "parse_mix", "serve"]
+__all__ = ["ServerConfig", "check_bind", "create_app", "serve"]

@@ -16,16 +16,17 @@ Safe by default:
    string is ever HTML; the page writes every string with textContent;
  - errors are JSON {"error": message} with a 4xx status (500 with no detail for a bug: the trace goes to the log).
 
-Workarounds for what the layers below do not offer yet (each says so where it is used):
- - the token trainer has no progress or cancel hook: a job's steps, loss and ETA are read from its tqdm bar
-   (`_trainer_bar`), and cancelling raises an exception in the job's thread (`_raise_in_thread`);
- - GAIR's outcome keeps q(w*) but not g_* and g_A: `POST /api/gair` recomputes both (two text encodings, no image)
-   so that `choose` can search any other w without generating again.
+Background work, one at a time of each kind, each through the library's own hooks:
+ - a token job (`POST /api/tokens`) runs `Engine.learn_token` in a thread; its `on_step` hook reports steps done /
+   total, the loss terms and the time (hence the ETA), and cancels: `DELETE /api/jobs/{id}` sets the job's Event, the
+   hook answers False at the next optimiser step, the trainer raises TrainingCancelled and no token file is written;
+ - a GAIR run (`POST /api/gair`, or with `"async": true` in a thread, answered 202) reports images done / total
+   through `Engine.query_many(on_image=...)`; its outcome keeps g_* and g_A, so `choose` searches any other w with
+   no encoding and no image generated again.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hmac
 import html
 import io
@@ -52,18 +53,18 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tqdm import tqdm
 
 from indexes.store import IndexStoreError
-from retrieval.composed import STAR, composed_feature, context_features, mix
+from retrieval.composed import mix
 from retrieval.engine import Engine
 from retrieval.gair import DEFAULT_WEIGHTS, GairConfig, parse_weights
 from retrieval.io.images import IMAGE_EXTENSIONS, BadImage, load_image
+from retrieval.mix import FILE, GALLERY_ID, TEXT, parse_mix
 from retrieval.search import Hit, search_vectors
-from retrieval.server.mix import FILE, GALLERY_ID, Term, combine, parse_mix
 from tokens.methods import METHOD_DEFAULTS, METHODS, token_train_config
 from tokens.store import TokenExistsError, TokenNotFoundError
 from tokens.token_file import check_name
+from tokens.trainer import StepReport, TrainingCancelled
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONCEPTS_DIR = ".server-concepts"  # under the token store: the photos a token was learned from in the page
@@ -277,10 +278,6 @@ class Gallery:
         self.check(image_id)
         return self._files[image_id]
 
-    def vector(self, image_id: int) -> np.ndarray:
-        self.check(image_id)
-        return self.engine.store.vectors_for_ids(np.array([image_id]))[0]  # (dim,)
-
     def image(self, image_id: int) -> Image.Image:
         try:
             return load_image(self.file(image_id))
@@ -355,42 +352,7 @@ def hit_json(h: Hit) -> dict:
 
 
 # ----- token jobs: one at a time, in a thread
-class JobCancelled(Exception):
-    """Raised in a job's thread by `DELETE /api/jobs/{id}`."""
-
-
-def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:
-    """Raise EXC_TYPE in THREAD at its next Python bytecode (CPython's PyThreadState_SetAsyncExc). The trainer has no
-    cancel hook, so this is how a job stops: between two torch calls, its `with` blocks and `finally`s unwinding."""
-    if thread.ident is None or not thread.is_alive():
-        return False
-    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
-    if hit > 1:  # never expected: undo
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
-    return hit == 1
-
-
-def _trainer_bar(method: str) -> dict | None:
-    """The live tqdm bar of `tokens.trainer.train_tokens` (desc "<method> x1"), as its format_dict, or None.
-    The trainer takes no progress callback: its bar is the one place its step and loss terms are visible."""
-    with tqdm.get_lock():
-        bars = list(getattr(tqdm, "_instances", ()))
-    for bar in bars:
-        if str(getattr(bar, "desc", "")).startswith(f"{method} x"):
-            return dict(bar.format_dict)
-    return None
-
-
-def _losses(postfix: str | None) -> dict:
-    """'L=1.137, l_CE=0.0000, l_SD=1.1373' (the trainer's bar postfix) -> {"L": 1.137, ...}."""
-    out = {}
-    for part in (postfix or "").split(","):
-        key, _, value = part.strip().partition("=")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            pass
-    return out
+PREPARING = "preparing: reading the photos, sampling negatives"
 
 
 @dataclass
@@ -402,41 +364,34 @@ class Job:
     total: int  # optimiser steps asked
     folder: Path  # the concept photos it learns from
     state: str = "queued"  # queued | running | done | failed | cancelled
+    phase: str = "queued"  # what a running job is doing before its first step (then: training, saving)
     created: float = field(default_factory=time.time)
     finished: float | None = None
-    step: int = 0
-    loss: dict = field(default_factory=dict)
-    train_seconds: float = 0.0  # time inside the training loop (from the trainer's bar)
-    seen_bar: bool = False
+    report: StepReport | None = None  # the trainer's latest, from its on_step hook
+    final_step: int | None = None  # steps behind the saved token (from its training summary)
+    final_loss: dict | None = None
     error: str = ""
     result: dict | None = None
     thread: threading.Thread | None = None
-    cancel_requested: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)  # set by DELETE; the hook answers False
 
-    def observe(self) -> None:
-        """Update step, loss and time from the trainer's bar while it runs."""
-        if self.state != "running":
-            return
-        bar = _trainer_bar(self.method)
-        if bar is not None:
-            self.seen_bar = True
-            self.step, self.total = int(bar.get("n") or 0), int(bar.get("total") or self.total)
-            self.loss = _losses(bar.get("postfix")) or self.loss
-            self.train_seconds = float(bar.get("elapsed") or 0.0)
+    def on_step(self, report: StepReport) -> bool:
+        """The trainer's hook (called in the job's thread after every optimiser step): keep its report; False once a
+        cancel was asked, which stops training at this step with no token saved."""
+        self.report = report  # one reference swapped: a reader sees one whole report
+        return not self.cancel.is_set()
 
     def to_json(self) -> dict:
-        self.observe()
-        running = self.state == "running"
-        phase = (
-            "training"
-            if running and self.seen_bar and self.step < self.total
-            else "saving"
-            if running and self.seen_bar
-            else "preparing: reading the photos, loading models, sampling negatives"
-            if running
-            else self.state
-        )
-        eta = (self.train_seconds / self.step * (self.total - self.step)) if running and self.step else None
+        running, r = self.state == "running", self.report
+        if running and self.cancel.is_set():
+            phase = "cancelling (at the next optimiser step)"
+        elif running and r is not None:
+            phase = "training" if r.step < r.steps else "saving"
+        else:
+            phase = self.phase if running else self.state
+        step = self.final_step if self.final_step is not None else (r.step if r else 0)
+        loss = self.final_loss or ({"L": r.loss, "l_SD": r.l_sd, "l_CE": r.l_ce} if r else {})
+        eta = r.seconds / r.step * (r.steps - r.step) if running and r is not None and r.step else None
         end = self.finished or time.time()
         return {
             "id": self.id,
@@ -446,14 +401,15 @@ class Job:
             "method": self.method,
             "state": self.state,
             "phase": phase,
-            "step": self.step,
-            "total": self.total,
-            "loss": self.loss,
+            "step": step,
+            "total": r.steps if r is not None else self.total,
+            "loss": loss,
+            "train_s": round(r.seconds, 2) if r is not None else None,
             "elapsed_s": round(end - self.created, 2),
             "eta_s": round(eta, 1) if eta is not None else None,
+            "cancel_requested": self.cancel.is_set(),
             "error": self.error,
             "result": self.result,
-            "progress_from": "the trainer's progress bar (tokens/ offers no progress callback)",
         }
 
 
@@ -483,52 +439,53 @@ class Jobs:
             for k in finished[: max(0, len(self.jobs) - self.config.jobs_kept)]:
                 del self.jobs[k]
             job.thread = threading.Thread(target=self._run, args=(job, options), name=f"job-{job.id}", daemon=True)
-            job.state = "running"
+            job.state, job.phase = "running", "loading the models"
             job.thread.start()
         return job
 
     def _run(self, job: Job, options: dict) -> None:
         try:
-            try:
-                with self.models_lock:  # the diffusion model, loaded once (a GAIR request may want it too)
-                    self.engine.backbone  # noqa: B018
-                result = self.engine.learn_token(
-                    job.name, job.folder, job.parent, progress=True, method=job.method, **options
-                )
-                info = result.token.info
-                with self.lock:
-                    job.result = {
-                        "token": info.name,
-                        "path": str(result.path),
-                        "training": info.training,
-                        "skipped": [[str(p), r] for p, r in result.skipped],
-                    }
-                    t = info.training
-                    job.step = int(t.get("steps", job.step))
-                    job.loss = {"L": t.get("last_loss"), "l_SD": t.get("last_l_sd"), "l_CE": t.get("last_l_ce")}
-                    job.state, job.finished = "done", time.time()
-            except JobCancelled:
-                with self.lock:
-                    job.state, job.finished = "cancelled", time.time()
-                shutil.rmtree(job.folder, ignore_errors=True)
-            except (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, IndexStoreError) as e:
-                with self.lock:
-                    job.state, job.error, job.finished = "failed", str(e), time.time()
-                shutil.rmtree(job.folder, ignore_errors=True)
-            except Exception as e:  # noqa: BLE001 - a bug: the page gets its type, the log its trace
-                log.exception("token job %s failed", job.id)
-                with self.lock:
-                    job.state, job.error, job.finished = "failed", f"internal error ({type(e).__name__})", time.time()
-        except JobCancelled:  # the cancel arrived after the job had finished: it stays finished
-            pass
+            # 1. the diffusion model, loaded once (a GAIR request may want it too)
+            with self.models_lock:
+                self.engine.backbone  # noqa: B018
+            if job.cancel.is_set():  # cancelled before training began: nothing to stop
+                raise TrainingCancelled(0, job.total)
+            # 2. read, prepare, train (the hook reports and cancels), save
+            job.phase = PREPARING
+            result = self.engine.learn_token(
+                job.name, job.folder, job.parent, progress=False, on_step=job.on_step, method=job.method, **options
+            )
+            info, t = result.token.info, result.token.info.training
+            with self.lock:
+                job.result = {
+                    "token": info.name,
+                    "path": str(result.path),
+                    "training": t,
+                    "skipped": [[str(p), r] for p, r in result.skipped],
+                }
+                job.final_step = int(t.get("steps", 0))
+                job.final_loss = {"L": t.get("last_loss"), "l_SD": t.get("last_l_sd"), "l_CE": t.get("last_l_ce")}
+                job.state, job.finished = "done", time.time()
+        except TrainingCancelled:  # no token was saved
+            with self.lock:
+                job.state, job.finished = "cancelled", time.time()
+            shutil.rmtree(job.folder, ignore_errors=True)
+        except (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, IndexStoreError) as e:
+            with self.lock:
+                job.state, job.error, job.finished = "failed", str(e), time.time()
+            shutil.rmtree(job.folder, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 - a bug: the page gets its type, the log its trace
+            log.exception("token job %s failed", job.id)
+            with self.lock:
+                job.state, job.error, job.finished = "failed", f"internal error ({type(e).__name__})", time.time()
 
     def cancel(self, job_id: str) -> Job:
+        """Ask a running job to stop: its on_step hook answers False at the next optimiser step."""
         with self.lock:
             job = self.get(job_id)
             if job.state != "running":
                 raise ApiError(409, f"job {job_id} is {job.state}: only a running job can be cancelled")
-            job.cancel_requested = True
-            _raise_in_thread(job.thread, JobCancelled)
+            job.cancel.set()
         return job
 
 
@@ -539,17 +496,34 @@ class GairRun:
     query: str
     token: str
     k: int
-    weights: tuple[float, ...]
-    best: int  # index of w* in weights
-    g_star: np.ndarray  # (dim,) g([t, *, c])
-    g_ctx: np.ndarray  # (dim,) mean_i g([t, a_i, c])
-    images: list[bytes]  # PNG of I(w), one per weight
-    context_images: list[bytes]  # PNG of x_c
-    summary: dict  # the JSON answered (without results)
+    images_total: int  # Q (|W| + n_context) images Algorithm 1 makes (context images from the cache count too)
+    state: str = "running"  # running | done | failed
+    images_done: int = 0
+    error: str = ""
+    weights: tuple[float, ...] = ()
+    best: int = 0  # index of w* in weights
+    g_star: np.ndarray | None = None  # (dim,) g([t, *, c]): GairOutcome.composed_feature
+    g_ctx: np.ndarray | None = None  # (dim,) mean_i g([t, a_i, c]): GairOutcome.context_feature
+    images: list[bytes] = field(default_factory=list)  # PNG of I(w), one per weight
+    context_images: list[bytes] = field(default_factory=list)  # PNG of x_c
+    summary: dict = field(default_factory=dict)  # the JSON answered when done, w*'s results included
     chosen: float | None = None
+
+    def on_image(self, done: int, total: int) -> None:
+        """GAIR's hook (`Engine.query_many(on_image=...)`), called as the sampler's batches arrive."""
+        self.images_done, self.images_total = done, total
+
+    def to_json(self) -> dict:
+        progress = {"run": self.id, "state": self.state, "images_done": self.images_done}
+        progress["images_total"] = self.images_total
+        if self.state != "done":
+            return {**progress, "query": self.query, "token": self.token, "error": self.error}
+        return {**self.summary, **progress, "chosen": self.chosen if self.chosen is not None else self.summary["w"]}
 
 
 class GairRequest(BaseModel):
+    model_config = {"populate_by_name": True}
+
     q: str = Field(..., description="The query with * where the token goes, e.g. 'a person wearing a * on the grass'")
     token: str = Field(..., description="The custom token's name")
     weights: list[float] | str = Field(
@@ -560,6 +534,11 @@ class GairRequest(BaseModel):
     seed: int = Field(0, description="Noise seed: every w uses the same noise")
     attributes: list[str] | None = Field(
         None, description="Context words A (default: the token's own, else the paper's)"
+    )
+    background: bool = Field(
+        False,
+        alias="async",
+        description="Answer 202 with the run id at once; GET /api/gair/{run} reports images done / total, then the result",
     )
 
 
@@ -578,9 +557,9 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         default_response_class=SafeJSONResponse,
         description="Search a gallery by text, image and custom tokens; learn tokens; see GAIR's queries.",
     )
-    gair_lock, backbone_lock = threading.Lock(), threading.Lock()
+    gair_lock, backbone_lock, runs_lock = threading.Lock(), threading.Lock(), threading.Lock()
     gallery, jobs = Gallery(engine, config), Jobs(engine, config, backbone_lock)
-    runs: OrderedDict[str, GairRun] = OrderedDict()  # changed under gair_lock
+    runs: OrderedDict[str, GairRun] = OrderedDict()  # changed under runs_lock
     app.state.engine, app.state.jobs, app.state.runs = engine, jobs, runs
 
     # 1. errors as JSON
@@ -613,67 +592,33 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             check_name(n)
         return names
 
-    def search_vector(q: np.ndarray, k: int, exclude: int | None = None) -> list[dict]:
-        hits = search_vectors(engine.store, q[None].astype(np.float32), k + (exclude is not None))[0]
-        kept = [h for h in hits if h.id != exclude][:k]
-        return [{**hit_json(h), "rank": r + 1} for r, h in enumerate(kept)]
+    def search_vector(q: np.ndarray, k: int) -> list[dict]:
+        return [hit_json(h) for h in search_vectors(engine.store, q[None].astype(np.float32), k)[0]]
 
     def answer(q: str, k: int, tokens: list[str], uploads: dict[str, Image.Image]) -> dict:
-        """A sentence (with tokens: a composed query), or a mix of text, gallery images and uploaded images."""
+        """A sentence (with tokens: a composed query), or a mix of texts, gallery images and uploaded images
+        (`Engine.query_mix`)."""
         check_k(k)
         tokens = tokens_of(tokens)
         terms = parse_mix(q)
-        plain = len(terms) == 1 and terms[0].kind == "text" and terms[0].weight == 1.0
+        plain = len(terms) == 1 and terms[0].kind == TEXT and terms[0].weight == 1.0
         if plain and not uploads:
             r = engine.query_many([terms[0].value], tokens, k=k)[0]
             out = r.to_json()
             out["results"] = [hit_json(h) for h in r.hits]
             return {**out, "query": q, "terms": [terms[0].to_json()]}
-        named = {t.value for t in terms if t.kind == FILE}
-        unused = sorted(set(uploads) - named)
-        if unused:
-            raise ApiError(
-                400,
-                f"uploaded {unused[0]!r} but the query does not name it: write {unused[0]} in the query "
-                '(e.g. "a red dress" + photo.jpg)',
-            )
-        vectors = [term_vector(t, tokens, uploads) for t in terms]
-        used = {n for t in terms if t.kind == "text" for n in token_names_in(t.value, tokens)}
-        if set(tokens) - used:
-            raise ApiError(
-                400,
-                f"token {sorted(set(tokens) - used)[0]!r} is given but no term of the mix uses it: "
-                'write * in a quoted term, e.g. "a person wearing a *" + #12',
-            )
-        qv = combine(np.array([t.weight for t in terms]), np.stack(vectors))
-        return {
-            "query": q,
-            "model": engine.model,
-            "tokens": tokens,
-            "terms": [t.to_json() for t in terms],
-            "results": search_vector(qv, k),
-        }
-
-    def token_names_in(text: str, tokens: list[str]) -> list[str]:
-        named = [n for n in tokens if f"<{n}>" in text]
-        return named or (list(tokens) if STAR in text else [])
-
-    def term_vector(term: Term, tokens: list[str], uploads: dict[str, Image.Image]) -> np.ndarray:
-        if term.kind == GALLERY_ID:
-            return gallery.vector(int(term.value))
-        if term.kind == FILE:
-            if term.value not in uploads:
+        for t in terms:  # what only the request can get wrong: an unknown id is a 404, a file name needs its upload
+            if t.kind == GALLERY_ID:
+                gallery.check(int(t.value))
+            elif t.kind == FILE and t.value not in uploads:
                 have = ", ".join(repr(n) for n in uploads) or "none"
                 raise ApiError(
                     400,
-                    f"the query names the file {term.value!r}, but no upload has that name (uploaded: "
+                    f"the query names the file {t.value!r}, but no upload has that name (uploaded: "
                     f"{have}); send it with POST /api/search, or name a gallery image as #ID",
                 )
-            return engine.clip.encode_pil([uploads[term.value]])[0]
-        used = token_names_in(term.value, tokens)
-        if used or STAR in term.value:
-            return composed_feature(engine.clip, engine.plan(term.value, used))
-        return engine.clip.encode_texts([term.value])[0]
+        r = engine.query_mix(q, k=k, images=uploads, tokens=tokens)
+        return {**r.to_json(), "results": [hit_json(h) for h in r.hits]}
 
     # 2. the page and the docs
     @app.get("/", include_in_schema=False)
@@ -738,24 +683,17 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
     @app.post("/api/search/image", summary="Search by an uploaded image")
     def search_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10):
         check_k(k)
-        im = decode_upload(image, config)
-        return {
-            "query": image.filename or "upload",
-            "model": engine.model,
-            "results": search_vector(engine.clip.encode_pil([im])[0], k),
-        }
+        r = engine.query_image(decode_upload(image, config), k, name=image.filename or "upload")
+        return {**r.to_json(), "results": [hit_json(h) for h in r.hits]}
 
     @app.get(
         "/api/similar/{image_id}", summary="More like this: the images closest to a gallery image (itself left out)"
     )
     def similar(image_id: int, k: int = 10):
         check_k(k)
-        return {
-            "query": f"#{image_id}",
-            "model": engine.model,
-            "id": image_id,
-            "results": search_vector(gallery.vector(image_id), k, exclude=image_id),
-        }
+        gallery.check(image_id)
+        r = engine.query_image(image_id, k)
+        return {**r.to_json(), "id": image_id, "results": [hit_json(h) for h in r.hits]}
 
     @app.get("/api/images/{image_id}", summary="The full gallery image of an id", response_class=Response)
     def full_image(image_id: int):
@@ -904,7 +842,67 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
         return jobs.cancel(job_id).to_json()
 
     # GAIR
-    @app.post("/api/gair", summary="GAIR (Perera et al., Algorithm 1): one generated image per w, w*, the results")
+    def gair_work(run: GairRun, body: GairRequest, gair_config: GairConfig) -> None:
+        """Algorithm 1 for RUN (in the request's thread, or a background one), RUN filled in as it goes."""
+        # 2. the diffusion model, loaded once (not by two requests at the same time)
+        with backbone_lock:
+            engine.backbone  # noqa: B018
+        # 3. Algorithm 1, images done / total told to RUN (one run at a time: the heaviest thing the server does)
+        with gair_lock:
+            result = engine.query_many(
+                [body.q],
+                [body.token],
+                k=run.k,
+                gair=True,
+                attributes=body.attributes,
+                gair_config=gair_config,
+                on_image=run.on_image,
+            )[0]
+        outcome = result.gair
+        # 4. what `choose` and the image routes serve: g_* and g_A as the outcome keeps them, the images as PNG
+        run.weights, run.best = tuple(outcome.weights), outcome.best
+        run.g_star, run.g_ctx = outcome.composed_feature, outcome.context_feature
+        run.images = [png_bytes(im) for im in outcome.images]
+        run.context_images = [png_bytes(im) for im in outcome.context_images]
+        run.summary = {
+            "run": run.id,
+            "query": body.q,
+            "composed": result.composed,
+            "token": body.token,
+            "attributes": list(result.attributes),
+            "weights": list(outcome.weights),
+            "best": outcome.best,
+            "w": outcome.w,
+            "scores": [round(float(s), 6) for s in outcome.scores],
+            "concept_similarity": [round(float(s), 6) for s in outcome.concept_similarity],
+            "context_similarity": [round(float(s), 6) for s in outcome.context_similarity],
+            "images": [f"/api/gair/{run.id}/{i}.png" for i in range(len(outcome.images))],
+            "context_images": [f"/api/gair/{run.id}/context/{j}.png" for j in range(len(outcome.context_images))],
+            "results": [hit_json(h) for h in result.hits],
+        }
+        run.state = "done"  # last: whoever reads "done" finds the rest filled in
+
+    def gair_background(run: GairRun, body: GairRequest, gair_config: GairConfig) -> None:
+        try:
+            gair_work(run, body, gair_config)
+        except tuple(ERROR_STATUS) as e:  # the user's to fix, as the synchronous form answers it (4xx)
+            run.error, run.state = getattr(e, "reason", None) or str(e), "failed"
+        except Exception as e:  # noqa: BLE001 - a bug: the page gets its type, the log its trace
+            log.exception("GAIR run %s failed", run.id)
+            run.error, run.state = f"internal error ({type(e).__name__})", "failed"
+
+    def keep(run: GairRun) -> None:
+        """Keep RUN, dropping the oldest finished runs beyond gair_runs_kept (call under runs_lock)."""
+        runs[run.id] = run
+        finished = [i for i, r in runs.items() if r.state != "running"]
+        for i in finished[: max(0, len(runs) - config.gair_runs_kept)]:
+            del runs[i]
+
+    @app.post(
+        "/api/gair",
+        summary="GAIR (Perera et al., Algorithm 1): one generated image per w, w*, the results "
+        '(with "async": true a background run, answered 202)',
+    )
     def gair(body: GairRequest):
         # 1. check the request
         k = check_k(body.k)
@@ -918,64 +916,49 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             raise ApiError(400, f"steps={body.steps}: give 1 to {config.max_gair_steps}")
         gair_config = GairConfig(weights=weights, steps=body.steps, seed=body.seed)
         engine.check_queries([body.q], [body.token], gair=True)
-        with backbone_lock:
-            engine.backbone  # noqa: B018 - loaded once, not by two requests at the same time
-        # 2. Algorithm 1 (one run at a time: it is the heaviest thing the server does)
-        with gair_lock:
-            result = engine.query_many(
-                [body.q], [body.token], k=k, gair=True, attributes=body.attributes, gair_config=gair_config
-            )[0]
-        outcome = result.gair
-        # 3. g_* and g_A, for choosing another w without generating again
-        plan = engine.plan(body.q, [body.token])
-        g_star = composed_feature(engine.clip, plan)
-        g_ctx = context_features(engine.clip, plan, result.attributes).mean(0)
-        run_id = secrets.token_hex(6)
-        summary = {
-            "run": run_id,
-            "query": body.q,
-            "composed": result.composed,
-            "token": body.token,
-            "attributes": list(result.attributes),
-            "weights": list(outcome.weights),
-            "best": outcome.best,
-            "w": outcome.w,
-            "scores": [round(float(s), 6) for s in outcome.scores],
-            "concept_similarity": [round(float(s), 6) for s in outcome.concept_similarity],
-            "context_similarity": [round(float(s), 6) for s in outcome.context_similarity],
-            "images": [f"/api/gair/{run_id}/{i}.png" for i in range(len(outcome.images))],
-            "context_images": [f"/api/gair/{run_id}/context/{j}.png" for j in range(len(outcome.context_images))],
-        }
-        kept = GairRun(
-            run_id,
-            body.q,
-            body.token,
-            k,
-            tuple(outcome.weights),
-            outcome.best,
-            g_star,
-            g_ctx,
-            [png_bytes(im) for im in outcome.images],
-            [png_bytes(im) for im in outcome.context_images],
-            summary,
-        )
-        with gair_lock:
-            runs[run_id] = kept
-            while len(runs) > config.gair_runs_kept:
-                runs.popitem(last=False)
-        return {**summary, "chosen": outcome.w, "results": [hit_json(h) for h in result.hits]}
+        run = GairRun(secrets.token_hex(6), body.q, body.token, k, images_total=len(weights) + gair_config.n_context)
+        if not body.background:  # steps 2-4 here, the answer when done
+            gair_work(run, body, gair_config)
+            with runs_lock:
+                keep(run)
+            return run.to_json()
+        with runs_lock:  # one background run at a time; GET /api/gair/{run} reports it
+            busy = next((r for r in runs.values() if r.state == "running"), None)
+            if busy is not None:
+                raise ApiError(
+                    409,
+                    f"GAIR run {busy.id} is still generating ({busy.images_done} / {busy.images_total} images): "
+                    "wait for it",
+                )
+            keep(run)
+        threading.Thread(
+            target=gair_background, args=(run, body, gair_config), name=f"gair-{run.id}", daemon=True
+        ).start()
+        return SafeJSONResponse(run.to_json(), status_code=202)
 
-    def get_run(run_id: str) -> GairRun:
-        if run_id not in runs:
+    def get_run(run_id: str, done: bool = True) -> GairRun:
+        """A kept run; with DONE, one whose images and features are there (else 409, saying why)."""
+        run = runs.get(run_id)
+        if run is None:
             raise ApiError(
                 404, f"no GAIR run {run_id!r}: the server keeps the last {config.gair_runs_kept}; run GAIR again"
             )
-        return runs[run_id]
+        if done and run.state == "running":
+            raise ApiError(
+                409,
+                f"GAIR run {run_id} is still generating ({run.images_done} / {run.images_total} images): "
+                f"wait until GET /api/gair/{run_id} says done",
+            )
+        if done and run.state == "failed":
+            raise ApiError(409, f"GAIR run {run_id} failed ({run.error}): run GAIR again")
+        return run
 
-    @app.get("/api/gair/{run_id}", summary="A GAIR run's record")
+    @app.get(
+        "/api/gair/{run_id}",
+        summary="A GAIR run: images done / total while it generates, its record and results when done",
+    )
     def gair_get(run_id: str):
-        run = get_run(run_id)
-        return {**run.summary, "chosen": run.chosen if run.chosen is not None else run.summary["w"]}
+        return get_run(run_id, done=False).to_json()
 
     @app.get(
         "/api/gair/{run_id}/{index}.png", summary="The image generated for the index-th w", response_class=Response
@@ -1003,7 +986,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             "w": run.chosen,
             "w_star": run.weights[run.best],
             "nearest_image": nearest,
-            "results": search_vector(mix(run.g_star, run.g_ctx, run.chosen), run.k),
+            "results": search_vector(mix(run.g_star, run.g_ctx, run.chosen), run.k),  # g_*, g_A kept: no encoding
         }
 
     return app

@@ -286,17 +286,44 @@ function watchJob(job) {
   setTimeout(tick, 300);
 }
 
-// ----- GAIR: one image per w, w* framed, choose another w by looking
+// ----- GAIR: one image per w, w* framed, choose another w by looking; a progress bar while the images come
+function gairProgress() {
+  let bar = $("gair-progress");
+  if (!bar) {
+    bar = el("progress", { id: "gair-progress", max: 1, value: 0 });
+    $("gair-form").after(bar);
+  }
+  return bar;
+}
+
+function renderGairProgress(run) {
+  const bar = gairProgress();
+  bar.hidden = run.state !== "running";
+  bar.max = Math.max(run.images_total, 1);
+  bar.value = run.images_done;
+  if (run.state === "running") status(`GAIR: generating images ${run.images_done} / ${run.images_total} ...`);
+}
+
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 async function runGair() {
   const token = $("token").value;
   const q = $("q").value.trim();
   if (!token || !q.includes("*")) { showError("GAIR needs a token (pick one) and a query with * where it goes"); return; }
   await busy($("gair-run"), async () => {
-    status("generating one image per w ...");
     const t0 = performance.now();
-    const body = { q, token, weights: $("gair-weights").value.trim(), k: Number($("k").value || 20) };
+    const body = { q, token, weights: $("gair-weights").value.trim(), k: Number($("k").value || 20), async: true };
     if ($("gair-steps").value) body.steps = Number($("gair-steps").value);
-    const run = await postJSON("/api/gair", body);
+    let run = await postJSON("/api/gair", body);  // 202: the run id; its images done / total while it generates
+    try {
+      renderGairProgress(run);
+      while (run.state === "running") {
+        await pause(300);
+        run = await api(`/api/gair/${encodeURIComponent(run.run)}`);
+        renderGairProgress(run);
+      }
+    } finally { gairProgress().hidden = true; }
+    if (run.state !== "done") throw new Error(`GAIR failed: ${run.error}`);
     state.gair = run;
     renderGair(run);
     renderResults(`GAIR results for ${q} (w* = ${run.w})`, run.results);

@@ -10,23 +10,28 @@ Grammar (whitespace between the parts is free):
     term   := [weight ":"] ( '"' text '"' | "#" digits | filename )
     weight := a positive number: 2, 0.5, .5  (also allowed inside the quotes: "2:a red dress")
     text   := any characters; \\" is a quote, \\\\ a backslash
-    filename := characters other than space and quotes, ending in an image extension (photo.jpg): an uploaded file
+    filename := characters other than space and quotes, ending in an image extension (photo.jpg): an image
+                file (in the server an upload of that name, in the CLI a path)
 
 `#123` is the gallery image of id 123. A query with none of those marks (no `"`, no `#ID`, no FILE.jpg word) is one
 plain sentence, weight 1: "a person wearing a * on the grass" stays what it is, `-` and `'` included.
 
 The mixed vector is sum_i w_i f(term_i), L2-normalised (rclip adds its weighted unit features the same way), where
 f is the CLIP text feature of a text term and the CLIP image feature of an image term; `-` negates w_i.
+`Engine.query_mix` answers a mix; what a FILE term names is the caller's to supply (the CLI opens it as a path,
+`read_mix_files`; the server takes it from the request's uploads): the engine never opens a path written in a query.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from retrieval.io.images import IMAGE_EXTENSIONS
+from retrieval.io.images import IMAGE_EXTENSIONS, BadImage, load_image
 
 TEXT, GALLERY_ID, FILE = "text", "id", "file"  # the kinds of term
 
@@ -163,3 +168,19 @@ def combine(weights: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     if norm < 1e-6:
         raise ValueError("the weighted terms cancel out (their sum is the zero vector): change a weight or a sign")
     return (q / norm).astype(np.float32)
+
+
+def read_mix_files(terms: list[Term], folder: str | Path = ".") -> dict[str, Image.Image]:
+    """The images the FILE terms name, read as paths relative to FOLDER by the safe decoder: {name as written: RGB}.
+    A file that is missing or not a usable image raises ValueError naming it and saying why."""
+    images = {}
+    for t in terms:
+        if t.kind == FILE and t.value not in images:
+            try:
+                images[t.value] = load_image(Path(folder) / t.value)
+            except BadImage as e:
+                raise ValueError(
+                    f"the query names the image file {t.value!r}, which cannot be used: {e.reason} "
+                    "(a file name in a mix is the path of an image file; put words in double quotes)"
+                ) from None
+    return images
