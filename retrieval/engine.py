@@ -306,6 +306,7 @@ class Engine:
         ON_IMAGE(images done, total) told as they arrive."""
         if k < 1:
             raise ValueError(f"`k={k}`: ask for at least one result")
+        tokens = [self.token(t) for t in tokens]  # each token file read once, not once per query
         self.check_queries(texts, tokens, gair)
         if not self.is_composed(texts, tokens, gair):
             return search_texts(self.store, self.clip, list(texts), k)
