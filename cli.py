@@ -63,12 +63,23 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _user_errors():
     """The errors that are the user's to fix: shown as one message, never a stack trace."""
+    from indexes.locking import IndexLockedError
     from indexes.store import IndexStoreError
     from retrieval.models.clip import ModelLoadError
 
-    return (ModelLoadError, IndexStoreError, FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError)
+    return (
+        ModelLoadError,
+        IndexStoreError,
+        IndexLockedError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ValueError,
+        KeyError,
+        TypeError,
+    )
 
 
+WAIT_HELP = "When another process is writing this index, wait for it instead of stopping with its name."
 MODEL_HELP = (
     "CLIP model SPEC: NAME/PRETRAINED (e.g. ViT-L-14-quickgelu/openai, the text tower of Stable Diffusion 1.x), "
     "NAME/path/to/weights, hf-hub:ORG/REPO, a local model folder, or tiny-random (download-free smoke test, "
@@ -101,12 +112,15 @@ def index(
     max_pixels: int = typer.Option(
         89_478_485, min=1, help="Images with more pixels are skipped (decompression bombs)."
     ),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Index (or update the index of) an image gallery.
 
     Only new or changed images are embedded; deleted ones are dropped; ids of unchanged images stay.
     Interrupted runs resume from their finished shards. Unusable files are skipped and listed.
+    A commit writes only the change (a new segment; deletions as tombstones); segments are merged by size tier
+    as they accumulate (see `compact`). One writer at a time: a second one stops, naming the first (or `--wait`s).
     """
     from indexes.vector_index import IndexConfig, IndexType
     from retrieval import Engine
@@ -115,6 +129,7 @@ def index(
         summary = Engine(index_dir, model=model, device=device).index(
             gallery_dir,
             progress=progress,
+            wait=wait,
             precision=precision.value,
             batch_size=batch_size,
             workers=workers,
@@ -132,18 +147,60 @@ def reindex(
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="An existing index folder."),
     index_type: IndexTypeOpt = typer.Option(IndexTypeOpt.auto, help="The new index type."),
     recall_target: float = typer.Option(0.95, min=0.5, max=1.0, help="recall@10 target for approximate types."),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ):
-    """Rebuild the FAISS index with another type from the stored embeddings (no image is re-embedded)."""
+    """Rebuild the FAISS index with another type from the stored embeddings (no image is re-embedded): every
+    segment is merged into one, built with the new type."""
     from indexes.vector_index import IndexConfig, IndexType
     from retrieval import Engine
 
     try:
         manifest = Engine(index_dir).reindex(
-            IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target)
+            IndexConfig(index_type=IndexType(index_type.value), recall_target=recall_target), wait=wait
         )
     except _user_errors() as e:
         _fail(str(e))
-    typer.echo(f"rebuilt {index_dir}: {manifest['count']} images, index {json.dumps(manifest['index']['params'])}")
+    segments = [s["index"]["params"] for s in manifest["segments"]]
+    typer.echo(f"rebuilt {index_dir}: {manifest['count']} images, index {json.dumps(segments)}")
+
+
+@app.command()
+def compact(
+    index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="An existing index folder."),
+    full: bool = typer.Option(False, "--full", help="Merge every segment into one (default: only full size tiers)."),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+):
+    """Merge the index's small segments into larger ones and drop deleted rows.
+
+    Each commit adds one segment; commits merge a size tier automatically once it holds 10 segments. This runs the
+    same merge on demand (`--full`: everything into one segment, the fastest to search). Crash-safe: a kill at any
+    moment leaves the previous version readable. Readers keep working throughout."""
+    from retrieval import Engine
+
+    try:
+        manifest = Engine(index_dir).compact(full=full, wait=wait)
+    except _user_errors() as e:
+        _fail(str(e))
+    if manifest is None:
+        typer.echo(f"{index_dir}: nothing to merge")
+    else:
+        typer.echo(f"compacted {index_dir}: {manifest['count']} images in {len(manifest['segments'])} segment(s)")
+
+
+@app.command()
+def migrate(
+    index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="An index folder written by an older version."),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+):
+    """Convert an index folder of format 1 (one generation rewritten by each commit) to format 2 (segments) in
+    place, without copying the embeddings. The next `index` run does this by itself; this does it now."""
+    from retrieval import Engine
+
+    try:
+        manifest = Engine(index_dir).migrate(wait=wait)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"{index_dir}: index format {manifest['format_version']}, {manifest['count']} images")
 
 
 @app.command()

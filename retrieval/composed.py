@@ -8,7 +8,10 @@ front of a brick wall"); a parent the user already wrote after the slot is not r
 Features (g is the CLIP text encoder, pooled at end-of-text and L2-normalised):
 - composed: g([t, *, c]);
 - context: (1/|A|) sum_i g([t, a_i, c]), every token slot replaced by the attribute word a_i (Perera et al.,
-  Sec. 4.4; A defaults to their DeepFashion2 list, `PAPER_ATTRIBUTES`).
+  Sec. 4.4, the query q and Algorithm 1; A defaults to their DeepFashion2 list of Sec. 5, `PAPER_ATTRIBUTES`).
+Order: Sec. 4.4 writes [t, *, c] (token, then parent), Sec. 4 "Generation" writes d(g([t, c, *])); we follow 4.4
+(and 4.2's 'image of a * c'). The caption rewrite `insert_concept` is PerVL's / PALAVRA's protocol, not the
+paper's; its Fig. 6 queries read the same way ("The person wearing a * stands in front of ...").
 
 Diffusion conditioning (for GAIR) mixes per-position hidden-state sequences, so the sequences of [t, *, c] and
 [t, a_i, c] must be aligned position by position although the token has n vectors and a_i has m BPE tokens
@@ -20,6 +23,9 @@ Diffusion conditioning (for GAIR) mixes per-position hidden-state sequences, so 
   word; positions past the context sequence's end take its last position (padding).
 n = m gives the identity. The attribute goes into the context prompt as a placeholder whose vectors are its own
 word-embedding rows, so its slot is known exactly, and the features equal those of the plain sentence (tested).
+This alignment is ours: the paper mixes pooled features (Algorithm 1) and does not say how d() is conditioned
+on a mixture; the aligned context sequence repeats the attribute's state over the token's n positions, so it
+is not the plain sentence's conditioning.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import torch
 
 from tokens.token_file import STAR, CustomToken, check_model, placeholder_names
 
-# The attribute words of Perera et al.'s GAIR on DeepFashion2 (Sec. 4.4): the context query's A.
+# The attribute words of Perera et al.'s GAIR on DeepFashion2 (Sec. 5, "Text-to-Image Retrieval: DeepFashion2":
+# "used 'red', 'old', 'worn', 'bright', 'dark', 'pink' as the list of attributes A"): the context query's A.
 PAPER_ATTRIBUTES: tuple[str, ...] = ("red", "old", "worn", "bright", "dark", "pink")
 
 
@@ -59,11 +66,12 @@ class ComposedQuery:
 
     @property
     def composed(self) -> str:
-        """[t, *, c]: 'a person wearing a <my-dress> dress in front of a brick wall'."""
+        """[t, *, c] (Perera et al. Sec. 4.4): 'a person wearing a <my-dress> dress in front of a brick wall'."""
         return self.render({i: t.placeholder for i, t in enumerate(self.tokens)})
 
     def with_word(self, word: str) -> str:
-        """[t, a, c]: every slot replaced by WORD: 'a person wearing a red dress in front of a brick wall'."""
+        """[t, a, c] (Sec. 4.4's [t, a_i, c]): every slot replaced by WORD: 'a person wearing a red dress in front of a
+        brick wall'."""
         return self.render(word)
 
     @property
@@ -206,8 +214,9 @@ def context_features(clip, plan: ComposedQuery, attributes: Sequence[str]) -> np
 
 
 def mix(composed: np.ndarray, context_mean: np.ndarray, w: float) -> np.ndarray:
-    """q(w) = w g([t, *, c]) + (1 - w) mean_i g([t, a_i, c]) (Perera et al., Algorithm 1), L2-normalised for
-    search. w = 1 is exactly the composed query, w = 0 the context-only query."""
+    """q(w) = w g([t, *, c]) + (1 - w) mean_i g([t, a_i, c]) (Perera et al., Sec. 4.4 and Algorithm 1; g gives unit
+    features), L2-normalised for search (ranking by dot product with unit gallery features is unchanged by it).
+    w = 1 is exactly the composed query, w = 0 the context-only query."""
     q = w * composed.astype(np.float64) + (1.0 - w) * context_mean.astype(np.float64)
     return (q / max(np.linalg.norm(q), 1e-12)).astype(np.float32)
 
@@ -267,6 +276,7 @@ def conditioning_pair(backbone, plan: ComposedQuery, attributes: Sequence[str]) 
 
 def mix_conditioning(h_composed: torch.Tensor, h_context: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """(|W|, L, width): w H([t, *, c]) + (1 - w) H_context for each w, the mixture of Algorithm 1 applied to the
-    per-position hidden states the UNet attends to."""
+    per-position hidden states the UNet attends to (our reading of "I <- d(g[q])": the paper mixes pooled
+    features)."""
     w = torch.tensor([float(x) for x in weights], dtype=h_composed.dtype, device=h_composed.device)[:, None, None]
     return w * h_composed[None] + (1 - w) * h_context[None]

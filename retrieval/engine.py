@@ -24,7 +24,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from indexes.store import IndexStore, IndexStoreError, read_manifest, rebuild_index
+from indexes.store import IndexStore, IndexStoreError, manifest_version, read_manifest, rebuild_index
+from indexes.store import compact as compact_index
+from indexes.store import migrate as migrate_index
 from indexes.vector_index import IndexConfig
 from retrieval.composed import (
     PAPER_ATTRIBUTES,
@@ -182,15 +184,20 @@ class Engine:
                 raise IndexStoreError(
                     f"no index in {self.index_dir}: index a gallery into `index_dir={self.index_dir}` first"
                 )
-            if self._store is None or manifest["directory"] != self._store.manifest["directory"]:
+            if self._store is None or manifest_version(manifest) != self._store.version:
+                # the old store's pin is released when the last query still using it lets it go (IndexStore)
                 self._store = IndexStore(self.index_dir, manifest=manifest)
             self._store_stamp = stamp
         return self._store
 
     # ----- indexing
-    def index(self, gallery_dir: str | Path, *, progress: bool = True, **options) -> IndexSummary:
+    def index(
+        self, gallery_dir: str | Path, *, progress: bool = True, wait: bool | float = False, **options
+    ) -> IndexSummary:
         """Index (or update the index of) GALLERY_DIR into index_dir. OPTIONS: any `IndexingConfig` field but
-        model and device (batch_size, workers, shard_size, max_pixels, precision, index=IndexConfig(...))."""
+        model and device (batch_size, workers, shard_size, max_pixels, precision, index=IndexConfig(...)).
+        WAIT: when another process is writing the index, wait for it (True, or at most WAIT seconds) instead of
+        failing at once with its name."""
         if self.index_dir is None:
             raise IndexStoreError("this engine has no index folder: pass `index_dir` to Engine(...)")
         allowed = {f.name for f in fields(IndexingConfig)} - {"model", "device"}
@@ -205,13 +212,29 @@ class Engine:
         encoder = (
             held if held is not None and held.precision == resolve_precision(config.precision, held.device) else None
         )
-        summary = index_gallery(gallery_dir, self.index_dir, config, progress=progress, encoder=encoder)
+        summary = index_gallery(gallery_dir, self.index_dir, config, progress=progress, encoder=encoder, wait=wait)
         self._store = None
         return summary
 
-    def reindex(self, index_config: IndexConfig) -> dict:
-        """Rebuild the FAISS index with another type or tuning from the stored embeddings; returns the manifest."""
-        manifest = rebuild_index(self.store.dir, index_config)
+    def reindex(self, index_config: IndexConfig, *, wait: bool | float = False) -> dict:
+        """Rebuild the FAISS index with another type or tuning from the stored embeddings (all segments into one);
+        returns the manifest. WAIT: as for `index`, when another writer holds the index."""
+        manifest = rebuild_index(self.store.dir, index_config, wait=wait)
+        self._store = None
+        return manifest
+
+    def compact(self, *, full: bool = False, wait: bool | float = False) -> dict | None:
+        """Merge the index's segments by size tier (indexes.store.CompactionPolicy; FULL: into one segment),
+        dropping deleted rows. Returns the new manifest, or None when nothing needed merging."""
+        manifest = compact_index(self.store.dir, full=full, wait=wait)
+        self._store = None
+        return manifest
+
+    def migrate(self, *, wait: bool | float = False) -> dict:
+        """Convert a format 1 index folder to the segmented format 2 in place (no copy: hard links)."""
+        if self.index_dir is None:
+            raise IndexStoreError("this engine has no index folder: pass `index_dir` to Engine(...)")
+        manifest = migrate_index(self.index_dir, wait=wait)
         self._store = None
         return manifest
 

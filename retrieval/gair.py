@@ -13,6 +13,18 @@ normalised means. Every I(w) of a query uses the same noise (seed), so the image
 j uses seed + 1 + j. All rows of a batch of queries are generated in few batched sampler calls (`batch_size` rows
 each), never one call per weight; context images are cached per (query, attributes, models, seed, sampler) on disk.
 Each outcome keeps g_* and g_A, so that q(w) for another w (`GairOutcome.query_at`) needs no encoding again.
+
+Against the paper (Perera et al. Sec. 4.4, Algorithm 1; the README's "Fidelity to the papers" has the table):
+- W: Algorithm 1 writes "W <- [w_0, ..., w_N]" and gives no values; 0.0, 0.1, ..., 1.0 is our choice.
+- d(g[q]) (Algorithm 1) applies the mixture to a pooled feature q; Stable Diffusion is conditioned on per-position
+  hidden states, so I(w) is generated from the same mixture of those sequences (step 2, `mix_conditioning`),
+  and x_c from its w = 0 end: the attribute sentences' states aligned to the composed sequence, the attribute's
+  state repeated over the token's n positions (`retrieval.composed.align_index`), not the plain sentence
+  d(g([t, a_i, c])) of Sec. 4.4.
+- f(I)^T f(x) and f(I)^T f(x_c) for sets x, x_c: we take cosines to their normalised means (step 4); the
+  paper's dot product with unit features averaged over the set would scale each term by the mean's norm.
+- Sampler steps, guidance, the number of context images and the tie rule are not given: the diffusion model's
+  defaults (SD: 50 DDIM steps, guidance 7.5), one context image, the smallest w.
 """
 
 from __future__ import annotations
@@ -38,17 +50,18 @@ from retrieval.composed import (
 )
 from retrieval.io.cache import read_cached, write_cached
 
-DEFAULT_WEIGHTS: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))  # Perera et al.: 0.0 to 1.0 by 0.1
+# W of Algorithm 1: 0.0 to 1.0 by 0.1. Perera et al. give no grid ("W <- [w_0, ..., w_N]"): this one is ours.
+DEFAULT_WEIGHTS: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
 CONTEXT_CACHE_DIR = ".gair_context"  # under the token store
 
 
 @dataclass(frozen=True)
 class GairConfig:
-    weights: tuple[float, ...] = DEFAULT_WEIGHTS  # W
-    steps: int | None = None  # sampler steps; None: the diffusion model's default (SD: 50 DDIM)
-    guidance_scale: float | None = None  # classifier-free guidance; None: the model's default (SD: 7.5)
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS  # W (Algorithm 1; values not given in the paper)
+    steps: int | None = None  # sampler steps; None: the diffusion model's default (SD: 50 DDIM); paper: not given
+    guidance_scale: float | None = None  # classifier-free guidance; None: the model's default (SD: 7.5); not given
     seed: int = 0  # I(w) noise; context image j: seed + 1 + j
-    n_context: int = 1  # context images x_c per query (their features are averaged)
+    n_context: int = 1  # context images x_c per query (their features are averaged); paper: not given
     batch_size: int = 64  # rows per sampler call (a row: one image)
 
     def __post_init__(self):
@@ -118,7 +131,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def gair_scores(
     image_features: np.ndarray, concept_mean: np.ndarray, context_mean: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores, cos to concept, cos to context) for (|W|, dim) features of I(w): step 4 of Algorithm 1."""
+    """(scores, cos to concept, cos to context) for (|W|, dim) features of I(w): step 4 of Algorithm 1,
+    "score <- min(f(I)^T f(x_c), f(I)^T f(x))" (Perera et al. Sec. 4.4), with cosines to the normalised means of
+    the concept images' and the context images' features (the paper does not say how a set x enters)."""
     f = _unit(image_features.astype(np.float64))
     to_concept = f @ _unit(concept_mean.astype(np.float64))
     to_context = f @ _unit(context_mean.astype(np.float64))
@@ -176,11 +191,13 @@ def run_gair(
 
     if on_image is not None:
         on_image(0, total)
-    # 1. features g_* and g_A; conditioning sequences H_* and aligned H_A
+    # 1. features g_* = g([t, *, c]) and g_A = (1/|A|) sum_i g([t, a_i, c]) (Sec. 4.4); conditioning sequences H_*
+    #    and aligned H_A (our stand-in for d(g[q]): SD attends to per-position states, not to a pooled q)
     g_star = np.stack([composed_feature(clip, p) for p in plans])  # (Q, d)
     g_ctx = np.stack([context_features(clip, p, a).mean(0) for p, a in zip(plans, per_query)])  # (Q, d)
     pairs = [conditioning_pair(backbone, p, a) for p, a in zip(plans, per_query)]
-    # 2. context images x_c (cached per query), generated together for the queries that miss the cache
+    # 2. context images x_c (cached per query), generated together for the queries that miss the cache; Sec. 4.4:
+    #    "generated with the same query where custom tokens are replaced with a related attribute"
     keys = [context_key(backbone, p, a, config) for p, a in zip(plans, per_query)]
     context_images = [read_cached(cache_dir, "context", key, config.n_context) for key in keys]
     missing = [q for q, found in enumerate(context_images) if found is None]
@@ -195,13 +212,13 @@ def run_gair(
                 cache_dir, "context", keys[q], made[i * config.n_context : (i + 1) * config.n_context]
             )
     context_images = [found.images for found in context_images]
-    # 3. I(w) for every query and weight: |Q| x |W| rows, batched
+    # 3. I(w) for every query and weight: |Q| x |W| rows, batched (Algorithm 1: "Generate image I <- d(g[q])")
     cond = torch.cat([mix_conditioning(h_star, h_ctx, W) for h_star, h_ctx in pairs])  # (Q |W|, L, width)
     images = backbone.sample_images(
         cond, [config.seed] * cond.shape[0], guidance, steps, config.batch_size, on_batch=arrived
     )
     bar.close()
-    # 4. scores, w*, q(w*)
+    # 4. scores, w*, q(w*) (Algorithm 1: score = min of the two CLIP scores; "w* <- W[arg max(S)]")
     f_images = clip.encode_pil(images).reshape(Q, len(W), -1)
     f_context = clip.encode_pil([im for ims in context_images for im in ims]).reshape(Q, config.n_context, -1).mean(1)
     out = []

@@ -1,20 +1,20 @@
 """Index a gallery folder: scan it, diff it against the committed index, embed new or changed images in
-resumable shards, merge, commit a new generation.
+resumable shards, commit the change (a new segment for the new rows, tombstones for the removed ones).
 
     index_gallery(gallery_dir, index_dir, IndexingConfig(model=DEFAULT_MODEL))
 
 `index_gallery` is a loop of numbered steps in plain sight; each step is a plain function with dataclass
 inputs and outputs, tested on its own (tests/test_indexer_steps.py):
 
-    check_inputs  the committed index (read once: `open_committed`) and the encoder are of `config.model`
+    check_inputs  the committed index (read once, pinned: `IndexWriter.open`) and the encoder are of `config.model`
     scan          the gallery's image files, sorted by path                                   -> GalleryScan
-    diff          against the committed generation: new, changed, deleted, unchanged files    -> GalleryDiff
+    diff          against the committed version: new, changed, deleted, unchanged files    -> GalleryDiff
                   (unchanged files keep their id and embedding; a file is unchanged while path, size and mtime are)
     plan_shards   the files to embed -> rows reused from finished shards of an interrupted run
                   (same model and gallery) + the shards still to embed                         -> ShardPlan
     embed         each planned shard through `embed_shard`, written to work/ as it completes   -> [ShardOutput]
-    merge         kept rows + new rows (fresh ids in path order, never reused)                 -> NewGeneration
-    commit        write the generation atomically (indexes.store), the one step that knows the folder layout
+    merge         new rows (fresh ids in path order, never reused) + ids of removed rows      -> Change
+    commit        the change as one new segment + tombstones (indexes.store.IndexWriter), atomically
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ from indexes.shards import (
     next_shard_number,
     write_shard,
 )
-from indexes.store import IndexStore, IndexStoreError, commit_generation, index_config_dict, open_committed
+from indexes.store import META_DTYPES, SKIP_DTYPES, IndexStore, IndexStoreError, IndexWriter, Rows, index_config_dict
 from indexes.vector_index import IndexConfig
 from retrieval.gallery import GalleryDataset, GalleryFile, collate_gallery, scan_gallery, worker_init
 from retrieval.io.images import DEFAULT_MAX_PIXELS
@@ -50,8 +50,6 @@ from retrieval.models.clip import DEFAULT_MODEL
 from retrieval.models.encoders import ClipEncoder
 
 FILE_KEY = ["path", "bytes", "mtime_ns"]  # a file is unchanged while all three are
-META_DTYPES = {"id": "int64", "bytes": "int64", "mtime_ns": "int64", "width": "int64", "height": "int64"}
-SKIP_DTYPES = {"path": "str", "bytes": "int64", "mtime_ns": "int64", "reason": "str"}
 
 
 def default_workers() -> int:
@@ -102,12 +100,14 @@ class IndexSummary:
         return self.indexed / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
     def format(self) -> str:
-        params = self.manifest["index"]["params"]
+        types = [s["index"]["params"]["index_type"] for s in self.manifest.get("segments", [])]
+        kinds = ", ".join(f"{t} x{types.count(t)}" if types.count(t) > 1 else t for t in dict.fromkeys(types))
+        layout = f"{len(types)} segment{'s' * (len(types) != 1)}" + (f": {kinds}" if kinds else "")
         lines = [
             f"indexed {self.indexed} new or changed images ({self.images_per_second:.1f} images/s), "
             f"reused {self.reused} from finished shards, kept {self.unchanged} unchanged, removed {self.removed}; "
             f"skipped {len(self.skipped)} files ({self.newly_skipped} new); index holds {self.count} images "
-            f"({params['index_type'] if params else 'empty'}); {self.seconds:.1f} s in all",
+            f"({layout}); {self.seconds:.1f} s in all",
         ]
         for row in self.skipped.itertuples():
             lines.append(f"  skipped {row.path}: {row.reason}")
@@ -150,11 +150,19 @@ class ShardPlan:
 
 
 @dataclass(frozen=True)
-class NewGeneration:
-    metadata: pd.DataFrame  # (n,) columns id + META_COLUMNS: kept rows (committed order), then new rows (path order)
-    embeddings: np.ndarray  # (n, dim) float16, row i <-> metadata row i
-    skipped: pd.DataFrame  # SKIP_COLUMNS, path order: kept and newly found unusable files
+class Change:
+    """What a run commits: only the change, never the rows it keeps (they stay in their segments)."""
+
+    added: Rows  # new rows: metadata (id + META_COLUMNS, fresh ids in path order) and (n_new, dim) float16 embeddings
+    deleted_ids: np.ndarray  # (n_removed,) int64: committed rows of deleted or changed files
+    skipped: pd.DataFrame  # SKIP_COLUMNS, path order: every unusable file of the gallery (kept and newly found)
     next_id: int  # the first id never given
+    count: int  # images in the index after the commit
+
+
+# Embedder(plan, config, work_dir, progress) -> outputs of plan.to_embed in plan order, each also written to
+# work_dir with indexes.shards.write_shard as it completes (the signature of `embed` without the encoder).
+Embedder = Callable[[ShardPlan, "IndexingConfig", Path, bool], list[ShardOutput]]
 
 
 # ---------------------------------------------------------------- the steps
@@ -327,11 +335,10 @@ def embed(
     return outputs
 
 
-def merge(
-    committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[ShardOutput], dim: int
-) -> NewGeneration:
-    """The new generation's rows: the committed rows of unchanged files keep their id, embedding and order;
-    the rows of OUTPUTS (reused and new shards, each file once) follow with fresh ids in path order."""
+def merge(committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[ShardOutput], dim: int) -> Change:
+    """The change to commit: the rows of OUTPUTS (reused and new shards, each file once) with fresh ids in path
+    order; the committed rows of deleted or changed files to delete (tombstones); the gallery's unusable files.
+    Committed rows of unchanged files are not touched: they keep their id, their embedding and their segment."""
     for out in outputs:
         if out.embeddings.shape[1:] != (dim,):
             raise ValueError(f"shard embeddings of shape {out.embeddings.shape} for an index of dim {dim}")
@@ -341,33 +348,46 @@ def merge(
     new_meta, new_emb = new_meta.iloc[order].reset_index(drop=True), new_emb[order]
     new_meta.insert(0, "id", np.arange(changes.next_id, changes.next_id + len(new_meta), dtype=np.int64))
     if committed is not None:
-        kept_meta = committed.metadata.iloc[changes.kept_rows]
-        kept_emb = np.asarray(committed.embeddings[changes.kept_rows])  # (n_kept, dim), read from the memory map
+        held = committed.metadata["id"].to_numpy(np.int64)
+        deleted = np.setdiff1d(held, held[changes.kept_rows])  # (n_removed,) ids of deleted or changed files
     else:
-        kept_meta, kept_emb = new_meta.iloc[:0], new_emb[:0]
+        deleted = np.zeros(0, np.int64)
     skipped = _concat([changes.kept_skipped] + [o.skipped for o in outputs], SKIP_COLUMNS)
-    return NewGeneration(
-        metadata=pd.concat([kept_meta, new_meta], ignore_index=True).astype(META_DTYPES),
-        embeddings=np.concatenate([kept_emb, new_emb]).astype(np.float16),
+    return Change(
+        added=Rows(new_meta.astype(META_DTYPES), new_emb.astype(np.float16)),
+        deleted_ids=deleted,
         skipped=skipped.sort_values("path", kind="stable").reset_index(drop=True).astype(SKIP_DTYPES),
         next_id=changes.next_id + len(new_meta),
+        count=len(changes.kept_rows) + len(new_meta),
     )
 
 
-def commit(index_dir: str | Path, generation: NewGeneration, config: IndexingConfig, gallery_root: str) -> dict:
-    """Write GENERATION as INDEX_DIR's committed generation, atomically (indexes.store.commit_generation:
-    a crash at any moment leaves the previous one readable). Returns the new manifest."""
-    return commit_generation(
-        index_dir,
-        generation.metadata,
-        generation.embeddings,
-        generation.skipped,
+def commit(writer: IndexWriter, change: Change, config: IndexingConfig, gallery_root: str) -> dict:
+    """Commit CHANGE through WRITER (indexes.store.IndexWriter.commit): one new segment for the added rows,
+    tombstones for the deleted ones, the skipped list, then the manifest; a crash at any moment leaves the previous
+    version readable. An index built with another index config is then rebuilt with this one (stored embeddings,
+    nothing re-embedded). Returns the new manifest."""
+    manifest = writer.commit(
+        change.added,
+        delete_ids=change.deleted_ids,
+        skipped=change.skipped,
         model=config.model,
         gallery_root=gallery_root,
-        next_id=generation.next_id,
+        next_id=change.next_id,
         index_config=config.index,
         indexing_config={k: v for k, v in asdict(config).items() if k != "index"},
     )
+    if _built_with_other_config(manifest, config):
+        manifest = writer.compact(config.index, full=True) or manifest
+    return manifest
+
+
+def _built_with_other_config(manifest: dict, config: IndexingConfig) -> bool:
+    """Whether some segment was built with another index config than CONFIG's (recorded per segment)."""
+    wanted = index_config_dict(config.index)
+    if manifest["format_version"] == 1:
+        return manifest["index"]["config"] != wanted
+    return any(s["index"].get("built_with", wanted) != wanted for s in manifest["segments"])
 
 
 # ---------------------------------------------------------------- the loop
@@ -377,74 +397,98 @@ def index_gallery(
     config: IndexingConfig = IndexingConfig(),
     progress: bool = True,
     encoder: ClipEncoder | None = None,
+    embedder: Embedder | None = None,
+    wait: bool | float = False,
 ) -> IndexSummary:
     """Create or update the index of GALLERY_DIR in INDEX_DIR (see the module docstring).
 
     ENCODER: a loaded ClipEncoder of `config.model` (e.g. the one an engine holds); None loads it, only when
     there is something to embed or no index yet (whose dim it gives).
+    EMBEDDER: who embeds the planned shards (step 5), e.g. `retrieval.distributed.RayEmbedder`; None embeds
+    them in this process with ENCODER (`embed`). An embedder loads its own models and writes each finished
+    shard to work/ as it completes, so a killed run resumes from them either way.
+    WAIT: the whole run holds INDEX_DIR's writer lock; when another writer holds it, fail at once naming it
+    (False), wait for it (True), or wait at most WAIT seconds.
     """
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
     work_dir = index_dir / "work"
     gallery_root = str(Path(gallery_dir).resolve())
 
-    # 1. check inputs: the committed index (read once) and the encoder must be of config.model
-    committed = open_committed(index_dir)
-    check_inputs(config, committed, encoder, gallery_root)
+    # 1. check inputs: the encoder and (under the writer lock, read once) the committed index are of config.model
+    check_inputs(config, None, encoder, gallery_root)
+    with IndexWriter(index_dir, wait=wait, purpose=f"indexing {gallery_root}") as writer:
+        committed = writer.open()
+        check_inputs(config, committed, None, gallery_root)
 
-    # 2. scan the gallery
-    scanned = scan(gallery_root)
+        # 2. scan the gallery
+        scanned = scan(gallery_root)
 
-    # 3. diff against the committed generation; nothing new, changed or deleted and the same index type: keep it
-    changes = diff(scanned, committed)
-    if (
-        committed is not None
-        and changes.is_empty
-        and committed.manifest["index"]["config"] == index_config_dict(config.index)
-    ):
-        return IndexSummary(
-            indexed=0,
-            reused=0,
-            unchanged=len(changes.kept_rows),
-            removed=0,
-            skipped=committed.skipped,
-            newly_skipped=0,
-            count=committed.count,
-            seconds=time.perf_counter() - t0,
-            embed_seconds=0.0,
-            manifest=committed.manifest,
-        )
+        # 3. diff against the committed version; nothing new, changed or deleted and the same index type: keep it
+        changes = diff(scanned, committed)
+        if committed is not None and changes.is_empty and not _built_with_other_config(committed.manifest, config):
+            return IndexSummary(
+                indexed=0,
+                reused=0,
+                unchanged=len(changes.kept_rows),
+                removed=0,
+                skipped=committed.skipped,
+                newly_skipped=0,
+                count=committed.count,
+                seconds=time.perf_counter() - t0,
+                embed_seconds=0.0,
+                manifest=committed.manifest,
+            )
 
-    # 4. plan: what finished shards of an interrupted run hold is reused, the rest is cut into shards
-    finished = [out for _, out in finished_shards(work_dir, config.model, gallery_root)]
-    plan = plan_shards(changes.todo, finished, config, gallery_root, first_number=next_shard_number(work_dir))
+        # 4. plan: what finished shards of an interrupted run hold is reused, the rest is cut into shards
+        finished = [out for _, out in finished_shards(work_dir, config.model, gallery_root)]
+        plan = plan_shards(changes.todo, finished, config, gallery_root, first_number=next_shard_number(work_dir))
 
-    # 5. embed the planned shards, each written to work/ as it completes (the resume point)
-    if encoder is None and (plan.to_embed or committed is None):  # a first index takes its dim from the model
-        encoder = ClipEncoder.from_spec(config.model, device=config.device, precision=config.precision)
-    t_embed = time.perf_counter()
-    embedded = embed(plan, encoder, config, work_dir, progress=progress) if plan.to_embed else []
-    embed_seconds = time.perf_counter() - t_embed
+        # 5. embed the planned shards, each written to work/ as it completes (the resume point)
+        local = embedder is None
+        if local and encoder is None and (plan.to_embed or committed is None):  # a first index takes its dim from it
+            encoder = ClipEncoder.from_spec(config.model, device=config.device, precision=config.precision)
+        t_embed = time.perf_counter()
+        if not plan.to_embed:
+            embedded = []
+        elif local:
+            embedded = embed(plan, encoder, config, work_dir, progress=progress)
+        else:
+            embedded = embedder(plan, config, work_dir, progress)
+        embed_seconds = time.perf_counter() - t_embed
 
-    # 6. merge: kept rows keep their id; reused and new rows get fresh ids in path order
-    dim = committed.manifest["dim"] if committed is not None else encoder.dim
-    generation = merge(committed, changes, plan.reused + embedded, dim)
+        # 6. merge: reused and new rows get fresh ids in path order; rows of deleted or changed files are deleted
+        dim = _dim(committed, encoder, plan.reused + embedded, config)
+        change = merge(committed, changes, plan.reused + embedded, dim)
 
-    # 7. commit the generation, then drop the shards it now holds
-    manifest = commit(index_dir, generation, config, gallery_root)
-    shutil.rmtree(work_dir, ignore_errors=True)
+        # 7. commit the change (a new segment, tombstones, the manifest), then drop the shards it now holds
+        manifest = commit(writer, change, config, gallery_root)
+        shutil.rmtree(work_dir, ignore_errors=True)
     return IndexSummary(
         indexed=_images(embedded),
         reused=_images(plan.reused),
         unchanged=len(changes.kept_rows),
         removed=changes.removed,
-        skipped=generation.skipped,
+        skipped=change.skipped,
         newly_skipped=sum(len(o.skipped) for o in plan.reused + embedded),
-        count=len(generation.metadata),
+        count=change.count,
         seconds=time.perf_counter() - t0,
         embed_seconds=embed_seconds,
         manifest=manifest,
     )
+
+
+def _dim(
+    committed: IndexStore | None, encoder: ClipEncoder | None, outputs: Sequence[ShardOutput], config: IndexingConfig
+) -> int:
+    """The index's dimension: the committed one, else the encoder's, else the shards' (an embedder ran)."""
+    if committed is not None:
+        return committed.manifest["dim"]
+    if encoder is not None:
+        return encoder.dim
+    if outputs:
+        return outputs[0].embeddings.shape[1]
+    return ClipEncoder.from_spec(config.model, device="cpu", precision="fp32").dim  # empty gallery, remote embedder
 
 
 def _keys(frame: pd.DataFrame) -> pd.MultiIndex:

@@ -31,9 +31,11 @@ def test_index_contents(gallery, tmp_path, tiny_encoder):
     store = IndexStore(tmp_path / "idx")
     m = store.manifest
     assert (s.indexed, s.count, len(s.skipped)) == (24, 24, 0)
-    assert m["format_version"] == 1 and m["model"] == "tiny-random" and m["dim"] == tiny_encoder.dim
+    assert m["format_version"] == 2 and m["model"] == "tiny-random" and m["dim"] == tiny_encoder.dim
     assert m["metric"] == "inner_product" and m["normalization"] == "l2" and m["count"] == 24
-    assert m["gallery_root"] == str(gallery.resolve()) and m["index"]["params"]["index_type"] == "flat"
+    assert m["gallery_root"] == str(gallery.resolve()) and [
+        g["index"]["params"]["index_type"] for g in m["segments"]
+    ] == ["flat"]
     assert {"torch", "faiss", "open_clip"} <= set(m["library_versions"])
     assert list(store.metadata.columns) == ["id", "path", "bytes", "mtime_ns", "width", "height"]
     assert store.metadata["id"].tolist() == list(range(24))
@@ -41,7 +43,8 @@ def test_index_contents(gallery, tmp_path, tiny_encoder):
     assert (store.metadata[["width", "height"]] == 48).all().all()
     # stored embeddings are the encoder's, within float16 rounding
     pil = [Image.open(gallery / p).convert("RGB") for p in store.metadata["path"]]
-    np.testing.assert_allclose(store.embeddings.astype(np.float32), tiny_encoder.encode_pil(pil), atol=2e-3)
+    stored = store.embeddings_of(store.metadata["id"]).astype(np.float32)
+    np.testing.assert_allclose(stored, tiny_encoder.encode_pil(pil), atol=2e-3)
     assert not (tmp_path / "idx" / "work").exists()
 
 
@@ -80,10 +83,10 @@ def test_incremental_add_change_delete(gallery, tmp_path, tiny_encoder):
     assert sorted(after.loc[[p for p in after.index if p.startswith("new/")], "id"]) == [25, 26, 27]
     assert IndexStore(idx).manifest["next_id"] == 28
     # nothing changed: nothing embedded, nothing committed
-    gen = IndexStore(idx).manifest["generation"]
+    gen = IndexStore(idx).version
     s2 = run(gallery, idx, tiny_encoder)
     assert (s2.indexed, s2.count, s2.removed) == (0, 25, 0)
-    assert IndexStore(idx).manifest["generation"] == gen
+    assert IndexStore(idx).version == gen
 
 
 def test_bad_files_are_skipped_and_listed(tmp_path, tiny_encoder):
@@ -123,10 +126,12 @@ def test_other_index_type_without_reembedding(gallery, tmp_path, tiny_encoder):
     from indexes.store import rebuild_index
 
     run(gallery, tmp_path / "idx", tiny_encoder)
-    before = IndexStore(tmp_path / "idx").embeddings.copy()
+    old = IndexStore(tmp_path / "idx")
+    before = old.embeddings_of(old.metadata["id"])
     m = rebuild_index(tmp_path / "idx", IndexConfig(index_type=IndexType.HNSW))
     store = IndexStore(tmp_path / "idx")
-    assert m["index"]["params"]["index_type"] == "hnsw" and np.array_equal(store.embeddings, before)
+    assert [g["index"]["params"]["index_type"] for g in m["segments"]] == ["hnsw"]
+    assert np.array_equal(store.embeddings_of(store.metadata["id"]), before)
 
 
 def test_decoding_workers_give_the_same_index(gallery, tmp_path, tiny_encoder):
@@ -193,7 +198,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_encoder
     run(gallery, ref, tiny_encoder, shard_size=1000)
     a, b = IndexStore(idx), IndexStore(ref)
     assert a.metadata.equals(b.metadata)
-    np.testing.assert_allclose(a.embeddings.astype(np.float32), b.embeddings.astype(np.float32), atol=1e-3)
+    ea, eb = a.embeddings_of(a.metadata["id"]), b.embeddings_of(b.metadata["id"])
+    np.testing.assert_allclose(ea.astype(np.float32), eb.astype(np.float32), atol=1e-3)
     assert a.manifest["count"] == b.manifest["count"] == 80
 
 
@@ -203,11 +209,13 @@ def test_kill_during_commit_keeps_an_index(tmp_path, tiny_encoder):
     write_gallery(gallery, 8)
     idx = tmp_path / "idx"
     run(gallery, idx, tiny_encoder)
-    (idx / ".gen-000002.abc.tmp").mkdir()
+    (idx / "segments" / ".seg-000002.abc.tmp").mkdir()
     (idx / ".manifest.json.xyz.tmp").write_text("{torn")
-    (idx / "gen-000002").mkdir()  # a generation written but never committed
+    (idx / "segments" / "seg-000002").mkdir()  # a segment written but never committed
     assert IndexStore(idx).count == 8
     write_gallery(gallery / "x", 2, seed=9)
     s = run(gallery, idx, tiny_encoder)
-    assert s.count == 10 and IndexStore(idx).manifest["directory"] == "gen-000002"
-    assert sorted(p.name for p in idx.iterdir()) == ["gen-000002", "manifest.json"]
+    m = IndexStore(idx).manifest
+    assert s.count == 10 and [g["name"] for g in m["segments"]] == ["seg-000001", "seg-000002"]
+    assert sorted(p.name for p in (idx / "segments").iterdir()) == ["seg-000001", "seg-000002"]
+    assert not [p for p in idx.rglob("*") if p.name.endswith(".tmp")]

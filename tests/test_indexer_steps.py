@@ -13,7 +13,7 @@ from PIL import Image
 
 import retrieval.indexer as ix
 from indexes.shards import META_COLUMNS, SKIP_COLUMNS, ShardOutput, read_shard
-from indexes.store import IndexStore, commit_generation, open_committed
+from indexes.store import IndexStore, IndexWriter, commit_rows, open_committed, read_manifest
 from indexes.vector_index import IndexConfig
 from retrieval.indexer import (
     FILE_KEY,
@@ -69,7 +69,7 @@ def committed(tmp_path) -> IndexStore:
             "reason": ["empty file", "not an image"],
         }
     )
-    commit_generation(
+    commit_rows(
         tmp_path / "idx",
         meta,
         vectors(4, seed=0),
@@ -214,18 +214,18 @@ def later_outputs():
     ]
 
 
-def test_merge_keeps_ids_and_gives_fresh_ones_in_path_order(committed):
+def test_merge_gives_fresh_ids_in_path_order_and_deletes_removed_rows(committed):
     d = diff(GalleryScan(root="/g", files=LATER), committed)
     outs = later_outputs()
     g = merge(committed, d, outs, DIM)
-    assert g.metadata["path"].tolist() == ["a.jpg", "d.jpg", "b.jpg", "e.jpg", "f.jpg"]
-    assert g.metadata["id"].tolist() == [0, 5, 7, 8, 9] and g.next_id == 10
-    assert list(g.metadata.columns) == ["id"] + META_COLUMNS and (g.metadata.dtypes[["id", "bytes"]] == np.int64).all()
-    assert g.metadata.set_index("path").loc["b.jpg", "bytes"] == 99  # the new version of b
-    assert g.embeddings.dtype == np.float16 and g.embeddings.shape == (5, DIM)
-    assert np.array_equal(g.embeddings[:2], np.asarray(committed.embeddings)[[0, 3]])
+    added = g.added.metadata
+    assert added["path"].tolist() == ["b.jpg", "e.jpg", "f.jpg"] and added["id"].tolist() == [7, 8, 9]
+    assert g.deleted_ids.tolist() == [1, 2] and g.next_id == 10 and g.count == 5  # b changed, c deleted
+    assert list(added.columns) == ["id"] + META_COLUMNS and (added.dtypes[["id", "bytes"]] == np.int64).all()
+    assert added.set_index("path").loc["b.jpg", "bytes"] == 99  # the new version of b
+    assert g.added.embeddings.dtype == np.float16 and g.added.embeddings.shape == (3, DIM)
     assert np.array_equal(
-        g.embeddings[2:], np.stack([outs[0].embeddings[1], outs[1].embeddings[0], outs[0].embeddings[0]])
+        g.added.embeddings, np.stack([outs[0].embeddings[1], outs[1].embeddings[0], outs[0].embeddings[0]])
     )
     assert g.skipped[["path", "mtime_ns"]].values.tolist() == [["bad1.jpg", 200], ["bad2.jpg", 999]]
     with pytest.raises(ValueError, match="dim 8"):
@@ -234,18 +234,29 @@ def test_merge_keeps_ids_and_gives_fresh_ones_in_path_order(committed):
 
 def test_merge_of_a_first_empty_gallery():
     g = merge(None, diff(GalleryScan(root="/g", files=files()), None), [], DIM)
-    assert (len(g.metadata), g.embeddings.shape, len(g.skipped), g.next_id) == (0, (0, DIM), 0, 0)
+    assert (len(g.added.metadata), g.added.embeddings.shape, len(g.skipped), g.next_id, g.count) == (
+        0,
+        (0, DIM),
+        0,
+        0,
+        0,
+    )
 
 
-def test_commit_writes_a_generation_the_store_reads_back(committed):
+def test_commit_adds_a_segment_and_tombstones_the_store_reads_back(committed):
     g = merge(committed, diff(GalleryScan(root="/g", files=LATER), committed), later_outputs(), DIM)
-    m = commit(committed.dir, g, cfg(), "/g")
+    first = committed.manifest["segments"][0]["name"]
+    kept = committed.embeddings_of(np.array([0, 5]))
+    with IndexWriter(committed.dir) as writer:
+        m = commit(writer, g, cfg(), "/g")
     store = IndexStore(committed.dir)
-    assert store.manifest == m and (m["generation"], m["count"], m["next_id"], m["dim"]) == (2, 5, 10, DIM)
+    assert store.manifest == m and (m["version"], m["count"], m["next_id"], m["dim"]) == (2, 5, 10, DIM)
     assert m["model"] == "tiny-random" and m["gallery_root"] == "/g" and m["indexing_config"]["shard_size"] == 8
-    assert store.metadata.equals(g.metadata) and store.skipped.equals(g.skipped)
-    assert np.array_equal(store.embeddings, g.embeddings)
-    assert sorted(p.name for p in committed.dir.iterdir()) == ["gen-000002", "manifest.json"]
+    assert [s["name"] for s in m["segments"]] == [first, "seg-000002"] and m["tombstones"]["count"] == 2
+    assert store.metadata["id"].tolist() == [0, 5, 7, 8, 9] and store.skipped.equals(g.skipped)
+    assert np.array_equal(store.embeddings_of(np.array([0, 5])), kept)  # the kept rows were not rewritten
+    assert np.array_equal(store.embeddings_of(np.array([7, 8, 9])), g.added.embeddings)
+    assert sorted(p.name for p in (committed.dir / "segments").iterdir()) == [first, "seg-000002"]
 
 
 # ---------------------------------------------------------------- the run: exact counts
@@ -273,7 +284,7 @@ def test_counts_of_new_changed_deleted_and_bad_files(tmp_path, tiny_encoder, mon
     assert counts(s) == (20, 0, 0, 0, 2, 2, 20)
     assert first_line(s) == (
         "indexed 20 new or changed images (T images/s), reused 0 from finished shards, kept 0 "
-        "unchanged, removed 0; skipped 2 files (2 new); index holds 20 images (flat); T s in all"
+        "unchanged, removed 0; skipped 2 files (2 new); index holds 20 images (1 segment: flat); T s in all"
     )
     assert s.format().splitlines()[1:] == [
         "  skipped d0/bad.jpg: empty file",
@@ -288,19 +299,22 @@ def test_counts_of_new_changed_deleted_and_bad_files(tmp_path, tiny_encoder, mon
     for p in (good[1], good[2], "d0/bad.jpg", "d2/zbad.png"):
         (root / p).unlink()
     Image.new("RGB", (24, 24), (9, 9, 9)).save(root / "d2" / "zbad.png")
-    reads = []  # every file of the committed generation is read once
+    reads = []  # the committed version's metadata and skipped list are read once; its embeddings never
     for module, name in ((pd, "read_parquet"), (np, "load")):
         real = getattr(module, name)
         monkeypatch.setattr(
-            module, name, lambda path, *a, _real=real, **k: reads.append(Path(path).name) or _real(path, *a, **k)
+            module, name, lambda path, *a, _real=real, **k: reads.append(Path(path)) or _real(path, *a, **k)
         )
+    before = read_manifest(idx)
     s = index_gallery(root, idx, TINY, progress=False, encoder=tiny_encoder)
     monkeypatch.undo()
-    assert sorted(reads) == ["embeddings.npy", "metadata.parquet", "skipped.parquet"]
+    old = {idx / "segments" / before["segments"][0]["name"], idx / before["skipped_file"]}
+    read_old = sorted(p.name for p in reads if p in old or p.parent in old)
+    assert read_old == ["metadata.parquet", Path(before["skipped_file"]).name]
     assert counts(s) == (5, 0, 17, 3, 0, 0, 22)  # indexed: 3 new + the changed one + the mended one
     assert first_line(s) == (
         "indexed 5 new or changed images (T images/s), reused 0 from finished shards, kept 17 "
-        "unchanged, removed 3; skipped 0 files (0 new); index holds 22 images (flat); T s in all"
+        "unchanged, removed 3; skipped 0 files (0 new); index holds 22 images (2 segments: flat x2); T s in all"
     )
     store = IndexStore(idx)
     assert store.metadata.set_index("path").loc[good[0], "width"] == 30 and "d2/zbad.png" in set(store.metadata["path"])
@@ -310,21 +324,21 @@ def test_a_rerun_embeds_nothing_and_loads_no_model(tmp_path, tiny_encoder, monke
     root, idx = tmp_path / "g", tmp_path / "idx"
     bad_gallery(root)
     index_gallery(root, idx, TINY, progress=False, encoder=tiny_encoder)
-    gen = IndexStore(idx).manifest["generation"]
+    gen = IndexStore(idx).version
 
     def no_model(*a, **k):
         raise AssertionError("a rerun with nothing to embed must not load the model")
 
     monkeypatch.setattr(ix.ClipEncoder, "from_spec", no_model)
     s = index_gallery(root, idx, TINY, progress=False)  # encoder=None
-    assert counts(s) == (0, 0, 20, 0, 0, 2, 20) and IndexStore(idx).manifest["generation"] == gen
+    assert counts(s) == (0, 0, 20, 0, 0, 2, 20) and IndexStore(idx).version == gen
     assert first_line(s).startswith(
         "indexed 0 new or changed images (T images/s), reused 0 from finished shards, kept 20 "
     )
 
     (root / "d0" / "bad.jpg").unlink()  # only a bad file deleted: a new generation, still no model
     s = index_gallery(root, idx, TINY, progress=False)
-    assert counts(s) == (0, 0, 20, 0, 0, 1, 20) and IndexStore(idx).manifest["generation"] == gen + 1
+    assert counts(s) == (0, 0, 20, 0, 0, 1, 20) and IndexStore(idx).version == gen + 1
 
 
 def test_counts_of_a_resumed_run(tmp_path, tiny_encoder, monkeypatch):
@@ -357,7 +371,8 @@ def test_counts_of_a_resumed_run(tmp_path, tiny_encoder, monkeypatch):
     assert counts(ref) == (20, 0, 0, 0, 2, 2, 20)
     a, b = IndexStore(idx), IndexStore(tmp_path / "ref")
     assert a.metadata.equals(b.metadata) and a.skipped.equals(b.skipped)
-    np.testing.assert_allclose(a.embeddings.astype(np.float32), b.embeddings.astype(np.float32), atol=1e-3)
+    ea, eb = a.embeddings_of(a.metadata["id"]), b.embeddings_of(b.metadata["id"])
+    np.testing.assert_allclose(ea.astype(np.float32), eb.astype(np.float32), atol=1e-3)
 
 
 def test_encoder_of_another_model_is_refused(gallery, tmp_path, tiny_encoder):

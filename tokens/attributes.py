@@ -1,9 +1,11 @@
 """The attribute vocabulary: visual adjectives a garment (or any object) can have, one word or short phrase each.
 
-Perera et al. (Sec. 3, "subspace projection") restrict a custom token to the subspace spanned by the input
-embeddings of the attributes most correlated with the concept in CLIP space (K = 100 of a larger list); the
-`auto` initial caption ranks the same list against the concept's images. The list is data, grouped for the
-reader: colours (including every colour word of the toy world, `benchmarks.world.config.COLOURS`),
+Perera et al. (Sec. 4.3, "Improving Compositionality") restrict a custom token to the subspace spanned by the input
+embeddings of the attributes most correlated with the concept in CLIP space (Sec. 5: "100 attributes from CQGA
+dataset [13]", i.e. C-GQA, Naeem et al. 2021); the `auto` initial caption ranks the same list against the concept's
+images. Deviation: this list is ours (375 words), not C-GQA's attribute list, which is not shipped here; it also
+differs from GAIR's attribute words A (Perera et al. Sec. 5, `retrieval.composed.PAPER_ATTRIBUTES`). The list is
+data, grouped for the reader: colours (including every colour word of the toy world, `benchmarks.world.config.COLOURS`),
 brightness, materials, patterns (including the toy world's `PATTERNS`), textures, conditions, shape and fit,
 style. A word of several BPE sub-tokens is represented by the mean of their embeddings (see
 `tokens.methods.word_embeddings`).

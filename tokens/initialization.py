@@ -1,15 +1,22 @@
 """Where a token starts: its parent word, a caption (one vector per caption token), or an `auto` caption.
 
 - parent word (default): every one of the n vectors starts at the parent's input embedding, as diffusers'
-  textual-inversion example initialises all vectors of a multi-vector token from one initializer token. A parent
+  textual-inversion example initialises all vectors of a multi-vector token from one initializer token (Perera et
+  al. give no initialisation; BaTex Eq. 3-4 start at the user's initial word u). A parent
   of several BPE sub-tokens ("vest dress", "cardigan" if split) starts at the MEAN of its sub-token embeddings
   (recorded in the token file as the sub-tokens used).
 - caption ("a red tea kettle with gold leaf"): one vector per BPE token of the caption, each starting at that
-  token's embedding (multi-vector initialisation from a sentence: "An Image is Worth One Sentence"-style); the
-  caption fixes n_vectors.
+  token's embedding (Qiu et al., "An Image is Worth One Sentence", Sec. 3 "Multi-Token Representation" and
+  "Supreme Initialization": "the number of placeholder tokens n ... is the number of tokens in the ...
+  captioning model outputs"); the caption fixes n_vectors. The user writes the caption: no captioning model runs.
 - auto: a caption built offline from the concept's images: the attribute vocabulary (tokens.attributes) ranked
   by CLIP against the images (tokens.methods.attribute_scores), the best `auto_caption_words` attributes
-  followed by the parent word, e.g. "red striped checked dress"; then as a caption.
+  followed by the parent word, e.g. "red striped checked dress"; then as a caption. Deviation: Qiu et al. caption
+  the image with a captioning model (Caption Anything on a clicked region, or a ViT classifier's label); this is
+  a CLIP ranking of our attribute words, a stand-in for one. The prompt templates add the parent after the token
+  as well ("a photo of a <t> dress" with <t> = "red striped checked dress").
+Qiu et al. train with l_LDM alone on one image for 100 steps; here a caption initialises any method (ours then
+projects it, P(e - mu) + mu, at the first step) and `min_images` (3) applies.
 """
 
 from __future__ import annotations

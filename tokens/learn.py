@@ -2,7 +2,8 @@
 
 `learn_tokens` is the one token-learning sequence; `learn_token` (what `cli.py learn-token` runs) and the
 benchmarks (benchmarks/pervl.py, benchmarks/token_quality.py) call it:
- 1. negatives for l_CE: a concept's own, or images sampled for "image of a <parent>" (cached, tokens.negatives);
+ 1. negatives for l_CE: a concept's own, or images sampled for "image of a <parent>" (Perera et al. Sec. 4.2;
+    cached, tokens.negatives);
  2. each concept prepared once (tokens.trainer.prepare_concept);
  3. all concepts trained in ONE batched loop (tokens.trainer.train_tokens), `on_step` told after every step;
  4. each result with the metadata its file carries (tokens.trainer.to_custom_token).
@@ -78,7 +79,7 @@ def learn_tokens(
         )
     prepared = []
     for i, c in enumerate(concepts):
-        # 1. negatives of l_CE: the concept's own, or sampled for "image of a <parent>" (Perera et al. Sec. 4.2)
+        # 1. negatives of l_CE: the concept's own, or sampled for "image of a <parent>" (Perera et al. Sec. 4.2, x')
         negatives = c.negatives
         if config.uses_ce and negatives is None:
             prompt = fill_prompt(config.class_template, "", c.parent)
@@ -217,7 +218,7 @@ def learn_token(
             f"the CLIP passed in is `model={clip.spec}`, but the request has `model={request.model}`: "
             "pass the models loaded for the request's model, or none"
         )
-    # 4. train (negatives sampled into the store's cache when no folder is given)
+    # 4. train (negatives sampled into the store's cache when no folder is given; Perera et al. Sec. 4.2, 5)
     attributes = tuple(" ".join(a.split()) for a in request.context_attributes if a.strip())
     concept = ConceptImages(
         request.name,

@@ -2,26 +2,34 @@
 
 | method | loss (per concept)                       | what is trained                     | source                           |
 | ------ | ---------------------------------------- | ----------------------------------- | -------------------------------- |
-| ours   | lambda_SD l_SD + lambda_CE l_CE          | e; the token is P(e - mu) + mu      | Perera et al. 2025, Sec. 3       |
+| ours   | lambda_SD l_SD + lambda_CE l_CE          | e; the token is P(e - mu) + mu      | Perera et al. Sec. 4.2, 4.3      |
 | ti     | l_SD                                     | the vectors                         | Gal et al. 2023 (textual inv.)   |
-| pt     | l_CE                                     | the vectors                         | prompt tuning (CoOp-style)       |
-| batex  | l_SD                                     | coefficients over M vocabulary rows | BaTex (Efficient Personalized    |
-|        |                                          |                                     | T2I ... Textual Subspace)        |
+| pt     | l_CE                                     | the vectors                         | prompt tuning (Perera Sec. 4.2:  |
+|        |                                          |                                     | weights (0, 1); Sec. 5 negatives)|
+| batex  | l_SD                                     | coefficients over M vocabulary rows | Du et al. (BaTex) Sec. 3, Eq. 5, |
+|        |                                          |                                     | Algorithms 1-2                   |
 
-- l_SD is the latent-diffusion / textual-inversion loss ||eps - eps_theta(z_t, t, c(y))||^2 (Rombach et al. 2022
-  eq. 2; Gal et al. eq. 2) over the concept's images with prompts such as "a photo of a * dress"
-  (`DiffusionBackbone.training_loss`; the trainer takes it per row, `reduction="none"`).
-- l_CE is a binary classification in CLIP space between the class prompts "image of a * dress" and "image of a
-  dress": p(concept | x) = softmax over the two prompts of s * cos(f(x), g(prompt)), s = CLIP's logit scale,
-  i.e. sigmoid(s (cos(f(x), g_*) - cos(f(x), g_parent))); positives are the concept's images, negatives images
-  of the parent (sampled from the diffusion model or given); the two classes are weighted equally
-  (`balanced_bce`).
+- l_SD is the latent-diffusion / textual-inversion loss ||eps - eps_theta(z_t, t, c(y))||^2 (Perera et al. Sec. 3,
+  l_DM; Rombach et al. 2022 eq. 2; Gal et al. eq. 2) over the concept's images with prompts such as "a photo of a
+  * dress" (`DiffusionBackbone.training_loss`; the trainer takes it per row, `reduction="none"`). Deviation: on
+  DeepFashion2 the paper "used captions provided by the benchmark during training" (Sec. 5); we use templates.
+- l_CE (Perera et al. Sec. 4.2) is a binary classification in CLIP space between the class prompts "image of a *
+  dress" and "image of a dress" (the paper's 'image of a * c' and 'image of a c'): p(concept | x) = softmax over
+  the two prompts of s * cos(f(x), g(prompt)), s = CLIP's logit scale, i.e. sigmoid(s (cos(f(x), g_*) -
+  cos(f(x), g_parent))); positives are the concept's images, negatives images of the parent (sampled from the
+  diffusion model or given); the two classes are weighted equally (`balanced_bce`). The paper says only: "compute
+  a class scores f(x'') . tau_* and f(x'') . tau_parent and evaluate a classification loss with balanced binary
+  cross entropy": how the two scores become one logit, and the scale s, are our reading.
+- Order of * and c: Sec. 4 writes d(g([t, c, *])) and g([t, c, *]); Secs. 4.2 and 4.4 write 'image of a * c' and
+  [t, *, c]. We use "* c" everywhere (prompts here, the planner in retrieval.composed).
 - ours restricts the token to the affine subspace through mu spanned by the principal directions of the input
-  embeddings of the K attribute words most correlated with the concept in CLIP space (`attribute_scores`,
-  `pca_basis`, `project_to_subspace`).
+  embeddings of the K attribute words most correlated with the concept in CLIP space (Perera et al. Sec. 4.3;
+  K = 100, Sec. 5) (`attribute_scores`, `pca_basis`, `project_to_subspace`). The paper gives no dimension for P:
+  we keep every direction of non-zero variance (r = rank <= K - 1; see `pca_basis`).
 - batex writes each token vector as a combination of M vocabulary embeddings nearest (cosine) to its initial
   vector, the initial vector first: the coefficients start one-hot, so the token starts at its initial word
-  (`nearest_vocabulary_basis`; the basis must have full rank M).
+  (BaTex Eq. 3-4, 7; `nearest_vocabulary_basis`; the basis must have full rank M). BaTex learns one vector; here
+  each of the token's n_vectors (10 by default) is a combination over its own initial vector's basis.
 
 Paper sizes are for CLIP ViT-L/14 (text width 768): K = 100 attributes, M = 576 basis vectors. On narrower text
 towers (the toy world's 128, tiny-random's 32) K = 100 would span the whole space and M = 576 > width cannot be
@@ -44,18 +52,25 @@ RANK_RTOL = 1e-5  # singular values below this times the largest count as zero: 
 
 # Defaults that differ by method, as data. Everything else is shared (TokenTrainConfig).
 METHOD_DEFAULTS: dict[str, dict] = {
-    # Perera et al. (Sec. 4, implementation details): lambda_SD = 1, lambda_CE = 1e-5, 20000 iterations
+    # Perera et al. Sec. 5, "Model details": "set lambda_CE = 10^-5, lambda_SD = 1 ... trained each model for 20000
+    # iterations"
     "ours": {"lambda_sd": 1.0, "lambda_ce": 1e-5, "steps": 20000},
-    # textual inversion: the diffusion loss alone; the same budget as ours for a like-for-like comparison
+    # textual inversion: the diffusion loss alone, Perera et al. Sec. 4.2's weights (1, 0); the paper states no
+    # budget for its baselines: ours' 20000 for a like-for-like comparison
     "ti": {"lambda_sd": 1.0, "lambda_ce": 0.0, "steps": 20000},
-    # prompt tuning: the classification loss alone (no diffusion model needed when negatives are given)
+    # prompt tuning: the classification loss alone, Perera et al. Sec. 4.2's weights (0, 1) ("equivalent to prompt
+    # tuning"), with Sec. 5's sampled negatives (no diffusion model needed when negatives are given); budget as ti
     "pt": {"lambda_sd": 0.0, "lambda_ce": 1.0, "steps": 20000},
-    # BaTex: the diffusion loss on basis coefficients, 500 steps
+    # BaTex: the diffusion loss on basis coefficients (Eq. 5); Sec. 5, "Training steps": "We recommend to train
+    # BaTex with M=576 for 500 steps"
     "batex": {"lambda_sd": 1.0, "lambda_ce": 0.0, "steps": 500},
 }
 
-# Prompts of l_SD: textual inversion's templates (diffusers' examples/textual_inversion, imagenet_templates_small)
-# with the parent word after the token, as in Perera et al.'s "a photo of a * dress".
+# Prompts of l_SD: seven of textual inversion's templates (diffusers' examples/textual_inversion,
+# imagenet_templates_small) and one of ours (the last, not in that list), with the parent word after the token.
+# Perera et al. Sec. 3: "a set of different paraphrasing of 'image of a *' is used"; Sec. 4: "it is common to use
+# different paraphrasing of 'an image of a' for t". The paper does not list its paraphrases; on DeepFashion2 it
+# "used captions provided by the benchmark during training" (Sec. 5), which this code does not do.
 SD_TEMPLATES: tuple[str, ...] = (
     "a photo of a {token} {parent}",
     "a rendering of a {token} {parent}",
@@ -72,7 +87,8 @@ SD_TEMPLATES: tuple[str, ...] = (
 # caption grammar alone ("a person wearing a red striped dress ..."): the templates above and "image of a * dress"
 # are outside it, and GAIR's paper words "old", "worn", "bright", "dark" are untrained rows of its table (its own
 # words stand in: white for bright, black for dark). Real CLIPs use the defaults. `learn-token` applies these
-# unless the caller overrides them, and keeps the attributes in the token file for `query --gair`.
+# unless the caller overrides them, and keeps the attributes in the token file for `query --gair`. On toyworld this
+# replaces Perera et al.'s 'image of a * c' / 'image of a c' (Sec. 4.2) and their A (Sec. 5): a recorded deviation.
 MODEL_DEFAULTS: dict[str, dict] = {
     "toyworld": {
         "sd_templates": ("a person wearing a {token} {parent}.", "a photo of a {token} {parent}."),
@@ -91,34 +107,45 @@ def model_defaults(model: str) -> dict:
 class TokenTrainConfig:
     method: str = "ours"  # ours | ti | pt | batex (METHODS)
     # ----- the token
-    n_vectors: int = 10  # vectors per token (Perera et al.: 10 trainable vectors); a caption sets its own
-    init_caption: str | None = None  # None: the parent word; "auto": a caption ranked from the attributes; or a caption
-    # ----- the loss L = lambda_SD l_SD + lambda_CE l_CE (Perera et al. Sec. 3)
+    # vectors per token; Perera et al. Sec. 5: "For all the experiments we used 10 trainable tokens" (read as one
+    # placeholder of 10 vectors); a caption sets its own (Qiu et al. Sec. 3, "Multi-Token Representation")
+    n_vectors: int = 10
+    # None: every vector at the parent word (Perera et al. give no initialisation; Gal et al.'s textual inversion
+    # starts at a coarse word); "auto": a caption ranked from the attributes; or a caption (Qiu et al. Sec. 3)
+    init_caption: str | None = None
+    # ----- the loss L = lambda_SD l_SD + lambda_CE l_CE (Perera et al. Sec. 4.2; values Sec. 5, "Model details")
     lambda_sd: float = 1.0  # weight of the diffusion loss (Perera et al.: 1)
     lambda_ce: float = 1e-5  # weight of the classification loss (Perera et al.: 1e-5)
-    # ----- optimisation (Perera et al.: effective batch 4, lr 5e-4, 20000 iterations)
+    # ----- optimisation (Perera et al. Sec. 5: "an effective batch size of 4 with a learning rate of 5 . 10^-4",
+    # "20000 iterations"; the optimiser and schedule are not stated: AdamW without decay (= Adam), constant lr)
     steps: int = 20000  # optimiser steps
-    batch_size: int = 4  # (image, prompt) pairs of l_SD per concept per step
+    batch_size: int = 4  # (image, prompt) pairs of l_SD per concept per step; l_CE sees all N + k images each step
     lr: float = 5e-4  # Adam learning rate, constant
-    weight_decay: float = 0.0  # AdamW decay; none, so only the losses move the token
+    weight_decay: float = 0.0  # AdamW decay; none, so only the losses move the token (BaTex Alg. 2's gamma: no value)
     seed: int = 0  # seeds each concept's draws (images, prompts, noise, timesteps)
     precision: str = "auto"  # compute precision: auto = bf16/fp16 autocast on GPU, fp32 on CPU
     concepts_per_forward: int = 0  # concepts per forward when training many at once; 0: all (one forward)
     # ----- prompts
     sd_templates: tuple[str, ...] = SD_TEMPLATES  # l_SD prompts; {token} = the placeholder, {parent} = the parent word
-    class_template: str = "image of a {token} {parent}"  # l_CE's concept prompt; without {token} it is the parent's
+    # l_CE's concept prompt; without {token} it is the parent's (Perera et al. Sec. 4.2: 'image of a * c', 'image of
+    # a c'), also the negatives' sampling prompt and the attribute-ranking prompt
+    class_template: str = "image of a {token} {parent}"
     # ----- ours: the attribute subspace
-    attributes_k: int = 100  # K attributes most correlated with the concept (Perera et al.: 100)
+    # K attributes most correlated with the concept (Perera et al. Sec. 5: "100 attributes from CQGA dataset [13]
+    # that correlated most with the given concept in the CLIP space"); drawn from our own vocabulary
+    # (tokens.attributes, 375 words), not from C-GQA's attribute list
+    attributes_k: int = 100
     # ----- batex: the vocabulary basis
-    batex_m: int = 576  # M nearest vocabulary embeddings (BaTex: 576 of 768)
+    batex_m: int = 576  # M nearest vocabulary embeddings (BaTex Sec. 5, Table 4: M = 576 of d = 768)
     reference_width: int = 768  # text width the paper's K and M are for (CLIP ViT-L/14)
-    scale_with_width: bool = True  # scale K and M by width / reference_width on other CLIPs
-    # ----- negatives for l_CE: images sampled for the parent prompt
-    n_negatives: int = 16  # images sampled from the diffusion model (when no folder is given)
-    negative_steps: int = 50  # sampler steps of that sampling
+    scale_with_width: bool = True  # scale K and M by width / reference_width on other CLIPs (not in the papers)
+    # ----- negatives for l_CE: images sampled for the parent prompt (Perera et al. Sec. 4.2: "we sample k images
+    # ... from the diffusion model with the prompt 'image of a c'"; k, sampler and guidance are not given)
+    n_negatives: int = 16  # k, images sampled from the diffusion model (when no folder is given); our choice
+    negative_steps: int = 50  # sampler steps of that sampling (StableDiffusionPipeline's default)
     negative_guidance: float = 7.5  # classifier-free guidance scale of that sampling (SD's default)
     # ----- input checks and the auto caption
-    min_images: int = 3  # fewest usable concept images (textual inversion uses 3-5)
+    min_images: int = 3  # fewest usable concept images (Perera et al. Sec. 4: "n is generally 3-5")
     auto_caption_words: int = 3  # attribute words in an `auto` caption, before the parent word
 
     def __post_init__(self):
@@ -188,7 +215,8 @@ def token_ids(clip, text: str) -> list[int]:
 
 
 def word_embeddings(clip, words: Sequence[str]) -> torch.Tensor:
-    """(len(words), width) float32: each word's input embedding, the mean over its BPE sub-tokens."""
+    """(len(words), width) float32: each word's input embedding, the mean over its BPE sub-tokens (Perera et al.
+    Sec. 4.1, 4.3: "average token embeddings for each attribute", "a matrix e with average embeddings")."""
     table = clip.token_embedding.weight.detach().float()
     rows = []
     for w in words:
@@ -205,16 +233,24 @@ def attribute_scores(
 ) -> torch.Tensor:
     """(A,) how much each attribute describes the concept in CLIP space: the mean cosine between the concept's
     image features (N, dim) (normalised) and the text feature of the template with the attribute in the token's
-    place ("image of a red dress"). The parent's part is common to all, so the ranking is the attribute's."""
+    place ("image of a red dress"). The parent's part is common to all, so the ranking is the attribute's.
+    Perera et al. Sec. 5 say only "attributes ... that correlated most with the given concept in the CLIP space":
+    this score is our reading of "correlated"."""
     prompts = [fill_prompt(template, a, parent) for a in attributes]
     text = torch.from_numpy(clip.encode_texts(prompts))  # (A, dim), normalised
     return (image_features.float().cpu() @ text.T).mean(0)  # (A,)
 
 
-# ----- ours: the attribute subspace (Perera et al. Sec. 3, subspace projection)
+# ----- ours: the attribute subspace (Perera et al. Sec. 4.3, "Improving Compositionality")
 def pca_basis(points: torch.Tensor, rel_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA of POINTS (K, width): (basis (width, r) orthonormal principal directions, mean (width,)).
-    r = the rank of the centred points: directions with singular value <= rel_tol * the largest are dropped."""
+    r = the rank of the centred points: directions with singular value <= rel_tol * the largest are dropped.
+
+    Perera et al. Sec. 4.3: "We calculate the mean vector mu_e of the matrix e and perform Principal Component
+    Analysis to find a projection matrix P". The paper gives no dimension for P. Our choice: keep every direction
+    of non-zero variance, so P projects onto the affine hull of the K attribute embeddings (no truncation):
+    r <= K - 1, i.e. at most 99 for K = 100 on CLIP ViT-L/14 and 16 on the toy world (K = 17 at width 128). The
+    effect of this choice on retrieval has not been measured."""
     mean = points.mean(0)
     _, s, vh = torch.linalg.svd((points - mean).double(), full_matrices=False)  # vh (min(K, width), width)
     keep = s > rel_tol * s.max().clamp_min(1e-30)
@@ -223,7 +259,8 @@ def pca_basis(points: torch.Tensor, rel_tol: float = 1e-5) -> tuple[torch.Tensor
 
 def project_to_subspace(e: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """P (e - mu) + mu with P = U U^T: e (..., n, width), basis U (..., width, r) orthonormal columns (zero columns
-    allowed: padding), mean mu (..., width). Differentiable in e."""
+    allowed: padding), mean mu (..., width). Differentiable in e. Perera et al. Sec. 4.3: "During training we
+    transform the token e_* using the linear transformation P(e_* - mu_e) + mu_e"."""
     mu = mean.unsqueeze(-2)  # (..., 1, width)
     coords = (e - mu) @ basis  # (..., n, r)
     return coords @ basis.transpose(-1, -2) + mu
@@ -244,7 +281,12 @@ def nearest_vocabulary_basis(
     Row 0 is INIT itself, so that coefficients (1, 0, ..., 0) give exactly the initial vector even when it is no
     vocabulary row (a mean of sub-tokens); rows 1..m-1 are the vocabulary embeddings of highest cosine to INIT,
     skipping EXCLUDE_IDS (start/end of text) and rows equal to INIT. Refused when the basis is not of full rank m.
-    """
+
+    Du et al. (BaTex) Sec. 3.2, Algorithm 1 and Eq. 6: order the vocabulary by a vector distance F(u, v_i) to the
+    initial embedding u ("such as dot product, cosine similarity and L2 norm"), take the top M, "until r(V_M) >=
+    d_1". Deviations: F is cosine (their App. F.4 finds dot product "slightly better"); M is fixed and must equal
+    the rank (d_1 = M) instead of growing M until the rank reaches d_1; u need not be a vocabulary row (Eq. 3
+    has u in V)."""
     table = table.detach().float()
     width = table.shape[1]
     if not 2 <= m <= width:
@@ -272,7 +314,9 @@ def nearest_vocabulary_basis(
 # ----- l_CE
 def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy with the positives' and the negatives' mean losses weighted equally (1/2 each), so a
-    few concept images weigh as much as many negatives. logits (N,), labels (N,) bool."""
+    few concept images weigh as much as many negatives. logits (N,), labels (N,) bool. Perera et al. Sec. 4.2:
+    "l_CE = BCE(x'', y)" with "balanced binary cross entropy", labels 1 for the n concept images, 0 for the k
+    negatives; equal class weights are our reading of "balanced"."""
     losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     pos, neg = labels.bool(), ~labels.bool()
     if not pos.any() or not neg.any():
@@ -284,7 +328,9 @@ def class_logits(
     image_features: torch.Tensor, token_feature: torch.Tensor, parent_feature: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """(N,) logit of 'concept' against 'parent' for normalised image features (N, dim): the two-way softmax over
-    the prompts' cosines times CLIP's logit scale, as a sigmoid logit: s (cos(x, g_*) - cos(x, g_parent))."""
+    the prompts' cosines times CLIP's logit scale, as a sigmoid logit: s (cos(x, g_*) - cos(x, g_parent)).
+    Perera et al. Sec. 4.2 give the two "class scores f(x'') . tau_* and f(x'') . tau_parent" but not how they
+    form one BCE logit nor any scale: the difference and s = CLIP's logit scale are our reading."""
     return scale * (image_features @ token_feature - image_features @ parent_feature)
 
 
@@ -300,8 +346,9 @@ class FreeVectors:
 
 
 class SubspaceVectors:
-    """ours: e (C, n, width) trained, the token is P(e - mu) + mu (Perera et al. Sec. 3) with each concept's own
-    basis (C, width, r_max) (zero-padded columns) and mean (C, width)."""
+    """ours: e (C, n, width) trained, the token is P(e - mu) + mu (Perera et al. Sec. 4.3) with each concept's own
+    basis (C, width, r_max) (zero-padded columns) and mean (C, width). e starts at the initial vectors, so the
+    token starts at their projection P(e_0 - mu) + mu, not at the parent word itself (the paper is silent)."""
 
     def __init__(self, init: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor):
         self.param = torch.nn.Parameter(init.detach().clone().float())
@@ -312,7 +359,8 @@ class SubspaceVectors:
 
 
 class BasisCombination:
-    """batex: coefficients (C, n, M) over bases; vector j of concept c = coeff[c, j] @ bases[which[c, j]].
+    """batex: coefficients (C, n, M) over bases; vector j of concept c = coeff[c, j] @ bases[which[c, j]] (BaTex
+    Eq. 7; the one-hot start is Eq. 3-4).
     Bases are shared where initial vectors are (a token initialised from its parent has one basis for all its
     vectors), so 50 concepts x 10 vectors x 576 x 768 are never materialised. Coefficients start one-hot on row 0,
     the initial vector."""

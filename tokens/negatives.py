@@ -1,5 +1,9 @@
 """Negatives of l_CE (Perera et al., Sec. 4.2): images of the parent class sampled from the diffusion model.
 
+Sec. 4.2: "we sample k images x' = [x'_1, ..., x'_k] from the diffusion model with the prompt 'image of a c'";
+Sec. 5 gives prompt tuning the same negatives. k, the sampler and the guidance are not given (TokenTrainConfig:
+k = 16, the diffusion model's own steps and guidance).
+
 A user folder (`negatives=DIR`, read by `retrieval.io.images.read_image_folder`), or k images sampled for the
 parent prompt ("image of a dress"), cached per (CLIP, diffusion model, prompt, k, seed, sampler settings) under
 <tokens-dir>/.negatives/ (`retrieval.io.cache`), so that every token of that parent reuses them.

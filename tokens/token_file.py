@@ -26,8 +26,10 @@ dicts as JSON) everything needed to know where it belongs and how it was made:
 In prompts a token is named by its placeholder ``<name>`` (PLACEHOLDER_PATTERN, `placeholder_names`), or by ``*``
 (STAR) when the prompt uses one token: this module defines that syntax for the whole project.
 
-The vectors stored are the token's effective input embeddings (after the subspace projection of `ours`, the
-basis combination of `batex`): what a prompt's placeholder is replaced by, here and in diffusers.
+The vectors stored are the token's effective input embeddings (after the subspace projection of `ours`, Perera et
+al. Sec. 4.3's P(e_* - mu_e) + mu_e, the basis combination of `batex`, BaTex Eq. 7): what a prompt's placeholder is
+replaced by, here and in diffusers. n_vectors > 1 is one placeholder of several vectors (Perera et al. Sec. 5: "10
+trainable tokens"; Qiu et al.'s <0> ... <n>); diffusers expands it to <name>, <name>_1, ...
 Files are written atomically (temporary file, fsync, rename).
 """
 

@@ -10,8 +10,8 @@ subspace of `ours`, the vocabulary basis of `batex`). The loop (`train_tokens`) 
  2. l_SD: draws each concept's batch (images, prompts, noise, timesteps) from that concept's own generator and
     runs ONE text-encoder forward and ONE UNet forward for all C x batch rows;
  3. l_CE: ONE text forward for all C class prompts, against the precomputed image features;
- 4. sums L_c = lambda_SD l_SD,c + lambda_CE l_CE,c over the concepts; a concept whose L_c is not finite stops
-    and keeps its last good vectors, the others go on;
+ 4. sums L_c = lambda_SD l_SD,c + lambda_CE l_CE,c (Perera et al. Sec. 4.2) over the concepts; a concept whose
+    L_c is not finite stops and keeps its last good vectors, the others go on;
  5. one Adam step, logging, the progress bar (each loss term), and the caller's `on_step(StepReport)`: its
     progress, and its way to cancel (returning False raises `TrainingCancelled`: no token results, none is saved).
 Where one forward for all concepts does not fit in memory (Stable Diffusion at 512 px: ~4 rows per concept),
@@ -62,7 +62,8 @@ from tokens.token_file import CustomToken, TokenInfo, placeholder_for
 # ----- what is computed once per concept
 @dataclass(frozen=True)
 class Subspace:
-    """ours: the affine subspace mu + span(basis) of the K attributes most correlated with the concept."""
+    """ours: the affine subspace mu + span(basis) of the K attributes most correlated with the concept (Perera et al.
+    Sec. 4.3; K: Sec. 5)."""
 
     basis: torch.Tensor  # (width, r) orthonormal principal directions
     mean: torch.Tensor  # (width,) mean attribute embedding, mu
@@ -74,7 +75,7 @@ class Subspace:
             "k": len(self.words),
             "dim": int(self.basis.shape[1]),
             "words": list(self.words),
-            "source": "Perera et al. Sec. 3: token = P(e - mu) + mu",
+            "source": "Perera et al. Sec. 4.3: token = P(e - mu) + mu",
         }
 
 
@@ -92,7 +93,7 @@ class VocabularyBasis:
             "m": int(self.bases.shape[1]),
             "n_bases": int(self.bases.shape[0]),
             "nearest_words": [list(w) for w in self.neighbours],
-            "source": "BaTex: coefficients over the M nearest embeddings",
+            "source": "BaTex: coefficients over the M nearest embeddings",  # Du et al. Sec. 3.2-3.3, Eq. 7
         }
 
 
@@ -127,7 +128,8 @@ class ConceptData:
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop to a square and resize to SIZE x SIZE (what the diffusion model generates)."""
+    """Centre crop to a square and resize to SIZE x SIZE (what the diffusion model generates). No augmentation
+    (diffusers' textual-inversion example flips at random); the papers say nothing about it."""
     return ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
 
 
@@ -174,7 +176,8 @@ def prepare_concept(
     # 2. CLIP features of the concept's images and of the negatives
     image_features = torch.from_numpy(clip.encode_pil(list(images)))  # (N, dim), normalised
     negative_features = torch.from_numpy(clip.encode_pil(list(negatives))) if config.uses_ce else None
-    # 3. diffusion latents of the concept's images (one posterior sample each, for a VAE)
+    # 3. diffusion latents of the concept's images (one posterior sample each, for a VAE, drawn once here: z ~ E(x)
+    #    of Perera et al. Sec. 3's l_DM is not redrawn every step, as diffusers' textual-inversion example does)
     latents = None
     if config.uses_sd:
         pixels = pil_to_pixels([fit_square(im, backbone.image_size) for im in images])  # (N, 3, H, W) in [-1, 1]
@@ -183,13 +186,15 @@ def prepare_concept(
     init = initialize(clip, parent, config, image_features, attributes)
     subspace = basis = None
     if config.method == "ours":
+        # Perera et al. Sec. 5: the K = 100 attributes "that correlated most with the given concept in the CLIP space"
+        # (K scaled with the text width, `TokenTrainConfig.k_for`); Sec. 4.3: PCA of their averaged embeddings
         k = min(config.k_for(clip.width), len(attributes))
         scores = attribute_scores(clip, image_features, parent, attributes, config.class_template)  # (A,)
         words = tuple(attributes[i] for i in scores.argsort(descending=True)[:k].tolist())
-        u, mu = pca_basis(word_embeddings(clip, words))
+        u, mu = pca_basis(word_embeddings(clip, words))  # u (width, r), r = rank <= K - 1: the paper gives no dim
         subspace = Subspace(u, mu, words)
     elif config.method == "batex":
-        basis = _vocabulary_basis(clip, init.vectors, config.m_for(clip.width))
+        basis = _vocabulary_basis(clip, init.vectors, config.m_for(clip.width))  # BaTex Algorithm 1
     return ConceptData(name, parent, init, image_features, latents, negative_features, seed, subspace, basis)
 
 
@@ -209,7 +214,8 @@ def draw_sd_batch(
     num_train_timesteps: int,
     device,
 ) -> SdBatch:
-    """Each concept's B (image, prompt, noise, timestep) draws, from its own generator, in a fixed order."""
+    """Each concept's B (image, prompt, noise, timestep) draws, from its own generator, in a fixed order: the
+    expectation over z, eta, t of Perera et al. Sec. 3's l_DM (t uniform over the training timesteps)."""
     B, prompts, latents, noise, timesteps = config.batch_size, [], [], [], []
     for c, g in zip(concepts, generators):
         images = torch.randint(len(c.latents), (B,), generator=g)
@@ -245,7 +251,7 @@ def class_data(concepts: Sequence[ConceptData], clip, config: TokenTrainConfig) 
         torch.cat([torch.ones(len(c.image_features)), torch.zeros(len(c.negative_features))]).bool().to(device)
         for c in concepts
     ]
-    parent_prompts = [fill_prompt(config.class_template, "", c.parent) for c in concepts]
+    parent_prompts = [fill_prompt(config.class_template, "", c.parent) for c in concepts]  # 'image of a c', Sec. 4.2
     parent_features = torch.from_numpy(clip.encode_texts(parent_prompts)).to(device)
     return ClassData(features, labels, parent_features, float(clip.model.logit_scale.exp()))
 
@@ -270,7 +276,7 @@ def step_losses(
             sd_batch.latents, cond, noise=sd_batch.noise, timesteps=sd_batch.timesteps, reduction="none"
         )  # ONE UNet forward
         l_sd = rows.view(C, -1).mean(1)
-    if ce is not None:
+    if ce is not None:  # Perera et al. Sec. 4.2: tau_* of 'image of a * c' against the fixed tau_parent
         prompts = [fill_prompt(config.class_template, c.placeholder, c.parent) for c in concepts]
         with mixed():
             _, token_features, _ = clip.text_features(prompts, vectors)  # ONE text forward, (C, dim) normalised
@@ -429,7 +435,8 @@ def train_tokens(
             terms = torch.zeros(3, C)  # l_SD, l_CE, L of every concept this step
             for idx in chunks:  # all concepts at once, unless concepts_per_forward splits them
                 group = [concepts[i] for i in idx]
-                # 4.1 the tokens: P(e - mu) + mu (ours), coefficients x basis (batex), or the vectors themselves
+                # 4.1 the tokens: P(e - mu) + mu (ours, Perera et al. Sec. 4.3), coefficients x basis (batex, BaTex
+                #     Eq. 7), or the vectors themselves
                 stacked = holder.vectors()  # (C, n_max, width)
                 vectors = {concepts[i].placeholder: stacked[i, : concepts[i].n_vectors] for i in idx}
                 # 4.2 + 4.3 l_SD on this step's draws (one UNet forward), l_CE (one text forward)
@@ -439,7 +446,7 @@ def train_tokens(
                 l_sd, l_ce = step_losses(
                     vectors, group, clip, backbone, config, batch, ce.subset(idx) if ce else None, mixed
                 )
-                # 4.4 L_c = lambda_SD l_SD,c + lambda_CE l_CE,c (Perera et al. Sec. 3), summed over concepts
+                # 4.4 L_c = lambda_SD l_SD,c + lambda_CE l_CE,c (Perera et al. Sec. 4.2), summed over concepts
                 loss = config.lambda_sd * l_sd + config.lambda_ce * l_ce  # (len(idx),)
                 use = torch.isfinite(loss.detach()).cpu() & active[idx]
                 if use.any():

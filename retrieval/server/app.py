@@ -285,7 +285,7 @@ class Gallery:
             raise ApiError(409, f"image {image_id} can no longer be decoded ({e.reason}): re-index") from None
 
     def thumbnail(self, image_id: int) -> bytes:
-        key = (str(self._current().gen_dir), image_id)
+        key = (self._current().version, image_id)
         with self._lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
@@ -638,8 +638,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
             "diffusion": engine.diffusion,
             "count": store.count,
             "dim": store.manifest["dim"],
-            "index": store.manifest["index"]["params"].get("index_type"),
-            "generation": store.manifest.get("generation"),
+            "index": store.describe(),
+            "version": store.version,
             "tokens": engine.tokens.names(),
             "methods": list(METHODS),
             "gair_weights": list(DEFAULT_WEIGHTS),

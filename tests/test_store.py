@@ -1,0 +1,385 @@
+"""The segmented index folder (indexes.store, format 2): exact search over segments with tombstones, commits that
+write only the change, size-tiered compaction, format 1 migration, reader pins, one writer at a time, and kills."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from indexes.locking import IndexLockedError, WriterLock
+from indexes.store import (
+    CompactionPolicy,
+    IndexStore,
+    IndexWriter,
+    Rows,
+    commit_rows,
+    compact,
+    migrate,
+    open_committed,
+    read_manifest,
+    rebuild_index,
+)
+from indexes.vector_index import IndexConfig, build_index, exact_search, save_index, unit_rows
+
+DIM = 8
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def rows(ids, seed: int, dup_of: np.ndarray | None = None) -> Rows:
+    """Rows for IDS with seeded unit vectors (float16); DUP_OF: vectors to repeat (exact ties)."""
+    ids = np.asarray(ids, np.int64)
+    x = np.random.default_rng(seed).normal(size=(len(ids), DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    if dup_of is not None:
+        x[: len(dup_of)] = dup_of
+    meta = pd.DataFrame(
+        {
+            "id": ids,
+            "path": [f"img{i:06d}.jpg" for i in ids],
+            "bytes": ids * 10,
+            "mtime_ns": ids * 100,
+            "width": 8,
+            "height": 6,
+        }
+    )
+    return Rows(meta, x)
+
+
+def add(index_dir, r: Rows, delete=(), **kw) -> dict:
+    next_id = int(r.metadata["id"].max()) + 1 if len(r.metadata) else kw.pop("next_id")
+    return commit_rows(
+        index_dir, r.metadata, r.embeddings, None, delete, model="m", gallery_root="/g", next_id=next_id, **kw
+    )
+
+
+def brute_force(store: IndexStore, queries: np.ndarray, k: int):
+    ids = store.ids
+    return exact_search(store.vectors_for_ids(ids), ids, queries, k)
+
+
+def queries(n: int = 16, seed: int = 99) -> np.ndarray:
+    q = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def three_segments(tmp_path) -> Path:
+    """Three flat segments (ids 0-49, 50-89, 90-129) with exact duplicates across them and 12 deleted ids."""
+    idx = tmp_path / "idx"
+    first = rows(range(50), seed=0)
+    add(idx, first, auto_compact=False)
+    add(idx, rows(range(50, 90), seed=1, dup_of=first.embeddings[:5]), auto_compact=False)  # ties with ids 0-4
+    add(idx, rows(range(90, 130), seed=2, dup_of=first.embeddings[:3]), delete=[1, 7, 8, 55, 60], auto_compact=False)
+    add(idx, Rows(first.metadata.iloc[:0], first.embeddings[:0]), delete=[2, 91, 92, 93, 100, 120, 129], next_id=130)
+    return idx
+
+
+# ---------------------------------------------------------------- search
+@pytest.mark.parametrize("k", [1, 5, 10, 117, 200])
+def test_search_over_segments_equals_brute_force_over_live_rows(three_segments, k):
+    with IndexStore(three_segments) as store:
+        assert len(store.segments) == 3 and store.count == 130 - 12 and len(store.ids) == 118
+        got = store.search(queries(), k)
+        want = brute_force(store, queries(), k)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+        assert not np.isin(got[1], [1, 2, 7, 8, 55, 60, 91, 92, 93, 100, 120, 129]).any()
+
+
+def test_ties_across_segments_rank_by_id(three_segments):
+    with IndexStore(three_segments) as store:
+        v = store.vectors_for_ids(np.array([0]))  # id 0 is duplicated as ids 50 and 90
+        _, found = store.search(v, 3)
+        assert found[0].tolist() == [0, 50, 90]
+
+
+def test_deleted_ids_are_gone_from_every_lookup(three_segments):
+    with IndexStore(three_segments) as store:
+        with pytest.raises(KeyError, match="no image with id"):
+            store.vectors_for_ids(np.array([7]))
+        assert store.paths(np.array([0, 129 - 1])) == ["img000000.jpg", "img000128.jpg"]
+        assert 7 not in set(store.metadata["id"]) and len(store.metadata) == store.count
+
+
+# ---------------------------------------------------------------- commits write only the change
+def _files(idx: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(idx)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in idx.rglob("*")
+        if p.is_file() and "readers" not in p.parts and not p.name.startswith("writer")
+    }
+
+
+def test_a_commit_writes_only_the_new_rows_and_leaves_every_segment_as_it_was(tmp_path):
+    idx = tmp_path / "idx"
+    add(idx, rows(range(300), seed=0))
+    before = _files(idx)
+    add(idx, rows(range(300, 303), seed=1), delete=[5])
+    after = _files(idx)
+    kept = {n: before[n] for n in before if n.startswith("segments/")}
+    assert all(after[n] == kept[n] for n in kept)  # same inode, same mtime: not rewritten
+    new = sorted(set(after) - set(before))
+    assert {n.split("/")[0] for n in new} == {"segments", "tombstones"}  # skipped=None keeps the list
+    m = read_manifest(idx)
+    assert m["format_version"] == 2 and m["count"] == 302 and m["tombstones"]["count"] == 1
+    assert [s["rows"] for s in m["segments"]] == [300, 3]
+    new_segment = [n for n in new if n.startswith("segments/")]
+    assert all(n.startswith(f"segments/{m['segments'][1]['name']}/") for n in new_segment)
+
+
+def test_commit_refuses_unknown_deletes_other_models_and_dims(tmp_path):
+    idx = tmp_path / "idx"
+    add(idx, rows(range(10), seed=0))
+    with pytest.raises(KeyError, match="cannot delete ids \\[42\\]"):
+        add(idx, rows(range(10, 12), seed=1), delete=[42])
+    with pytest.raises(Exception, match="built with `model=m`"):
+        r = rows(range(10, 12), seed=1)
+        commit_rows(idx, r.metadata, r.embeddings, model="other", gallery_root="/g", next_id=12)
+    assert read_manifest(idx)["count"] == 10  # nothing half-done
+
+
+# ---------------------------------------------------------------- compaction
+def test_policy_merges_the_lowest_full_tier_and_segments_full_of_deleted_rows():
+    p = CompactionPolicy(merge_factor=3, min_rows=10)
+    seg = lambda name, rows, dead=0: {"name": name, "rows": rows, "dead": dead}  # noqa: E731
+    assert p.tier(5) == 0 and p.tier(29) == 0 and p.tier(30) == 1 and p.tier(90) == 2
+    assert p.plan([seg("a", 5), seg("b", 8)]) == []
+    assert p.plan([seg("a", 5), seg("b", 8), seg("c", 40), seg("d", 1)]) == ["a", "b", "d"]
+    assert p.plan([seg("c", 40), seg("e", 50), seg("f", 35)]) == ["c", "e", "f"]
+    assert p.plan([seg("c", 40), seg("e", 100, dead=60)]) == ["e"]
+
+
+def test_commits_merge_a_full_tier_automatically(tmp_path):
+    idx = tmp_path / "idx"
+    policy = CompactionPolicy(merge_factor=4, min_rows=5)
+    for i in range(7):
+        r = rows(range(5 * i, 5 * i + 5), seed=i)
+        with IndexWriter(idx, policy=policy) as w:
+            w.commit(r, model="m", gallery_root="/g", next_id=5 * i + 5, index_config=IndexConfig())
+    m = read_manifest(idx)
+    # 4 commits of 5 rows (tier 0) merge into one segment of 20 (tier 1); 3 more of 5 do not fill tier 0 again
+    assert [s["rows"] for s in m["segments"]] == [20, 5, 5, 5] and m["count"] == 35
+    with IndexStore(idx) as store:
+        assert np.array_equal(store.search(queries(), 10)[1], brute_force(store, queries(), 10)[1])
+
+
+def test_compaction_keeps_answers_drops_deleted_rows_and_removes_old_files(three_segments):
+    with IndexStore(three_segments) as store:
+        want = store.search(queries(), 20)
+    m = compact(three_segments, full=True)
+    assert len(m["segments"]) == 1 and m["segments"][0]["rows"] == 118 and m["tombstones"] == {"file": None, "count": 0}
+    with IndexStore(three_segments) as store:
+        got = store.search(queries(), 20)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    live = {f"segments/{s['name']}" for s in m["segments"]}
+    assert {f"segments/{p.name}" for p in (three_segments / "segments").iterdir()} == live
+    assert list((three_segments / "tombstones").iterdir()) == []
+    assert compact(three_segments, full=True) is None  # nothing left to do
+
+
+def test_rebuild_with_another_type_keeps_the_rows(three_segments):
+    m = rebuild_index(three_segments, IndexConfig(index_type="hnsw"))
+    assert [s["index"]["params"]["index_type"] for s in m["segments"]] == ["hnsw"] and m["count"] == 118
+    with IndexStore(three_segments) as store:
+        assert sorted(store.ids.tolist()) == sorted(set(range(130)) - {1, 2, 7, 8, 55, 60, 91, 92, 93, 100, 120, 129})
+
+
+# ---------------------------------------------------------------- format 1
+def write_format_1(idx: Path, n: int = 20) -> Rows:
+    """A format 1 folder as the previous version wrote it: one generation, its manifest."""
+    r = rows(range(n), seed=3)
+    gen = idx / "gen-000004"
+    gen.mkdir(parents=True)
+    r.metadata.to_parquet(gen / "metadata.parquet", index=False)
+    np.save(gen / "embeddings.npy", r.embeddings, allow_pickle=False)
+    pd.DataFrame({"path": ["bad.jpg"], "bytes": [1], "mtime_ns": [2], "reason": ["not an image"]}).to_parquet(
+        gen / "skipped.parquet", index=False
+    )
+    index, params = build_index(unit_rows(r.embeddings), r.metadata["id"].to_numpy(), IndexConfig())
+    save_index(index, gen / "index.faiss")
+    config = json.loads(json.dumps({k: getattr(v, "value", v) for k, v in IndexConfig().__dict__.items()}))
+    manifest = {
+        "format_version": 1,
+        "generation": 4,
+        "directory": "gen-000004",
+        "model": "m",
+        "dim": DIM,
+        "metric": "inner_product",
+        "normalization": "l2",
+        "embedding_dtype": "float16",
+        "count": n,
+        "skipped": 1,
+        "next_id": n,
+        "gallery_root": "/g",
+        "created_at": "2026-11-01T00:00:00+00:00",
+        "updated_at": "2026-11-01T00:00:00+00:00",
+        "index": {"config": config, "params": params.to_dict()},
+        "indexing_config": {},
+        "library_versions": {},
+    }
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    return r
+
+
+def test_format_1_opens_read_only_then_migrates_without_copying(tmp_path):
+    idx = tmp_path / "idx"
+    write_format_1(idx)
+    inode = (idx / "gen-000004" / "embeddings.npy").stat().st_ino
+    with IndexStore(idx) as store:  # read as it is
+        want = store.search(queries(), 5)
+        assert store.count == 20 and store.skipped["path"].tolist() == ["bad.jpg"]
+    m = migrate(idx)
+    assert m["format_version"] == 2 and m["version"] == 4 and m["migrated_from"] == 1 and m["count"] == 20
+    seg = idx / "segments" / m["segments"][0]["name"]
+    assert (seg / "embeddings.npy").stat().st_ino == inode  # hard link, no copy
+    assert not (idx / "gen-000004").exists()
+    with IndexStore(idx) as store:
+        assert np.array_equal(store.search(queries(), 5)[1], want[1]) and len(store.skipped) == 1
+    assert migrate(idx)["version"] == 4  # already format 2: left as it is
+
+
+def test_the_next_commit_migrates_a_format_1_folder(tmp_path):
+    idx = tmp_path / "idx"
+    write_format_1(idx)
+    m = add(idx, rows(range(20, 25), seed=4), delete=[3])
+    assert m["format_version"] == 2 and m["version"] == 5 and m["count"] == 24 and len(m["segments"]) == 2
+
+
+# ---------------------------------------------------------------- readers and writers
+def test_a_pinned_reader_keeps_its_files_through_commits_and_compaction(three_segments):
+    reader = IndexStore(three_segments)  # nothing loaded yet: its indexes load lazily, after the compaction
+    want = brute_force(reader, queries(), 10)
+    add(three_segments, rows(range(130, 140), seed=5), auto_compact=False)
+    compact(three_segments, full=True)
+    old = {f"segments/{s.name}" for s in reader.segments}
+    assert all((three_segments / n).exists() for n in old)  # pinned: not deleted
+    got = reader.search(queries(), 10)
+    assert np.array_equal(got[1], want[1]) and not reader.is_current()
+    reader.close()
+    with IndexWriter(three_segments) as w:  # the next writer collects what no one pins any more
+        assert not any((three_segments / n).exists() for n in old)
+        assert w.collect_garbage() == []
+
+
+def test_a_second_writer_is_refused_with_the_holders_name_or_waits(tmp_path):
+    idx = tmp_path / "idx"
+    add(idx, rows(range(10), seed=0))
+    with WriterLock(idx, purpose="indexing /photos"):
+        with pytest.raises(IndexLockedError, match=f"pid {os.getpid()}.*indexing /photos.*`wait=True`"):
+            add(idx, rows(range(10, 12), seed=1))
+        with pytest.raises(IndexLockedError):
+            compact(idx, full=True, wait=0.2)
+    done = []
+    holder = WriterLock(idx).acquire()
+    t = threading.Thread(target=lambda: done.append(add(idx, rows(range(10, 12), seed=1), wait=True)))
+    t.start()
+    time.sleep(0.3)
+    assert not done  # waiting
+    holder.release()
+    t.join(10)
+    assert done and done[0]["count"] == 12
+
+
+READER_LOOP = textwrap.dedent(
+    """
+    import sys, json, numpy as np
+    sys.path.insert(0, {root!r})
+    from indexes.store import IndexStore, read_manifest
+    from indexes.vector_index import exact_search
+    idx, seconds = sys.argv[1], float(sys.argv[2])
+    import time
+    q = np.random.default_rng(1).normal(size=(4, {dim})).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    t, n, versions, errors = time.time(), 0, set(), []
+    store = None
+    while time.time() - t < seconds:
+        try:
+            if store is None or not store.is_current():
+                store = IndexStore(idx)   # the previous one is unpinned when dropped
+            got = store.search(q, 10)
+            ids = store.ids
+            want = exact_search(store.vectors_for_ids(ids), ids, q, 10)
+            if not np.array_equal(got[1], want[1]) or store.count != len(ids):
+                errors.append(f"version {{store.version}}: inconsistent answer")
+            versions.add(store.version)
+            n += 1
+        except Exception as e:
+            errors.append(repr(e))
+    print(json.dumps({{"queries": n, "versions": sorted(versions), "errors": errors[:5]}}))
+    """
+)
+
+
+def test_a_reader_loop_sees_only_whole_versions_while_a_writer_commits_and_compacts(tmp_path):
+    idx = tmp_path / "idx"
+    add(idx, rows(range(200), seed=0))
+    script = tmp_path / "reader.py"
+    script.write_text(READER_LOOP.format(root=ROOT, dim=DIM))
+    reader = subprocess.Popen([sys.executable, str(script), str(idx), "6"], stdout=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # the reader is querying
+    policy = CompactionPolicy(merge_factor=3, min_rows=50)
+    for i in range(8):
+        r = rows(range(200 + 10 * i, 210 + 10 * i), seed=10 + i)
+        with IndexWriter(idx, policy=policy) as w:
+            w.commit(
+                r,
+                delete_ids=np.array([3 * i]),
+                model="m",
+                gallery_root="/g",
+                next_id=210 + 10 * i,
+                index_config=IndexConfig(),
+            )
+    compact(idx, full=True)
+    out = json.loads(reader.communicate(timeout=60)[0])
+    assert out["errors"] == [] and out["queries"] > 10
+    assert len(out["versions"]) >= 2  # it switched while the writer committed
+
+
+KILLED_COMPACTION = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from indexes.store import compact, library_versions
+    library_versions()  # torch and open_clip imported: the kill lands in the compaction itself
+    print("start", flush=True)
+    compact(sys.argv[1], full=True)
+    print("done", flush=True)
+    """
+)
+
+
+def test_kill_9_during_compaction_leaves_a_whole_index(tmp_path):
+    idx = tmp_path / "idx"
+    for i in range(6):
+        add(idx, rows(range(4000 * i, 4000 * (i + 1)), seed=i), delete=[4000 * i - 1] if i else (), auto_compact=False)
+    with IndexStore(idx) as store:
+        want = store.search(queries(), 10)
+    script = tmp_path / "compact.py"
+    script.write_text(KILLED_COMPACTION.format(root=ROOT))
+    interrupted = 0
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+        version = read_manifest(idx)["version"]
+        p = subprocess.Popen([sys.executable, str(script), str(idx)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "start"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        interrupted += read_manifest(idx)["version"] == version
+        with IndexStore(idx) as store:  # whichever version the manifest names is whole
+            assert np.array_equal(store.search(queries(), 10)[1], want[1]) and store.count == 6 * 4000 - 5
+    assert interrupted >= 1  # at least one kill landed before the compaction's commit
+    m = compact(idx, full=True) or read_manifest(idx)
+    assert len(m["segments"]) == 1
+    with IndexStore(idx) as store:
+        assert np.array_equal(store.search(queries(), 10)[1], want[1])
+    leftovers = [p.name for d in ("segments", "tombstones", "skipped") for p in (idx / d).iterdir()]
+    assert not [n for n in leftovers if n.startswith(".") or n.endswith(".tmp")]
+    assert open_committed(idx).count == 6 * 4000 - 5
