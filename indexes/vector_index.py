@@ -1,6 +1,6 @@
 """The vector index: build, tune, save, load and search a FAISS index of unit vectors by inner product.
 
-    index, params = build_index(vectors, ids, IndexConfig())           # (n, d) float32 unit rows, (n,) int64 ids
+    index, params = build_index(vectors, ids, IndexConfig())           # (n, d) unit rows, (n,) int64 ids
     scores, found = search(index, params, queries, k=10, vectors_for_ids=store.vectors_for_ids)
 
 Index types (`IndexType`; `choose_index_type` resolves `auto`):
@@ -8,8 +8,26 @@ Index types (`IndexType`; `choose_index_type` resolves `auto`):
     hnsw    graph search (IndexHNSWFlat, M links per node); CPU only
     ivf     inverted lists holding the full vectors (IndexIVFFlat)
     ivfpq   inverted lists holding product-quantised codes (IndexIVFPQ): d*4 bytes -> pq_m bytes per vector
-Every index is an IndexIDMap2 around its base index, filled with add_with_ids: ids are the caller's and
+In-RAM indexes are an IndexIDMap2 around their base index, filled with add_with_ids: ids are the caller's and
 reconstruct(id) works (ENVIRONMENT.md, pitfalls).
+
+Input vectors: float32 unit rows, used as given; or float16 stored rows (an array, np.memmap or
+np.load(mmap_mode="r")), read CHUNK_ROWS at a time and normalised to float32 by `unit_rows`, so that no float32
+copy of the whole set is made: training takes a float32 copy of its seeded sample only, tuning's ground truth
+is `exact_search_chunked`. A float16 build equals the float32 build of `unit_rows(vectors)`.
+
+Shared coarse quantizer: `train_quantizer` trains the nlist centroids (IndexFlatIP) once, e.g. for all
+segments of a collection; `build_index(..., quantizer=q)` gives ivf / ivfpq a copy of it instead of training
+k-means (ivfpq still trains its PQ on the sample). With the quantizer that build_index would train itself
+(same vectors and config) the index is identical.
+
+On-disk layout (ivf with n >= ondisk_min_vectors and `ondisk_path` given), after the faiss wiki's "Indexes
+that do not fit in RAM", demos/demo_ondisk_ivf.py and contrib/ondisk.py (merge_ondisk):
+    <folder>/index.faiss      a bare IndexIVFFlat (no IndexIDMap2): quantizer, list sizes and offsets;
+                              the lists hold the caller's ids
+    <folder>/index.ivfdata    its OnDiskInvertedLists: per list codes[size * d*4] then ids[size] int64
+`load_index` maps the .ivfdata beside the .faiss file (the folder may be renamed after writing) read-only: the
+lists are paged in as searches visit them, never read into RAM. Re-ranking needs `vectors_for_ids`.
 
 The contract of `search` and `exact_search` (what "exact" means here):
     score   the inner product computed in float64 from the float32 vectors, rounded to float32
@@ -23,9 +41,12 @@ miss true neighbours; `build_index` tunes nprobe / efSearch until recall@10 >= r
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import math
+import mmap
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,6 +65,11 @@ TUNE_K = 10  # tuning measures recall@10
 TUNE_NOISE = 0.5  # norm of the gaussian perturbation of tuning queries: cosine to their source ~0.9
 FLAT_MARGIN = 16  # flat search fetches k + margin candidates before its exact re-rank
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means wants >= 39 training points per centroid (it warns below)
+CHUNK_ROWS = 65536  # float16 input is validated, converted and added this many rows at a time (200 MB at d=768)
+GATHER_ROWS = 1024  # scattered float16 rows (training sample, re-ranking) are read this many at a time
+ONDISK_SUFFIX = ".ivfdata"  # the on-disk lists of <folder>/<stem>.faiss are <folder>/<stem>.ivfdata
+_ONDISK_FOURCC = b"IwFl"  # a saved bare IndexIVFFlat: the on-disk layout (in-RAM indexes start with IxM2)
+_QUANTIZER_FOURCC = b"IxFI"  # a saved IndexFlatIP: a coarse quantizer
 _PAD_SORT_KEY = np.iinfo(np.int64).max  # sort key of padding (-1 ids): after every real id
 
 VectorLookup = Callable[[np.ndarray], np.ndarray]  # ids (m,) int64 -> their vectors (m, d) float32
@@ -79,6 +105,9 @@ class IndexConfig:
     tune_queries: int = 500  # database vectors, perturbed, used as queries when tuning
     rerank_factor: int = 4  # approximate types fetch k*rerank_factor candidates, then re-rank exactly
     seed: int = 0  # seeds the training sample, the tuning queries and k-means
+    # ivf with at least this many vectors keeps its inverted lists in a file beside the index (build_index's
+    # ondisk_path; see the module docstring), memory-mapped when loaded: 1M x 768 float32 codes are 3 GB.
+    ondisk_min_vectors: int = 1_000_000
 
     def __post_init__(self):
         try:
@@ -96,6 +125,7 @@ class IndexConfig:
             "train_sample",
             "tune_queries",
             "rerank_factor",
+            "ondisk_min_vectors",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -192,16 +222,21 @@ def _pq_nbits(n_train: int) -> int:
     return min(8, int(math.log2(n_train)))
 
 
-def _base_index(kind: IndexType, d: int, n: int, n_train: int, config: IndexConfig) -> faiss.Index:
-    """An empty, untrained base index of the given type."""
+def _base_index(
+    kind: IndexType, d: int, n: int, n_train: int, config: IndexConfig, coarse: faiss.Index | None = None
+) -> faiss.Index:
+    """An empty, untrained base index of the given type. `coarse`: a trained quantizer (checked by
+    _check_quantizer) that ivf / ivfpq get a copy of, so they need no k-means."""
     if kind == IndexType.FLAT:
         return faiss.IndexFlatIP(d)
     if kind == IndexType.HNSW:
         base = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         base.hnsw.efConstruction = config.hnsw_ef_construction
         return base
-    nlist = _nlist(n, n_train, config)
-    quantizer = faiss.IndexFlatIP(d)
+    if coarse is not None:
+        nlist, quantizer = coarse.ntotal, faiss.clone_index(coarse)  # a copy: the caller keeps its object
+    else:
+        nlist, quantizer = _nlist(n, n_train, config), faiss.IndexFlatIP(d)
     if kind == IndexType.IVF:
         base = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     else:
@@ -216,20 +251,123 @@ def _base_index(kind: IndexType, d: int, n: int, n_train: int, config: IndexConf
     return base
 
 
-def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Validate the database; returns ids as int64."""
+def _as_flat(index) -> faiss.IndexFlat | None:
+    """`index` as an IndexFlat, or None. The caller keeps `index` alive: a downcast proxy does not own it."""
+    if isinstance(index, faiss.IndexFlat):
+        return index
+    q = faiss.downcast_index(index) if isinstance(index, faiss.Index) else None
+    return q if isinstance(q, faiss.IndexFlat) else None
+
+
+def _check_quantizer(quantizer, d: int, config: IndexConfig) -> faiss.Index:
+    """A trained coarse quantizer for vectors of dimension d (an IndexFlatIP holding nlist centroids)."""
+    q = _as_flat(quantizer)
+    if q is None or q.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(
+            f"quantizer must be a faiss.IndexFlatIP of trained centroids (train_quantizer or load_quantizer), "
+            f"got {type(quantizer).__name__}"
+        )
+    if q.d != d:
+        raise ValueError(f"quantizer has d={q.d} but the vectors have d={d}: train it on vectors of the same model")
+    if q.ntotal < 1:
+        raise ValueError("quantizer holds no centroids: train it with train_quantizer")
+    if config.ivf_nlist is not None and config.ivf_nlist != q.ntotal:
+        raise ValueError(
+            f"config.ivf_nlist={config.ivf_nlist} but the quantizer has {q.ntotal} centroids: "
+            "set ivf_nlist=None (the quantizer decides) or train a quantizer with that many"
+        )
+    return q
+
+
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Stored float16 rows -> float32 unit vectors (the fp16 cast moves norms by ~1e-3)."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# Reading float16 input. Rows of a memory-mapped file stay mapped into the process once read and count in its
+# RSS (as file pages) until it exits; a build reads each row a few times, so the rows of a shared mapping
+# (np.memmap modes r, r+, w+; never the private mode c, whose changed pages would be lost) are dropped from
+# this process after each read with madvise(MADV_DONTNEED): they stay in the page cache, a later read maps them
+# again. float32 input is used as given, as before.
+_SHARED_MEMMAP_MODES = ("r", "r+", "w+")
+
+
+def _madvise_dontneed(address: int, nbytes: int) -> None:
+    """Drop the pages of [address, address + nbytes) of a shared file mapping from this process's RSS."""
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return
+    start = address - address % mmap.PAGESIZE
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), mmap.MADV_DONTNEED)
+
+
+_LIBC: list = []  # [ctypes libc or None], resolved once
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _LIBC.append(libc if hasattr(mmap, "MADV_DONTNEED") else None)
+        except (OSError, AttributeError, TypeError):  # no libc madvise (Windows): pages stay mapped
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _release_rows(rows: np.ndarray) -> None:
+    """Unmap the pages of `rows` (a contiguous array) if they are rows of a shared np.memmap."""
+    a = rows
+    while a is not None and not isinstance(a, np.memmap):
+        a = a.base if isinstance(a, np.ndarray) else None
+    if a is not None and a.mode in _SHARED_MEMMAP_MODES and rows.flags.c_contiguous:
+        _madvise_dontneed(rows.ctypes.data, rows.nbytes)
+
+
+def _rows(vectors: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Rows a:b as float32 unit vectors: float32 input as given (a view), float16 through unit_rows."""
+    if vectors.dtype == np.float32:
+        return vectors[a:b]
+    out = unit_rows(vectors[a:b])
+    _release_rows(vectors[a:b])
+    return out
+
+
+def _gather(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """vectors[rows] as float32 unit vectors (a copy), like _rows. float16 rows are read in ascending order,
+    GATHER_ROWS at a time, releasing each batch's span: the kernel maps up to 64 KB around each page fault
+    (fault-around), so 20k scattered rows of a 1.5 GB memmap would otherwise map nearly all of it."""
+    if vectors.dtype == np.float32:
+        return vectors[rows]
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), vectors.shape[1]), np.float32)
+    for a in range(0, len(rows), GATHER_ROWS):
+        batch = order[a : a + GATHER_ROWS]
+        out[batch] = unit_rows(vectors[rows[batch]])
+        _release_rows(vectors[rows[batch[0]] : rows[batch[-1]] + 1])
+    return out
+
+
+def _check_rows(vectors: np.ndarray) -> None:
+    """Validate the database vectors chunk by chunk: float32 unit rows, or float16 stored rows (normalised by
+    unit_rows, so any finite non-zero row is accepted, as the store accepted them)."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
         raise ValueError(
             f"vectors must be a 2-D numpy array (n, d), got {type(vectors).__name__} "
             f"of shape {getattr(vectors, 'shape', None)}"
         )
-    if vectors.dtype != np.float32:
-        raise ValueError(f"vectors must be float32, got {vectors.dtype}: pass vectors.astype(np.float32)")
+    if vectors.dtype not in (np.float32, np.float16):
+        raise ValueError(
+            f"vectors must be float32 (or float16 stored rows), got {vectors.dtype}: pass vectors.astype(np.float32)"
+        )
     n, d = vectors.shape
     if n == 0 or d == 0:
         raise ValueError(f"cannot index {n} vectors of dimension {d}: there must be at least one vector of d >= 1")
-    for a in range(0, n, 65536):  # chunks: no (n, d) temporaries for large n
-        chunk = vectors[a : a + 65536]
+    for a in range(0, n, CHUNK_ROWS):  # chunks: no (n, d) temporaries for large n
+        with np.errstate(invalid="ignore"):  # float16 inf / inf: NaN, reported below
+            chunk = _rows(vectors, a, a + CHUNK_ROWS)
         finite = np.isfinite(chunk).all(axis=1)
         if not finite.all():
             raise ValueError(f"vector row {a + int(np.argmin(finite))} contains NaN or inf: drop or fix it")
@@ -237,10 +375,16 @@ def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         bad = np.abs(norms - 1.0) > NORM_TOLERANCE
         if bad.any():
             row = a + int(np.argmax(bad))
+            if vectors.dtype == np.float16:
+                raise ValueError(f"float16 vector row {row} is all zeros: it has no direction; drop it")
             raise ValueError(
                 f"vectors must be L2-normalised (inner product = cosine); row {row} has norm "
                 f"{norms[row - a]:.6f}: pass vectors / np.linalg.norm(vectors, axis=1, keepdims=True)"
             )
+
+
+def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """Validate the ids of n vectors; returns them as int64."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or len(ids) != n:
         raise ValueError(f"ids must be a 1-D array with one id per vector: got shape {ids.shape} for {n} vectors")
@@ -257,10 +401,51 @@ def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return ids
 
 
+def _check_vectors(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Validate the database; returns ids as int64."""
+    _check_rows(vectors)
+    return _check_ids(ids, len(vectors))
+
+
+def _train_rows(n: int, config: IndexConfig, rng: np.random.Generator) -> np.ndarray:
+    """The seeded training sample: sorted rows, at most config.train_sample of n."""
+    n_train = min(n, config.train_sample)
+    return np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+
+
+def _check_ondisk_path(path) -> Path:
+    path = Path(os.path.abspath(path))
+    if path.suffix != ONDISK_SUFFIX:
+        raise ValueError(
+            f"ondisk_path must end in {ONDISK_SUFFIX} and sit beside the index file it belongs to "
+            f"(<folder>/index.faiss -> <folder>/index{ONDISK_SUFFIX}), got {path}"
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder of ondisk_path {path} does not exist: create it first")
+    if path.exists():
+        raise FileExistsError(
+            f"{path} exists: build into a new folder (a loaded index may still be reading that file; "
+            "overwriting it in place would corrupt that index)"
+        )
+    return path
+
+
 def build_index(
-    vectors: np.ndarray, ids: np.ndarray, config: IndexConfig = IndexConfig()
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    config: IndexConfig = IndexConfig(),
+    *,
+    quantizer: faiss.Index | None = None,
+    ondisk_path: Path | None = None,
 ) -> tuple[faiss.Index, SearchParams]:
-    """Build an IndexIDMap2 over `vectors` (n, d) float32 unit rows with `ids` (n,) int64, and tune it.
+    """Build an index over `vectors` (n, d) with `ids` (n,) int64, and tune it.
+
+    vectors: float32 unit rows, or float16 stored rows (array or memmap; see the module docstring).
+    quantizer: a trained IndexFlatIP (train_quantizer) that ivf / ivfpq copy instead of training k-means; its
+        centroid count is nlist. Flat and hnsw have no coarse quantizer and ignore it.
+    ondisk_path: where an ivf with n >= config.ondisk_min_vectors writes its inverted lists: <folder>/<stem>.ivfdata
+        for the index later saved as <folder>/<stem>.faiss (save_index checks it); the file must not exist. The
+        index is then a bare IndexIVFFlat holding the caller's ids (see `is_ondisk`). Otherwise unused.
 
     Approximate types are tuned to the smallest nprobe / efSearch (doubling from 1 / k*rerank_factor, at
     most 2048, the GPU cap) whose recall@10 against exact search reaches `config.recall_target`, measured
@@ -270,29 +455,177 @@ def build_index(
     """
     # 1. check inputs
     ids = _check_vectors(vectors, ids)
-    vectors = np.ascontiguousarray(vectors)
+    if vectors.dtype == np.float32:
+        vectors = np.ascontiguousarray(vectors)
     n, d = vectors.shape
     kind = choose_index_type(n, d, config)
+    coarse = None
+    if quantizer is not None and kind in (IndexType.IVF, IndexType.IVFPQ):
+        coarse = _check_quantizer(quantizer, d, config)
+    ondisk = ondisk_path is not None and kind == IndexType.IVF and n >= config.ondisk_min_vectors
+    if ondisk:
+        ondisk_path = _check_ondisk_path(ondisk_path)
     rng = np.random.default_rng(config.seed)
 
-    # 2. seeded training sample (IVF types)
-    n_train = min(n, config.train_sample)
-    train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+    # 2. seeded training sample (IVF types; drawn in every case so that tuning draws the same queries)
+    train_rows = _train_rows(n, config, rng)
 
-    # 3. build, train, add
-    base = _base_index(kind, d, n, n_train, config)
+    # 3. build and train (float16: a float32 copy of the sample only)
+    base = _base_index(kind, d, n, len(train_rows), config, coarse)
     if not base.is_trained:
-        base.train(vectors[train_rows])
-    index = faiss.IndexIDMap2(base)
-    index.add_with_ids(vectors, ids)
-    if kind == IndexType.IVF:
-        base.make_direct_map()  # reconstruct(id) reads vectors back for re-ranking without vectors_for_ids
-    logger.debug("built %s over %d x %d", kind.value, n, d)
+        base.train(_gather(vectors, train_rows))
 
-    # 4. tune nprobe / efSearch
+    # 4. add: in RAM through an IndexIDMap2, or straight into on-disk lists
+    if ondisk:
+        index = _fill_ondisk(base, vectors, ids, ondisk_path)
+    else:
+        index = faiss.IndexIDMap2(base)
+        if vectors.dtype == np.float32:
+            index.add_with_ids(vectors, ids)
+        elif kind == IndexType.IVF:
+            _add_presized(index, vectors, ids)
+        else:
+            for a in range(0, n, CHUNK_ROWS):
+                index.add_with_ids(_rows(vectors, a, a + CHUNK_ROWS), ids[a : a + CHUNK_ROWS])
+        if kind == IndexType.IVF:
+            base.make_direct_map()  # reconstruct(id) reads vectors back for re-ranking without vectors_for_ids
+    logger.debug("built %s over %d x %d%s", kind.value, n, d, " on disk" if ondisk else "")
+
+    # 5. tune nprobe / efSearch
     params = _tune(index, kind, vectors, ids, config, rng)
     apply_search_params(index, params)
     return index, params
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _assign(ivf: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """(n,) int64: the list of every vector, its nearest centroid, as IndexIVF.add assigns it."""
+    list_nos = np.empty(len(vectors), np.int64)
+    for a in range(0, len(vectors), CHUNK_ROWS):
+        x = np.ascontiguousarray(_rows(vectors, a, a + CHUNK_ROWS))
+        list_nos[a : a + len(x)] = ivf.quantizer.assign(x, 1).ravel()
+    return list_nos
+
+
+def _fill_lists(
+    ivf: faiss.Index,
+    vectors: np.ndarray,
+    entry_ids: np.ndarray,
+    list_nos: np.ndarray,
+    append: Callable[[int, np.ndarray, np.ndarray], None],
+) -> None:
+    """Encode the vectors a chunk at a time and hand each list its entries: append(list_no, codes (c,
+    code_size) uint8, ids (c,) int64), in row order within a list, as IndexIVF.add stores them."""
+    for a in range(0, len(vectors), CHUNK_ROWS):
+        x = np.ascontiguousarray(_rows(vectors, a, a + CHUNK_ROWS))
+        m, block_lists = len(x), list_nos[a : a + CHUNK_ROWS]
+        codes = np.empty((m, ivf.code_size), np.uint8)
+        ivf.encode_vectors(m, faiss.swig_ptr(x), faiss.swig_ptr(block_lists), faiss.swig_ptr(codes))
+        del x
+        order = np.argsort(block_lists, kind="stable")  # by list, rows in order within a list
+        codes, block_ids = codes[order], np.ascontiguousarray(entry_ids[a : a + m][order])
+        lists, starts, counts = np.unique(block_lists[order], return_index=True, return_counts=True)
+        for lst, s, c in zip(lists.tolist(), starts.tolist(), counts.tolist()):
+            append(lst, codes[s : s + c], block_ids[s : s + c])
+
+
+def _add_presized(index: faiss.IndexIDMap2, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """index.add_with_ids(vectors, ids) for an empty IndexIDMap2 around a trained IndexIVFFlat, from float16
+    rows, with every list allocated once at its final size: adding chunk by chunk would grow the lists'
+    vectors by doubling and leave ~30% of the codes' size as slack (measured at 1M x 768). The result is what
+    add_with_ids builds: lists of positions 0..n-1 in row order, id_map = ids."""
+    ivf = faiss.downcast_index(index.index)
+    list_nos = _assign(ivf, vectors)
+    sizes = np.bincount(list_nos, minlength=ivf.nlist)  # (nlist,)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)  # ArrayInvertedLists
+    for lst in np.flatnonzero(sizes).tolist():
+        invlists.resize(lst, int(sizes[lst]))
+    filled = np.zeros(ivf.nlist, np.int64)
+
+    def append(lst: int, codes: np.ndarray, positions: np.ndarray) -> None:
+        invlists.update_entries(lst, int(filled[lst]), len(positions), faiss.swig_ptr(positions), faiss.swig_ptr(codes))
+        filled[lst] += len(positions)
+
+    _fill_lists(ivf, vectors, np.arange(len(ids), dtype=np.int64), list_nos, append)
+    assert (filled == sizes).all(), "in-RAM lists were not filled exactly"
+    # the bookkeeping IndexIDMap2.add_with_ids does
+    ivf.ntotal = len(ids)
+    faiss.copy_array_to_vector(ids, index.id_map)
+    index.ntotal = len(ids)
+    index.construct_rev_map()
+
+
+def _fill_ondisk(ivf: faiss.Index, vectors: np.ndarray, ids: np.ndarray, path: Path) -> faiss.Index:
+    """Add all vectors to the trained, empty `ivf` with its inverted lists in one compact OnDiskInvertedLists
+    file at `path`; returns `ivf`, its lists holding the caller's ids.
+
+    faiss's recipe (demos/demo_ondisk_ivf.py, contrib/ondisk.py merge_ondisk) adds blocks of vectors to copies
+    of the trained index, writes each block, then merges the blocks' lists into an OnDiskInvertedLists
+    (merge_from_multiple). Here the blocks are merged as they come, into lists laid out from their final sizes
+    (set_all_lists_sizes: the same compact layout merge_from_multiple writes), so there are no block files.
+    The entries are written with pwrite, not through the mapping, so the written pages never count in this
+    process's RSS. Each list holds its entries in row order, as IndexIVF.add would.
+    """
+    n, nlist, code_size = len(ids), ivf.nlist, ivf.code_size
+
+    # 1. the list of every vector
+    list_nos = _assign(ivf, vectors)
+
+    # 2. lay out the lists: list l at offset[l] holds codes[size_l * code_size], then ids[size_l] int64
+    sizes = np.bincount(list_nos, minlength=nlist).astype(np.uint64)  # (nlist,)
+    invlists = faiss.OnDiskInvertedLists(nlist, code_size, str(path))
+    invlists.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    code_at = np.array([invlists.lists.at(i).offset for i in range(nlist)], np.int64)  # (nlist,) next code
+    id_at = code_at + sizes.astype(np.int64) * code_size  # (nlist,) next id
+    ids_end = id_at + sizes.astype(np.int64) * 8
+    total = int(sizes.sum()) * (code_size + 8)
+
+    # 3. encode each block and append its entries to their lists
+    with open(path, "xb") as f:
+        f.truncate(total)
+
+        def append(lst: int, codes: np.ndarray, entry_ids: np.ndarray) -> None:
+            _pwrite_all(f.fileno(), codes, int(code_at[lst]))
+            _pwrite_all(f.fileno(), entry_ids, int(id_at[lst]))
+            code_at[lst] += len(entry_ids) * code_size
+            id_at[lst] += len(entry_ids) * 8
+
+        _fill_lists(ivf, vectors, ids, list_nos, append)
+        f.flush()
+        os.fsync(f.fileno())
+    assert (id_at == ids_end).all(), "on-disk lists were not filled exactly"
+
+    # 4. map the file and hand the lists to the index (as merge_ondisk does)
+    invlists.totsize = total
+    invlists.do_mmap()
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()  # owned by ivf now
+    ivf.ntotal = n
+    return ivf
+
+
+def train_quantizer(
+    vectors: np.ndarray, config: IndexConfig = IndexConfig(), n: int | None = None
+) -> faiss.IndexFlatIP:
+    """The coarse quantizer build_index would train: k-means (seeded by config.seed) on the seeded sample of
+    `vectors` (float32 unit rows or float16 stored rows), nlist by the IndexConfig.ivf_nlist rule for `n`
+    vectors (default len(vectors); pass the size of the whole collection when segments share it).
+    Returns an IndexFlatIP of nlist centroids for build_index(..., quantizer=)."""
+    _check_rows(vectors)
+    n_rows, d = vectors.shape
+    n = n_rows if n is None else n
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (the number of vectors the quantizer serves), got {n!r}")
+    train_rows = _train_rows(n_rows, config, np.random.default_rng(config.seed))
+    ivf = _base_index(IndexType.IVF, d, int(n), len(train_rows), config)
+    ivf.train(_gather(vectors, train_rows))
+    return faiss.clone_index(ivf.quantizer)  # an IndexFlatIP owned by its Python object
 
 
 def _tune(
@@ -305,9 +638,13 @@ def _tune(
 
     # 1. queries: sampled database vectors, perturbed and renormalised; exact ground truth
     rows = rng.choice(n, size=min(config.tune_queries, n), replace=False)
-    queries = vectors[rows] + rng.standard_normal((len(rows), d)).astype(np.float32) * (TUNE_NOISE / math.sqrt(d))
+    noise = rng.standard_normal((len(rows), d)).astype(np.float32) * (TUNE_NOISE / math.sqrt(d))
+    queries = _gather(vectors, rows) + noise
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    _, true_ids = exact_search(vectors, ids, queries, k)
+    if vectors.dtype == np.float32:
+        _, true_ids = exact_search(vectors, ids, queries, k)
+    else:
+        _, true_ids = exact_search_chunked(vectors, ids, queries, k)
     lookup = _id_lookup(vectors, ids)
 
     def params_for(value: int, recall: float | None) -> SearchParams:
@@ -322,6 +659,7 @@ def _tune(
         value, cap = 1, min(faiss.extract_index_ivf(index).nlist, GPU_MAX_K)
     while True:
         _, found = search(index, params_for(value, None), queries, k, vectors_for_ids=lookup)
+        _release_lists(index)  # on-disk lists: the tuning searches visit nearly every list
         recall = recall_at_k(found, true_ids, k)
         logger.debug(
             "tuning %s: %s=%d recall@%d=%.4f",
@@ -347,7 +685,27 @@ def _tune(
 # the index's type, parameters and device
 
 
+def is_ondisk(index: faiss.Index) -> bool:
+    """Whether `index` has the on-disk layout: a bare IVF whose inverted lists are an OnDiskInvertedLists
+    (built with ondisk_path, or loaded from such a file). Its lists hold the caller's ids; it stays on the
+    CPU and re-ranks only with vectors_for_ids."""
+    return isinstance(index, faiss.IndexIVF) and isinstance(
+        faiss.downcast_InvertedLists(index.invlists), faiss.OnDiskInvertedLists
+    )
+
+
+def _release_lists(index: faiss.Index) -> None:
+    """Drop the mapped pages of an on-disk index's lists from this process's RSS (they stay in the page cache)."""
+    if is_ondisk(index):
+        invlists = faiss.downcast_InvertedLists(index.invlists)
+        if invlists.ptr is not None:
+            _madvise_dontneed(int(invlists.ptr), invlists.totsize)
+
+
 def _inner(index: faiss.Index) -> faiss.Index:
+    """The base index: inside the IndexIDMap2, or the on-disk IVF itself."""
+    if is_ondisk(index):
+        return index
     if not isinstance(index, faiss.IndexIDMap2):
         raise ValueError(f"expected an IndexIDMap2 made by build_index / load_index, got {type(index).__name__}")
     return faiss.downcast_index(index.index)
@@ -392,7 +750,7 @@ def _check_params(index: faiss.Index, params: SearchParams) -> str:
 
 
 def apply_search_params(index: faiss.Index, params: SearchParams) -> None:
-    """Set nprobe / efSearch on `index` (through its IndexIDMap2, CPU or GPU) so that plain
+    """Set nprobe / efSearch on `index` (through its IndexIDMap2, CPU or GPU, or on an on-disk IVF) so that plain
     `index.search` uses them. `search` passes them per call anyway."""
     kind = _check_params(index, params)
     inner = _inner(index)
@@ -415,8 +773,12 @@ _GPU_RESOURCES = None  # one StandardGpuResources for the process: it must outli
 
 def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
     """The index on GPU 0 when faiss has GPU support and sees a GPU and the type runs there (flat, ivf,
-    ivfpq); otherwise `index` itself. HNSW has no GPU implementation and stays on the CPU."""
+    ivfpq); otherwise `index` itself. HNSW has no GPU implementation and stays on the CPU; so do on-disk
+    indexes (copying them would read all their lists into GPU memory)."""
     global _GPU_RESOURCES
+    if is_ondisk(index):
+        logger.debug("an on-disk index stays on the CPU: its lists are memory-mapped")
+        return index
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         logger.debug("faiss has no GPU support or sees no GPU: the index stays on the CPU")
         return index
@@ -586,6 +948,11 @@ def search(
 
 def _reader(index: faiss.Index, kind: str) -> VectorLookup:
     """Read exact vectors back from an index that stores them (IndexIDMap2.reconstruct)."""
+    if is_ondisk(index):
+        raise ValueError(
+            "an on-disk ivf index has no id map to read vectors back through: pass vectors_for_ids (e.g. "
+            "IndexStore.vectors_for_ids) so results are re-ranked exactly, as when it was tuned"
+        )
     if kind == "ivfpq":
         raise ValueError(
             "an ivfpq index keeps compressed codes only: pass vectors_for_ids (e.g. "
@@ -605,7 +972,7 @@ def _reader(index: faiss.Index, kind: str) -> VectorLookup:
 
 
 def _id_lookup(vectors: np.ndarray, ids: np.ndarray) -> VectorLookup:
-    """ids -> rows of `vectors`, for arrays held in memory."""
+    """ids -> rows of `vectors` as float32 unit vectors (float16 rows through unit_rows)."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
 
@@ -614,7 +981,7 @@ def _id_lookup(vectors: np.ndarray, ids: np.ndarray) -> VectorLookup:
         missing = sorted_ids[pos] != wanted
         if missing.any():
             raise KeyError(f"ids not in the database: {np.asarray(wanted)[missing][:5].tolist()}")
-        return vectors[order[pos]]
+        return _gather(vectors, order[pos])
 
     return lookup
 
@@ -647,6 +1014,35 @@ def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: i
     return _padded(scores, found, k)
 
 
+def exact_search_chunked(
+    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_search` over `vectors` (n, d) float32, or float16 stored rows (an array or memmap, normalised by
+    unit_rows), CHUNK_ROWS rows at a time: no float32 copy of the whole set. Same contract and results as
+    exact_search over the float32 rows (ties included): the top-k of the union of each chunk's exact top-k,
+    ranked by (-score, id), is the exact top-k, since that order is total (ids are unique)."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype not in (np.float32, np.float16):
+        raise ValueError(
+            f"vectors must be a float32 or float16 (n, d) array, got {getattr(vectors, 'dtype', type(vectors))} "
+            f"{getattr(vectors, 'shape', '')}"
+        )
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.shape != (len(vectors),):
+        raise ValueError(f"ids must have shape ({len(vectors)},), got {ids.shape}")
+    k = _check_k(k)
+    queries = _check_queries(queries, vectors.shape[1])
+    nq = len(queries)
+    scores, found = _padded(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), k)  # all padding
+    for a in range(0, len(vectors), CHUNK_ROWS):
+        chunk_scores, chunk_ids = exact_search(
+            np.ascontiguousarray(_rows(vectors, a, a + CHUNK_ROWS)), ids[a : a + CHUNK_ROWS], queries, k
+        )
+        s, i = np.concatenate([scores, chunk_scores], axis=1), np.concatenate([found, chunk_ids], axis=1)
+        order = np.lexsort((np.where(i >= 0, i, _PAD_SORT_KEY), -s), axis=1)[:, :k]  # (nq, k): padding last
+        scores, found = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+    return scores, found
+
+
 def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
     """Mean over queries of |found[:k] & true[:k]| / |true[:k]|, ignoring -1 padding (nq, >=k) arrays."""
     found = np.asarray(found_ids, dtype=np.int64)[:, :k]
@@ -671,27 +1067,113 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
 
 def save_index(index: faiss.Index, path: Path) -> None:
     """Write `index` (a GPU index is copied to the CPU first) to `path` atomically: a temporary file in
-    the same folder, fsync, os.replace. A crash leaves the old file or the new one, never a torn one."""
-    cpu_index = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
-    write_atomic(Path(path), lambda tmp: faiss.write_index(cpu_index, str(tmp)))
+    the same folder, fsync, os.replace. A crash leaves the old file or the new one, never a torn one.
 
-
-def load_index(path: Path) -> faiss.Index:
-    """Read an index written by `save_index`; a clear error if it is missing or unreadable."""
+    An on-disk index must be saved beside its lists: as <folder>/<stem>.faiss for lists at
+    <folder>/<stem>.ivfdata. The lists file is fsynced first; the index file records its name."""
     path = Path(path)
+    if is_ondisk(index):
+        lists_path = Path(faiss.downcast_InvertedLists(index.invlists).filename)
+        if os.path.abspath(lists_path) != os.path.abspath(path.with_suffix(ONDISK_SUFFIX)):
+            raise ValueError(
+                f"an on-disk index is saved beside its inverted lists {lists_path}: save it as "
+                f"{lists_path.with_suffix('.faiss')} (load_index finds the lists by that name)"
+            )
+        with open(lists_path, "rb") as f:
+            os.fsync(f.fileno())  # the lists are durable before the index file that refers to them
+        write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
+        return
+    cpu_index = faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
+    write_atomic(path, lambda tmp: faiss.write_index(cpu_index, str(tmp)))
+
+
+def _read_error(path: Path, e: Exception, what: str = "FAISS index") -> ValueError:
+    detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return ValueError(
+        f"{path} is not a readable {what} (corrupt or truncated: {detail}); rebuild it, "
+        "e.g. `personal-retrieval reindex --index-dir DIR` rebuilds from the stored embeddings"
+    )
+
+
+def _file_head(path: Path, what: str) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(
-            f"no FAISS index file at {path}: build it with build_index "
+            f"no {what} file at {path}: build it with build_index "
             "(the CLI's `index`, or `reindex` from stored embeddings)"
         )
-    try:
-        index = faiss.read_index(str(path))
-    except (RuntimeError, MemoryError, OverflowError) as e:
-        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def _read_ondisk(path: Path) -> faiss.Index:
+    """Read an on-disk index: the index file without its list data, then map <stem>.ivfdata beside it
+    read-only. This is what faiss's IO_FLAG_ONDISK_SAME_DIR does (it keeps the lists' file name and takes the
+    index file's folder, so the folder may be renamed after writing), without the line that flag prints on
+    stdout, which would corrupt a caller's JSON output."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    if not is_ondisk(index):
+        raise ValueError(f"{path} holds a bare {type(index).__name__} without on-disk lists, not written by save_index")
+    invlists = faiss.downcast_InvertedLists(index.invlists)
+    lists_path = path.with_suffix(ONDISK_SUFFIX)
+    if not lists_path.is_file():
+        raise FileNotFoundError(
+            f"{path} is an on-disk index but its inverted lists {lists_path} are missing: keep "
+            f"{path.name} and {lists_path.name} together in one folder, or rebuild the index"
+        )
+    if lists_path.stat().st_size < invlists.totsize:
         raise ValueError(
-            f"{path} is not a readable FAISS index (corrupt or truncated: {detail}); rebuild it, "
-            "e.g. `personal-retrieval reindex --index-dir DIR` rebuilds from the stored embeddings"
-        ) from None
+            f"{lists_path} holds {lists_path.stat().st_size} bytes but {path} expects {invlists.totsize}: "
+            "it is truncated or belongs to another index; rebuild the index"
+        )
+    invlists.filename = str(lists_path)
+    invlists.do_mmap()
+    return index
+
+
+def load_index(path: Path, mmap: bool = True) -> faiss.Index:
+    """Read an index written by `save_index`; a clear error if it is missing or unreadable.
+
+    mmap: in-RAM layouts map their codes and lists from the file (faiss IO_FLAG_MMAP_IFC, where this faiss
+    has it) instead of reading them into RAM; False reads them. An on-disk index always maps its
+    <stem>.ivfdata (read-only), found beside `path` whatever the folder is called now."""
+    path = Path(path)
+    head = _file_head(path, "FAISS index")
+    try:
+        if head == _ONDISK_FOURCC:
+            return _read_ondisk(path)
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if mmap else 0
+        index = faiss.read_index(str(path), flags)
+    except (RuntimeError, MemoryError, OverflowError) as e:
+        raise _read_error(path, e) from None
     if not isinstance(index, faiss.IndexIDMap2):
         raise ValueError(f"{path} holds a {type(index).__name__}, not an IndexIDMap2 written by save_index: rebuild it")
     return index
+
+
+def save_quantizer(quantizer: faiss.Index, path: Path) -> None:
+    """Write a coarse quantizer (train_quantizer) to `path` atomically, like save_index."""
+    q = _as_flat(quantizer)
+    if q is None or q.metric_type != faiss.METRIC_INNER_PRODUCT or q.ntotal < 1:
+        raise ValueError(
+            f"save_quantizer writes a trained faiss.IndexFlatIP of centroids (train_quantizer), got "
+            f"{type(quantizer).__name__}{f' with {q.ntotal} centroids' if q is not None else ''}"
+        )
+    write_atomic(Path(path), lambda tmp: faiss.write_index(q, str(tmp)))
+
+
+def load_quantizer(path: Path) -> faiss.IndexFlatIP:
+    """Read a quantizer written by `save_quantizer`; a clear error for a missing, corrupt or other file."""
+    path = Path(path)
+    head = _file_head(path, "coarse quantizer")
+    if head != _QUANTIZER_FOURCC:  # checked before reading: an index file may be gigabytes
+        raise ValueError(
+            f"{path} is not a coarse quantizer written by save_quantizer (an IndexFlatIP file starts with "
+            f"{_QUANTIZER_FOURCC!r}, this one with {head!r}): pass the quantizer file, or train one with train_quantizer"
+        )
+    try:
+        q = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError, OverflowError) as e:
+        raise _read_error(path, e, "coarse quantizer") from None
+    if q.ntotal < 1:
+        raise ValueError(f"{path} holds a quantizer without centroids: train one with train_quantizer")
+    return q

@@ -25,7 +25,7 @@ def indexed(gallery, tmp_path):
     return idx
 
 
-@pytest.mark.parametrize("command", ["index", "reindex", "query", "info", "demo"])
+@pytest.mark.parametrize("command", ["index", "reindex", "compact", "migrate", "query", "info", "demo"])
 def test_every_command_has_help(command):
     r = runner.invoke(app, [command, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output and len(r.output) > 200
@@ -122,6 +122,37 @@ def test_reindex(indexed):
     r = runner.invoke(app, ["reindex", "--index-dir", str(indexed), "--index-type", "ivf"])
     assert r.exit_code == 0, r.output
     assert '"index_type": "ivf"' in r.output
+
+
+def test_a_second_writer_is_told_who_holds_the_index(indexed, gallery):
+    import os
+
+    from indexes.locking import WriterLock
+
+    with WriterLock(indexed, purpose="indexing /photos"):
+        for argv in (
+            ["index", str(gallery), "--index-dir", str(indexed), *FAST],
+            ["compact", "--index-dir", str(indexed)],
+        ):
+            r = runner.invoke(app, argv)
+            assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+            assert f"being written by pid {os.getpid()}" in r.output and "--wait" in r.output
+    r = runner.invoke(app, ["compact", "--index-dir", str(indexed), "--full", "--wait"])
+    assert r.exit_code == 0 and "nothing to merge" in r.output  # one segment already
+
+
+def test_compact_merges_the_segments_of_two_runs(indexed, gallery):
+    from indexes.store import read_manifest
+    from tests.tiny import write_gallery
+
+    write_gallery(gallery / "more", 3, seed=5)
+    r = runner.invoke(app, ["index", str(gallery), "--index-dir", str(indexed), *FAST])
+    assert r.exit_code == 0 and "(2 segments: flat x2)" in r.output, r.output
+    r = runner.invoke(app, ["compact", "--index-dir", str(indexed), "--full"])
+    assert r.exit_code == 0 and "in 1 segment(s)" in r.output, r.output
+    assert len(read_manifest(indexed)["segments"]) == 1
+    r = runner.invoke(app, ["migrate", "--index-dir", str(indexed)])  # format 2 already: left as it is
+    assert r.exit_code == 0 and "index format 2" in r.output, r.output
 
 
 def test_errors_are_messages_not_tracebacks(indexed, tmp_path):

@@ -5,12 +5,17 @@ The reference is numpy brute force written out here: float64 inner products roun
 a found id as correct when its exact score is within 1e-6 of the k-th exact score (ties).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import faiss
 import numpy as np
 import pytest
 
+import indexes.vector_index as vector_index
 from indexes.vector_index import (
     GPU_MAX_K,
     IndexConfig,
@@ -20,11 +25,17 @@ from indexes.vector_index import (
     build_index,
     choose_index_type,
     exact_search,
+    exact_search_chunked,
+    is_ondisk,
     load_index,
+    load_quantizer,
     recall_at_k,
     save_index,
+    save_quantizer,
     search,
     to_gpu_if_available,
+    train_quantizer,
+    unit_rows,
 )
 
 N, D, K = 5000, 64, 10
@@ -252,15 +263,16 @@ def test_auto_builds_flat_for_a_small_database(data):
 # --- files ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mmap", [True, False])
 @pytest.mark.parametrize("index_type", ["flat", *APPROXIMATE])
-def test_save_load_round_trip_gives_identical_results(tmp_path, data, built, index_type):
+def test_save_load_round_trip_gives_identical_results(tmp_path, data, built, index_type, mmap):
     vectors, ids, queries = data
     index, params = built[index_type]
     path = tmp_path / "index.faiss"
     save_index(index, path)
     save_index(index, path)  # replacing an existing file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss"]  # no temporary left behind
-    loaded = load_index(path)
+    loaded = load_index(path, mmap=mmap)
     lookup = lookup_for(vectors, ids)
     restored = SearchParams.from_dict(params.to_dict())
     before = search(index, params, queries, K, vectors_for_ids=lookup)
@@ -347,6 +359,312 @@ def test_recall_at_k_ignores_padding():
     found = np.array([[4, 9, 1, -1], [6, -1, -1, -1]])
     assert recall_at_k(found, true, 4) == pytest.approx((2 / 4 + 1 / 2) / 2)
     assert recall_at_k(true, true, 4) == 1.0
+
+
+# --- float16 input -------------------------------------------------------------------------------------------------
+
+
+def stored(tmp_path, vectors, name="embeddings.npy"):
+    """`vectors` as the store keeps them: float16 rows in a .npy file, memory-mapped."""
+    path = tmp_path / name
+    np.save(path, vectors.astype(np.float16))
+    return np.load(path, mmap_mode="r")
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_float16_memmap_build_equals_the_float32_build_of_unit_rows(tmp_path, monkeypatch, data, index_type):
+    """Read in chunks (CHUNK_ROWS patched to 1000: five chunks), float16 rows give the index of their float32
+    unit rows. HNSW graphs depend on how the adds are batched, so hnsw is held to the recall target instead."""
+    vectors, ids, queries = data
+    x16 = stored(tmp_path, vectors)
+    x32 = unit_rows(x16)
+    config = IndexConfig(index_type=index_type)
+    monkeypatch.setattr(vector_index, "CHUNK_ROWS", 1000)
+    index, params = build_index(x16, ids, config)
+    lookup = lookup_for(x32, ids)
+    scores, found = search(index, params, queries, K, vectors_for_ids=lookup)
+    if index_type == "hnsw":
+        assert params.measured_recall >= config.recall_target
+        assert tie_aware_recall(x32, ids, queries, found, K) >= config.recall_target
+        return
+    reference, ref_params = build_index(x32, ids, config)
+    assert params == ref_params
+    ref_scores, ref_found = search(reference, ref_params, queries, K, vectors_for_ids=lookup)
+    np.testing.assert_array_equal(found, ref_found)
+    np.testing.assert_array_equal(scores, ref_scores)
+    # the id map and (flat, ivf) the stored vectors are those add_with_ids makes
+    np.testing.assert_array_equal(faiss.vector_to_array(index.id_map), ids)
+    if index_type != "ivfpq":
+        np.testing.assert_array_equal(index.reconstruct_batch(ids[:100]), x32[:100])
+        np.testing.assert_array_equal(search(index, params, queries, K)[1], ref_found)
+
+
+def test_float16_build_converts_chunks_not_the_whole_set(tmp_path, monkeypatch, data):
+    """No float32 copy of all n rows: every unit_rows call converts at most a chunk, the training sample or
+    the tuning candidates."""
+    vectors, ids, _ = data
+    x16 = stored(tmp_path, vectors)
+    sizes = []
+
+    def recording_unit_rows(x):
+        sizes.append(len(x))
+        return unit_rows(x)
+
+    monkeypatch.setattr(vector_index, "CHUNK_ROWS", 1000)
+    monkeypatch.setattr(vector_index, "unit_rows", recording_unit_rows)
+    config = IndexConfig(index_type="ivf", train_sample=2000, tune_queries=40)
+    build_index(x16, ids, config)
+    assert sizes and max(sizes) <= 2000 < N
+
+
+def test_bad_float16_rows_raise_value_errors():
+    vectors = clustered(50, seed=6).astype(np.float16)
+    zero = vectors.copy()
+    zero[7] = 0
+    with pytest.raises(ValueError, match="row 7 is all zeros"):
+        build_index(zero, np.arange(50), IndexConfig(index_type="flat"))
+    inf = vectors.copy()
+    inf[9, 3] = np.inf
+    with pytest.raises(ValueError, match="row 9 contains NaN or inf"):
+        build_index(inf, np.arange(50), IndexConfig(index_type="flat"))
+
+
+def test_exact_search_chunked_equals_exact_search_with_ties(tmp_path, monkeypatch):
+    """Merging per-chunk exact top-k is exact: 61 copies of one vector spread over ten chunks of 37 rows come
+    back in id order; k beyond n pads."""
+    rng = np.random.default_rng(8)
+    base = clustered(300, seed=7)
+    rows = rng.permutation(np.concatenate([np.arange(300), np.full(60, 11)]))  # rows of `base`
+    vectors, ids = base[rows], rng.permutation(len(rows)).astype(np.int64) * 2
+    queries = np.concatenate([base[[11]], clustered(30, seed=7, stream=1)])
+    monkeypatch.setattr(vector_index, "CHUNK_ROWS", 37)
+    for k in (1, 10, 80, 500):
+        exp_scores, exp_ids = exact_search(vectors, ids, queries, k)
+        got_scores, got_ids = exact_search_chunked(vectors, ids, queries, k)
+        np.testing.assert_array_equal(got_ids, exp_ids)
+        np.testing.assert_array_equal(got_scores, exp_scores)
+    np.testing.assert_array_equal(got_ids[0, :61], np.sort(ids[rows == 11]))
+    assert (got_ids[:, len(rows) :] == -1).all() and np.isneginf(got_scores[:, len(rows) :]).all()
+    x16 = stored(tmp_path, vectors)
+    got_scores, got_ids = exact_search_chunked(x16, ids, queries, 80)
+    exp_scores, exp_ids = brute_force(unit_rows(x16), ids, queries, 80)
+    np.testing.assert_array_equal(got_ids, exp_ids)
+    np.testing.assert_allclose(got_scores, exp_scores, atol=1e-6)
+
+
+# --- a shared coarse quantizer -------------------------------------------------------------------------------------
+
+
+def centroids(index_or_quantizer):
+    q = index_or_quantizer
+    if not isinstance(q, faiss.IndexFlat):
+        q = faiss.extract_index_ivf(q).quantizer
+    return q.reconstruct_n(0, q.ntotal)
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])
+def test_a_given_quantizer_gives_the_index_trained_inside(data, built, index_type):
+    vectors, ids, queries = data
+    config = IndexConfig(index_type=index_type)
+    quantizer = train_quantizer(vectors, config)
+    index, params = build_index(vectors, ids, config, quantizer=quantizer)
+    reference, ref_params = built[index_type]
+    assert params == ref_params
+    np.testing.assert_array_equal(centroids(index), centroids(reference))
+    lookup = lookup_for(vectors, ids)
+    expected = search(reference, ref_params, queries, K, vectors_for_ids=lookup)
+    np.testing.assert_array_equal(search(index, params, queries, K, vectors_for_ids=lookup)[1], expected[1])
+    # the index holds a copy: clearing the caller's quantizer changes nothing
+    quantizer.reset()
+    assert quantizer.ntotal == 0 and faiss.extract_index_ivf(index).quantizer.ntotal == len(centroids(reference))
+    np.testing.assert_array_equal(search(index, params, queries, K, vectors_for_ids=lookup)[1], expected[1])
+
+
+def test_segments_share_one_quantizer_sized_for_the_collection(tmp_path, data):
+    vectors, ids, queries = data
+    config = IndexConfig(index_type="ivf")
+    assert train_quantizer(vectors, config).ntotal == N // 39  # 4*sqrt(5000) = 283, capped at n_train / 39
+    quantizer = train_quantizer(stored(tmp_path, vectors), config, n=100)  # nlist for 100 vectors: 4*sqrt(100)
+    assert quantizer.ntotal == 40
+    np.testing.assert_allclose(centroids(quantizer), centroids(train_quantizer(vectors, config, n=100)), atol=1e-3)
+    half = N // 2
+    for part in (slice(0, half), slice(half, N)):
+        index, params = build_index(vectors[part], ids[part], config, quantizer=quantizer)
+        np.testing.assert_array_equal(centroids(index), centroids(quantizer))
+        _, found = search(index, params, queries, K)
+        assert tie_aware_recall(vectors[part], ids[part], queries, found, K) >= config.recall_target
+
+
+def test_bad_quantizers_raise_value_errors(data):
+    vectors, ids, _ = data
+    config = IndexConfig(index_type="ivf")
+    with pytest.raises(ValueError, match="quantizer has d=16 but the vectors have d=64"):
+        build_index(vectors, ids, config, quantizer=train_quantizer(clustered(500, d=16), config))
+    quantizer = train_quantizer(vectors, config)
+    with pytest.raises(ValueError, match="ivf_nlist=7 but the quantizer has 128"):
+        build_index(vectors, ids, IndexConfig(index_type="ivf", ivf_nlist=7), quantizer=quantizer)
+    with pytest.raises(ValueError, match="IndexFlatIP"):
+        build_index(vectors, ids, config, quantizer=faiss.IndexFlatL2(D))
+    with pytest.raises(ValueError, match="no centroids"):
+        build_index(vectors, ids, config, quantizer=faiss.IndexFlatIP(D))
+    # flat has no coarse quantizer: it ignores one
+    flat, params = build_index(vectors[:500], ids[:500], IndexConfig(index_type="flat"), quantizer=quantizer)
+    assert params.index_type == "flat" and flat.ntotal == 500
+
+
+def test_quantizer_file_round_trip_and_errors(tmp_path, data, built):
+    vectors, _, _ = data
+    quantizer = train_quantizer(vectors, IndexConfig(index_type="ivf"))
+    path = tmp_path / "coarse.faiss"
+    save_quantizer(quantizer, path)
+    save_quantizer(quantizer, path)  # replacing an existing file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coarse.faiss"]
+    loaded = load_quantizer(path)
+    assert isinstance(loaded, faiss.IndexFlatIP)
+    np.testing.assert_array_equal(centroids(loaded), centroids(quantizer))
+    with pytest.raises(FileNotFoundError, match="no coarse quantizer file"):
+        load_quantizer(tmp_path / "missing.faiss")
+    save_index(built["ivf"][0], tmp_path / "index.faiss")
+    with pytest.raises(ValueError, match="not a coarse quantizer written by save_quantizer"):
+        load_quantizer(tmp_path / "index.faiss")
+    (tmp_path / "truncated.faiss").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable coarse quantizer"):
+        load_quantizer(tmp_path / "truncated.faiss")
+    with pytest.raises(ValueError, match="trained faiss.IndexFlatIP"):
+        save_quantizer(built["ivf"][0], tmp_path / "wrong.faiss")
+
+
+# --- on-disk inverted lists ----------------------------------------------------------------------------------------
+
+ONDISK_N, ONDISK_D = 3000, 32
+ONDISK = IndexConfig(index_type="ivf", ondisk_min_vectors=2000)
+
+
+@pytest.fixture(scope="module")
+def ondisk_data():
+    vectors = clustered(ONDISK_N, d=ONDISK_D, seed=9)
+    ids = np.random.default_rng(10).permutation(ONDISK_N).astype(np.int64) * 5 + 2
+    queries = clustered(200, d=ONDISK_D, seed=9, stream=1)
+    return vectors, ids, queries
+
+
+def build_ondisk(folder, vectors, ids, config=ONDISK, **kw):
+    folder.mkdir(parents=True, exist_ok=True)
+    index, params = build_index(vectors, ids, config, ondisk_path=folder / "index.ivfdata", **kw)
+    save_index(index, folder / "index.faiss")
+    return index, params
+
+
+def test_ondisk_index_survives_a_folder_rename_and_equals_the_in_ram_ivf(tmp_path, ondisk_data):
+    """float16 memmap -> on-disk lists in a staging folder; saved, the folder renamed (as the store commits a
+    segment), loaded: the same ids and scores as the in-RAM IVF with the same quantizer and nprobe."""
+    vectors, ids, queries = ondisk_data
+    x16 = stored(tmp_path, vectors)
+    x32 = unit_rows(x16)
+    quantizer = train_quantizer(x16, ONDISK)
+    in_ram, ram_params = build_index(x32, ids, ONDISK, quantizer=quantizer)
+    assert not is_ondisk(in_ram)
+
+    staging = tmp_path / ".segment-1.tmp"
+    index, params = build_ondisk(staging, x16, ids, quantizer=quantizer)
+    assert is_ondisk(index) and params == ram_params and params.measured_recall >= ONDISK.recall_target
+    assert sorted(p.name for p in staging.iterdir()) == ["index.faiss", "index.ivfdata"]
+    assert (staging / "index.ivfdata").stat().st_size == ONDISK_N * (ONDISK_D * 4 + 8)  # compact: codes + ids
+    final = staging.rename(tmp_path / "segment-1")
+
+    loaded = load_index(final / "index.faiss")
+    assert is_ondisk(loaded) and loaded.ntotal == ONDISK_N
+    lookup = lookup_for(x32, ids)
+    expected = search(in_ram, ram_params, queries, K, vectors_for_ids=lookup)
+    got = search(loaded, params, queries, K, vectors_for_ids=lookup)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    # plain faiss search with the tuned nprobe: the same candidates and float32 scores, the caller's ids
+    apply_search_params(loaded, params)
+    np.testing.assert_array_equal(loaded.search(queries, 40)[1], in_ram.search(queries, 40)[1])
+    np.testing.assert_array_equal(loaded.search(queries, 40)[0], in_ram.search(queries, 40)[0])
+    assert to_gpu_if_available(loaded) is loaded
+    with pytest.raises(ValueError, match="pass vectors_for_ids"):
+        search(loaded, params, queries, K)
+
+
+def test_ondisk_is_used_only_for_large_ivf(tmp_path, ondisk_data):
+    vectors, ids, _ = ondisk_data
+    small, _ = build_index(vectors[:1000], ids[:1000], ONDISK, ondisk_path=tmp_path / "index.ivfdata")
+    flat_config = IndexConfig(index_type="flat", ondisk_min_vectors=2000)
+    flat, _ = build_index(vectors, ids, flat_config, ondisk_path=tmp_path / "index.ivfdata")
+    assert not is_ondisk(small) and not is_ondisk(flat) and isinstance(small, faiss.IndexIDMap2)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_ondisk_files_are_checked(tmp_path, ondisk_data):
+    vectors, ids, _ = ondisk_data
+    with pytest.raises(ValueError, match="must end in .ivfdata"):
+        build_index(vectors, ids, ONDISK, ondisk_path=tmp_path / "index.data")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_index(vectors, ids, ONDISK, ondisk_path=tmp_path / "missing" / "index.ivfdata")
+    index, _ = build_ondisk(tmp_path / "seg", vectors, ids)
+    with pytest.raises(FileExistsError, match="build into a new folder"):
+        build_index(vectors, ids, ONDISK, ondisk_path=tmp_path / "seg" / "index.ivfdata")
+    with pytest.raises(ValueError, match="save it as .*seg/index.faiss"):
+        save_index(index, tmp_path / "seg" / "other.faiss")
+    # a copy without its lists, and one with truncated lists
+    for name, lists in [("no-lists", None), ("truncated", (tmp_path / "seg" / "index.ivfdata").read_bytes()[:1000])]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "index.faiss").write_bytes((tmp_path / "seg" / "index.faiss").read_bytes())
+        if lists is not None:
+            (folder / "index.ivfdata").write_bytes(lists)
+    with pytest.raises(FileNotFoundError, match="index.ivfdata are missing"):
+        load_index(tmp_path / "no-lists" / "index.faiss")
+    with pytest.raises(ValueError, match="truncated"):
+        load_index(tmp_path / "truncated" / "index.faiss")
+
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import faiss
+    import numpy as np
+    from indexes.vector_index import load_index
+
+    def rss():  # bytes resident: anonymous + file pages
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return int(fields["VmRSS"].split()[0]) * 1024
+
+    queries = np.load(sys.argv[2])
+    before = rss()
+    index = load_index(sys.argv[1])
+    index.search(queries[:5], 10, params=faiss.SearchParametersIVF(nprobe=4))
+    few_lists = rss()
+    index.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=index.nlist))  # every list
+    all_lists = rss()
+    print(few_lists - before, all_lists - before)
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's RSS from /proc (Linux)")
+def test_searching_an_ondisk_index_maps_only_the_lists_it_visits(tmp_path):
+    """In a fresh process: loading an on-disk index and probing 4 of its lists for 5 queries grows RSS by far
+    less than its lists file (~3 MB, mostly faiss's code paged in); a scan of every list grows it by about
+    the file (so the measurement can fail)."""
+    n, d = 40_000, 256
+    vectors = clustered(n, d=d, n_clusters=200, seed=11)
+    config = IndexConfig(index_type="ivf", ondisk_min_vectors=1, tune_queries=50)
+    build_ondisk(tmp_path / "seg", vectors, np.arange(n), config)
+    np.save(tmp_path / "queries.npy", clustered(20, d=d, n_clusters=200, seed=11, stream=1))
+    file_size = (tmp_path / "seg" / "index.ivfdata").stat().st_size  # 41 MB
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "seg" / "index.faiss"), str(tmp_path / "queries.npy")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    few_lists, all_lists = map(int, out.stdout.split()[-2:])
+    assert few_lists < file_size / 4
+    assert all_lists > file_size / 2
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------------------
