@@ -628,26 +628,28 @@ class IndexWriter:
         on this segment's own stored vectors misses the target, a new one is trained on them and shared from then
         on (it is recorded in the manifest written next). Returns (search params, quantizer name or None)."""
         kind = choose_index_type(len(ids), embeddings.shape[1], config)
-        quantizer_name = None
-        quantizer = None
-        if kind in (IndexType.IVF, IndexType.IVFPQ):
-            shared = (old or {}).get("quantizer") or getattr(self, "_new_quantizer", None)
-            if shared:
-                quantizer = load_quantizer(self.dir / "quantizers" / f"{shared['name']}.faiss")
-                quantizer_name = shared["name"]
         ondisk = folder / "index.ivfdata"
-        index, params = build_index(embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk)
-        if quantizer is not None and (params.measured_recall or 0) < config.recall_target:
-            quantizer = None  # the shared centroids no longer fit the data: retrain below
+        if kind not in (IndexType.IVF, IndexType.IVFPQ):
+            index, params = build_index(embeddings, ids, config, ondisk_path=ondisk)
+            save_index(index, folder / "index.faiss")
+            return params, None
+        shared = (old or {}).get("quantizer") or getattr(self, "_new_quantizer", None)
+        if shared:
+            quantizer_name = shared["name"]
+            quantizer = load_quantizer(self.dir / "quantizers" / f"{quantizer_name}.faiss")
+            index, params = build_index(embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk)
+            if (params.measured_recall or 0) >= config.recall_target:
+                save_index(index, folder / "index.faiss")
+                return params, quantizer_name
+            del index  # the shared centroids no longer fit the data: retrain on this segment's stored vectors
             if ondisk.exists():
                 ondisk.unlink()
-        if kind in (IndexType.IVF, IndexType.IVFPQ) and quantizer is None:
-            quantizer = train_quantizer(embeddings, config)
-            quantizer_name = f"q-{uuid.uuid4().hex[:8]}"
-            (self.dir / "quantizers").mkdir(exist_ok=True)
-            save_quantizer(quantizer, self.dir / "quantizers" / f"{quantizer_name}.faiss")
-            self._new_quantizer = {"name": quantizer_name, "nlist": int(quantizer.ntotal), "trained_rows": len(ids)}
-            index, params = build_index(embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk)
+        quantizer = train_quantizer(embeddings, config)
+        quantizer_name = f"q-{uuid.uuid4().hex[:8]}"
+        (self.dir / "quantizers").mkdir(exist_ok=True)
+        save_quantizer(quantizer, self.dir / "quantizers" / f"{quantizer_name}.faiss")
+        self._new_quantizer = {"name": quantizer_name, "nlist": int(quantizer.ntotal), "trained_rows": len(ids)}
+        index, params = build_index(embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk)
         save_index(index, folder / "index.faiss")
         return params, quantizer_name
 

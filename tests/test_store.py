@@ -383,3 +383,21 @@ def test_kill_9_during_compaction_leaves_a_whole_index(tmp_path):
     leftovers = [p.name for d in ("segments", "tombstones", "skipped") for p in (idx / d).iterdir()]
     assert not [n for n in leftovers if n.startswith(".") or n.endswith(".tmp")]
     assert open_committed(idx).count == 6 * 4000 - 5
+
+
+def test_ivf_segments_share_one_quantizer_and_keep_lists_on_disk(tmp_path):
+    idx = tmp_path / "idx"
+    config = IndexConfig(index_type="ivf", ondisk_min_vectors=1000, recall_target=0.9)
+    add(idx, rows(range(3000), seed=0), index_config=config, auto_compact=False)
+    m = add(idx, rows(range(3000, 4500), seed=1), delete=[10, 20], index_config=config, auto_compact=False)
+    names = [s["index"]["quantizer"] for s in m["segments"]]
+    assert names[0] is not None and names == [m["quantizer"]["name"]] * 2  # trained once, shared
+    assert all((idx / "segments" / s["name"] / "index.ivfdata").is_file() for s in m["segments"])
+    with IndexStore(idx) as store:
+        got, want = store.search(queries(64), 10), brute_force(store, queries(64), 10)
+        hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got[1], want[1])])
+        assert hits >= 0.85 and not np.isin(got[1], [10, 20]).any()
+        assert np.allclose(got[0][got[1] == want[1]], want[0][got[1] == want[1]])  # exact scores
+    m = compact(idx, config, full=True)
+    assert len(m["segments"]) == 1 and m["count"] == 4498
+    assert (idx / "segments" / m["segments"][0]["name"] / "index.ivfdata").is_file()
