@@ -193,6 +193,7 @@ class Segment:
         self.folder = folder
         self.name = entry["name"]
         self.rows = int(entry["rows"])
+        self.dead = int(entry.get("dead", 0))  # rows of this segment that are tombstoned (counted at commit)
         p = entry["index"]["params"]
         self.params = SearchParams.from_dict(p) if p else None
         self._ids = self._metadata = self._embeddings = self._index = None
@@ -419,7 +420,7 @@ class IndexStore:
             return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
         candidates = []
         for s in self.segments:
-            dead = int(np.isin(s.ids, self.tombstones).sum()) if len(self.tombstones) else 0
+            dead = s.dead  # from the manifest: no pass over the segment's ids per query
             if s.rows - dead <= 0:
                 continue
             _, found = search(s.faiss_index, s.params, queries, min(s.rows, k + dead), vectors_for_ids=_by_id(s))
