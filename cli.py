@@ -5,6 +5,7 @@ Each command parses its arguments and calls one library function; `--help` on an
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -12,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 
 from retrieval.models import DEFAULT_MODEL
@@ -87,10 +89,28 @@ MODEL_HELP = (
 )
 
 
+class ComputeEngine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+def _gallery_argument(value: str) -> str:
+    """A local folder that exists (typer's Path(exists=True, file_okay=False) check), or a URL, checked by its scan."""
+    if "://" in value:  # retrieval.gallery.is_url, without importing torch for --help
+        return value
+    try:
+        return str(click.Path(exists=True, file_okay=False).convert(value, None, None))
+    except click.BadParameter as e:
+        raise ValueError(e.message) from e  # said by typer as "Invalid value for 'gallery_dir': ..."
+
+
 @app.command()
 def index(
-    gallery_dir: Path = typer.Argument(
-        ..., exists=True, file_okay=False, help="Folder of images, searched recursively."
+    gallery_dir: str = typer.Argument(
+        ...,
+        parser=_gallery_argument,
+        help="Folder of images, searched recursively; or an fsspec URL (s3://bucket/photos, gs://..., "
+        "file:///srv/photos; needs that filesystem's package, e.g. s3fs).",
     ),
     index_dir: Path = typer.Option(DEFAULT_INDEX_DIR, help="Where the index is kept (created if missing)."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
@@ -113,6 +133,16 @@ def index(
         89_478_485, min=1, help="Images with more pixels are skipped (decompression bombs)."
     ),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
+    engine: ComputeEngine = typer.Option(
+        ComputeEngine.local,
+        help="local: embed in this process. ray: on a Ray cluster, one actor per GPU (else per CPU) holding the "
+        "model; needs `pip install '.\\[ray]'`, and the gallery readable from every node (a shared folder or a URL).",
+    ),
+    address: Optional[str] = typer.Option(
+        None,
+        help="With --engine ray: the cluster (auto: the one `ray start` runs on this machine; HOST:PORT; "
+        "ray://HOST:10001). Default: a new local Ray on this machine's cores.",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Index (or update the index of) an image gallery.
@@ -121,15 +151,25 @@ def index(
     Interrupted runs resume from their finished shards. Unusable files are skipped and listed.
     A commit writes only the change (a new segment; deletions as tombstones); segments are merged by size tier
     as they accumulate (see `compact`). One writer at a time: a second one stops, naming the first (or `--wait`s).
+    With --engine ray the shards are embedded on a Ray cluster (--address); the index is written here.
     """
     from indexes.vector_index import IndexConfig, IndexType
     from retrieval import Engine
 
+    if engine is ComputeEngine.ray:
+        from retrieval.distributed import import_ray
+
+        try:
+            import_ray()
+        except ImportError as e:
+            _fail(str(e))
     try:
         summary = Engine(index_dir, model=model, device=device).index(
             gallery_dir,
             progress=progress,
             wait=wait,
+            engine=engine.value,
+            address=address,
             precision=precision.value,
             batch_size=batch_size,
             workers=workers,
@@ -458,9 +498,15 @@ TOKENS_DIR_HELP = "The token store: a folder of <name>.safetensors files (create
 
 @app.command("learn-token")
 def learn_token_command(
-    name: str = typer.Argument(..., help="The token's name (letters, digits, . _ -); in prompts it is * or <NAME>."),
+    name: str = typer.Argument(
+        ...,
+        help="The token's name (letters, digits, . _ -); in prompts it is * or <NAME>. With a folder of concept "
+        "folders: the prefix of every token's name, NAME-<sub-folder>.",
+    ),
     images: Path = typer.Option(
-        ..., help="Folder of the concept's images (at least 3 usable; unreadable ones are skipped)."
+        ...,
+        help="Folder of the concept's images (at least 3 usable; unreadable ones are skipped); or a folder of concept "
+        "folders (no images of its own): one token per sub-folder, all learned in one batch.",
     ),
     parent: str = typer.Option(
         ..., help="The concept's parent word, e.g. dress (several words: their mean initialises the token)."
@@ -497,20 +543,46 @@ def learn_token_command(
         "red,old,worn,bright,dark,pink, the paper's).",
     ),
     device: str = typer.Option("auto", help="auto (GPU if present, with mixed precision), cpu, cuda, cuda:N."),
+    engine: ComputeEngine = typer.Option(
+        ComputeEngine.local,
+        help="With a folder of concept folders: local learns them in one batch here; ray spreads batches of "
+        "concepts over a Ray cluster's workers (--address; needs `pip install '.\\[ray]'`), the same tokens.",
+    ),
+    address: Optional[str] = typer.Option(
+        None, help="With --engine ray: the cluster (auto, HOST:PORT, ray://HOST:10001). Default: a new local Ray."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar with each loss term."),
 ):
     """Learn a custom token from a few images of a concept and its parent word, and save it in the token store.
 
     The token then works in prompts for generation (`generate`) and for CLIP retrieval. A NaN loss stops training
-    and keeps the last good token (the summary says so).
+    and keeps the last good token (the summary says so). Given a folder of concept folders (concepts/teapot/,
+    concepts/mug/, ...), one token per sub-folder (NAME-teapot, NAME-mug), concept i seeded --seed + i.
     """
     from retrieval import Engine
+    from tokens.learn import concept_folders
 
+    many = bool(concept_folders(images))
+    if engine is ComputeEngine.ray:
+        if not many:
+            _fail(f"--engine ray spreads a folder of concept folders over a cluster; {images} is one concept's folder")
+        from retrieval.distributed import import_ray
+
+        try:
+            import_ray()
+        except ImportError as e:
+            _fail(str(e))
+    elif address is not None:
+        _fail(f"--address {address} is for --engine ray: add --engine ray, or leave out --address")
     try:
-        result = Engine(tokens_dir=tokens_dir, model=model, diffusion=diffusion, device=device).learn_token(
-            name,
-            images,
-            parent,
+        the_engine = Engine(tokens_dir=tokens_dir, model=model, diffusion=diffusion, device=device)
+        if many:
+            learn = functools.partial(the_engine.learn_tokens, images, parent, prefix=name, engine=engine.value)
+            if address is not None:
+                learn = functools.partial(learn, address=address)
+        else:
+            learn = functools.partial(the_engine.learn_token, name, images, parent)
+        results = learn(
             progress=progress,
             method=method.value,
             steps=steps,
@@ -524,7 +596,8 @@ def learn_token_command(
         )
     except _user_errors() as e:
         _fail(str(e))
-    typer.echo(result.format())
+    for result in results if many else [results]:
+        typer.echo(result.format())
 
 
 @app.command()

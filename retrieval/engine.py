@@ -38,6 +38,7 @@ from retrieval.composed import (
     plan_query,
     truncated,
 )
+from retrieval.distributed import RayEmbedder, RayTokenLearner, TokenJob
 from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, GairOutcome, run_gair
 from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery
 from retrieval.io.atomic import write_atomic
@@ -50,7 +51,15 @@ from retrieval.models.pairing import AUTO, load_clip_encoder, load_paired_diffus
 from retrieval.models.precision import resolve_precision
 from retrieval.report import composed_html, results_html, write_html
 from retrieval.search import Hit, QueryResult, search_texts, search_vectors
-from tokens.learn import DEFAULT_TOKENS_DIR, LearnRequest, LearnResult, learn_token, needs_diffusion
+from tokens.learn import (
+    DEFAULT_TOKENS_DIR,
+    LearnRequest,
+    LearnResult,
+    concept_folders,
+    learn_token,
+    learn_token_batch,
+    needs_diffusion,
+)
 from tokens.store import TokenStore
 from tokens.token_file import STAR, CustomToken, placeholder_names
 from tokens.trainer import StepReport
@@ -192,12 +201,25 @@ class Engine:
 
     # ----- indexing
     def index(
-        self, gallery_dir: str | Path, *, progress: bool = True, wait: bool | float = False, **options
+        self,
+        gallery_dir: str | Path,
+        *,
+        progress: bool = True,
+        wait: bool | float = False,
+        engine: str = "local",
+        address: str | None = None,
+        **options,
     ) -> IndexSummary:
         """Index (or update the index of) GALLERY_DIR into index_dir. OPTIONS: any `IndexingConfig` field but
         model and device (batch_size, workers, shard_size, max_pixels, precision, index=IndexConfig(...)).
         WAIT: when another process is writing the index, wait for it (True, or at most WAIT seconds) instead of
-        failing at once with its name."""
+        failing at once with its name. ENGINE: "local" embeds in this process; "ray" on a Ray cluster
+        (retrieval.distributed.RayEmbedder: one actor per GPU, else per CPU) at ADDRESS (None: a new local Ray;
+        "auto": the cluster `ray start` runs here; "HOST:PORT")."""
+        if engine not in ("local", "ray"):
+            raise ValueError(f"`engine={engine}` is not one of local, ray")
+        if address is not None and engine != "ray":
+            raise ValueError(f"`address={address}` is for `engine=ray`: add `engine=ray`, or leave out `address`")
         if self.index_dir is None:
             raise IndexStoreError("this engine has no index folder: pass `index_dir` to Engine(...)")
         allowed = {f.name for f in fields(IndexingConfig)} - {"model", "device"}
@@ -212,7 +234,13 @@ class Engine:
         encoder = (
             held if held is not None and held.precision == resolve_precision(config.precision, held.device) else None
         )
-        summary = index_gallery(gallery_dir, self.index_dir, config, progress=progress, encoder=encoder, wait=wait)
+        if engine == "ray":
+            with RayEmbedder(address=address) as embedder:
+                summary = index_gallery(
+                    gallery_dir, self.index_dir, config, progress=progress, embedder=embedder, wait=wait
+                )
+        else:
+            summary = index_gallery(gallery_dir, self.index_dir, config, progress=progress, encoder=encoder, wait=wait)
         self._store = None
         return summary
 
@@ -253,14 +281,62 @@ class Engine:
         OPTIONS: any `tokens.learn.LearnRequest` field (method, steps, n_vectors, init_caption, negatives, seed,
         overwrite, overrides, context_attributes). ON_STEP(StepReport) after every optimiser step (steps done / total,
         losses, seconds); returning False cancels: `tokens.trainer.TrainingCancelled` is raised, no token is saved."""
+        request = self._learn_request(name, images, parent, options, "learn_token")
+        backbone = self.backbone if needs_diffusion(request) else None
+        return learn_token(request, progress=progress, models=(self.clip, backbone), on_step=on_step)
+
+    def learn_tokens(
+        self,
+        folder: str | Path,
+        parent: str,
+        *,
+        prefix: str | None = None,
+        engine: str = "local",
+        address: str | None = None,
+        progress: bool = True,
+        **options,
+    ) -> list[LearnResult]:
+        """One token per concept folder of FOLDER (its sub-folders that hold images, `tokens.learn.concept_folders`),
+        named PREFIX-<sub-folder> (PREFIX None: the sub-folder's name), all with PARENT and one config (OPTIONS as
+        `learn_token`'s), concept i seeded seed + i, learned in one batch and saved; every name is checked before
+        anything trains. ENGINE "local": one batched loop in this process; "ray": (concept batch) tasks over the
+        workers of the Ray cluster at ADDRESS (None: a new local Ray; retrieval.distributed), the same tokens."""
+        if engine not in ("local", "ray"):
+            raise ValueError(f"`engine={engine}` is not one of local, ray")
+        if address is not None and engine != "ray":
+            raise ValueError(f"`address={address}` is for `engine=ray`: add `engine=ray`, or leave out `address`")
+        folders = concept_folders(folder)
+        if not folders:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"concept folders: no folder {folder}")
+            raise ValueError(
+                f"{folder} holds no concept folders (sub-folders with images directly in them); "
+                "a folder of one concept's images is for `learn_token`"
+            )
+        requests = [
+            self._learn_request(f"{prefix}-{f.name}" if prefix else f.name, f, parent, options, "learn_tokens")
+            for f in folders
+        ]
+        if engine == "ray":
+            learner = RayTokenLearner(self.model, self.diffusion, address=address, device=self.device)
+
+            def on_ray(config, concepts, negatives_dir):
+                with learner:
+                    return learner([TokenJob(config, concepts)], negatives_dir, progress=progress)[0]
+
+            return learn_token_batch(requests, progress=progress, learner=on_ray)
+        backbone = self.backbone if needs_diffusion(requests[0]) else None
+        return learn_token_batch(requests, progress=progress, models=(self.clip, backbone))
+
+    def _learn_request(self, name: str, images, parent: str, options: dict, caller: str) -> LearnRequest:
         fixed = {"name", "images", "parent", "model", "diffusion", "tokens_dir", "device"}
         allowed = {f.name for f in fields(LearnRequest)} - fixed
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(
-                f"Engine.learn_token() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+                f"Engine.{caller}() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
             )
-        request = LearnRequest(
+        return LearnRequest(
             name=name,
             images=Path(images),
             parent=parent,
@@ -270,8 +346,6 @@ class Engine:
             device=self.device,
             **options,
         )
-        backbone = self.backbone if needs_diffusion(request) else None
-        return learn_token(request, progress=progress, models=(self.clip, backbone), on_step=on_step)
 
     def token(self, ref: TokenRef) -> CustomToken:
         """A token by name from the store (checked against this engine's CLIP), or the token given."""
@@ -477,7 +551,8 @@ class Engine:
         return np.mean(stored, axis=0)
 
     def attributes_for(self, plan: ComposedQuery, attributes: Sequence[str] | None) -> tuple[str, ...]:
-        """ATTRIBUTES, else the tokens' own context_attributes, else the paper's DeepFashion2 list (Sec. 4.4)."""
+        """ATTRIBUTES, else the tokens' own context_attributes, else the paper's DeepFashion2 list A (Perera et al.
+        Sec. 5, "Text-to-Image Retrieval: DeepFashion2"; GAIR itself is Sec. 4.4)."""
         if attributes:
             return check_attributes(attributes)
         own = [a for t in plan.tokens for a in t.info.context_attributes]

@@ -7,14 +7,21 @@
         ...
 
 A file that cannot be decoded never stops the loader: its item comes back marked bad, with the reason.
+
+A gallery is a local folder or an fsspec URL (`s3://bucket/photos`, `gs://...`, `file:///srv/photos`, `memory://g`;
+the filesystem's package must be installed: s3fs, gcsfs, ...), so that workers on other machines can read it
+(retrieval.distributed). `resolve_gallery` gives the one string an index records for either; local folders take the
+os.scandir / os.stat path below, URLs the fsspec one (listing: `fs.find`; reading: `fs.cat_file`).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,14 +38,45 @@ class GalleryFile:
     mtime_ns: int  # st_mtime_ns (of the target, for a symlinked file)
 
 
+def is_url(gallery: str | os.PathLike) -> bool:
+    """Whether GALLERY names an fsspec filesystem (`s3://...`, `memory://...`, `simplecache::s3://...`), not a local
+    folder. A Path is always a local folder."""
+    return isinstance(gallery, str) and "://" in gallery
+
+
+def resolve_gallery(gallery: str | os.PathLike) -> str:
+    """The string an index records for GALLERY and that shard paths are relative to: a URL as given (without a
+    trailing "/"), a local folder as its absolute resolved path ("~" expanded). Idempotent."""
+    if is_url(gallery):
+        return gallery.rstrip("/")
+    return str(Path(gallery).expanduser().resolve())
+
+
+def url_filesystem(url: str):
+    """(fsspec filesystem, path inside it) for URL; says which package to install when its protocol lacks one."""
+    try:
+        import fsspec
+    except ImportError as e:  # torch depends on fsspec, so this is rare
+        raise ImportError(f"gallery {url} is a URL: install fsspec (`pip install fsspec`)") from e
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise ImportError(f"gallery {url}: its filesystem needs a package that is not installed ({e})") from e
+    except ValueError as e:  # unknown protocol
+        raise ValueError(f"gallery {url}: {e}; known protocols: fsspec.available_protocols()") from e
+
+
 def scan_gallery(root: str | os.PathLike) -> list[GalleryFile]:
     """All files under ROOT whose extension (any case) is in IMAGE_EXTENSIONS, sorted by path.
+    ROOT is a local folder or an fsspec URL (`scan_url_gallery`).
 
     Symlinks are followed: a linked file is listed under its link path, a linked directory is walked under
     its link path too, except where it leads back to one of its own ancestors (a loop), so every file is
     listed once per path that does not go round a loop. Unreadable directories, broken links and names
     that are not valid UTF-8 are skipped with a warning; only a missing or unreadable root raises.
     """
+    if is_url(root):
+        return scan_url_gallery(root)
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"gallery folder {root} does not exist: check the path")
@@ -92,6 +130,51 @@ def scan_gallery(root: str | os.PathLike) -> list[GalleryFile]:
     return found
 
 
+def scan_url_gallery(url: str) -> list[GalleryFile]:
+    """`scan_gallery` for an fsspec URL: every file under it (`fs.find`) with an image extension, sorted by path.
+    mtime_ns is the filesystem's modification time (s3 LastModified, gcs updated, local mtime, memory created) at
+    the precision it gives; where it gives none, 0 (a changed file is then seen only by its size)."""
+    fs, top = url_filesystem(url)
+    top = top.rstrip("/")
+    if not fs.exists(top):
+        raise FileNotFoundError(f"gallery {url} does not exist: check the URL")
+    if not fs.isdir(top):
+        raise NotADirectoryError(f"gallery {url} is a file, not a folder: pass the folder that holds the images")
+    found: list[GalleryFile] = []
+    no_time = 0
+    for name, info in fs.find(top, withdirs=False, detail=True).items():
+        rel = name[len(top) + 1 :] if name.startswith(top + "/") else name.rsplit("/", 1)[-1]
+        if info.get("type", "file") != "file" or os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        mtime_ns = _mtime_ns(info)
+        no_time += mtime_ns is None
+        found.append(GalleryFile(path=rel, bytes=int(info.get("size") or 0), mtime_ns=mtime_ns or 0))
+    if no_time:
+        warnings.warn(f"{url}: the filesystem gives no modification time for {no_time} files", stacklevel=2)
+    found.sort(key=lambda f: f.path)
+    return found
+
+
+# the keys fsspec filesystems give a file's modification time under, most specific first
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+
+
+def _mtime_ns(info: dict) -> int | None:
+    """A file's modification time in ns from an fsspec info dict (float seconds, datetime or ISO string)."""
+    for key in _MTIME_KEYS:
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            delta = value - datetime(1970, 1, 1, tzinfo=timezone.utc)
+            return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+        return int(round(float(value) * 1e9))
+    return None
+
+
 @dataclass(frozen=True)
 class DecodedItem:
     """One file as a DataLoader worker hands it back."""
@@ -108,7 +191,9 @@ class DecodedItem:
 
 
 class GalleryDataset(torch.utils.data.Dataset):
-    """FILES of the gallery at ROOT, decoded with load_image and turned into tensors by TRANSFORM.
+    """FILES of the gallery at ROOT (a local folder or an fsspec URL), decoded with load_image and turned into
+    tensors by TRANSFORM. A file of a URL gallery is read whole into a temporary file that load_image decodes,
+    so both kinds of gallery pass the very same checks.
 
     Never raises for a bad file: the item comes back with `ok` False and the reason (BadImage's, or
     "preprocess failed (...)" when the transform raises or returns something that is not a (C, H, W) tensor).
@@ -136,8 +221,8 @@ class GalleryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> DecodedItem:
         try:
-            image, (width, height) = load_image_and_size(
-                os.path.join(self.root, self.files[i].path), max_pixels=self.max_pixels, min_size=self.min_size
+            image, (width, height) = load_gallery_image(
+                self.root, self.files[i].path, max_pixels=self.max_pixels, min_size=self.min_size
             )
         except BadImage as e:
             return _bad(i, e.reason)
@@ -149,6 +234,27 @@ class GalleryDataset(torch.utils.data.Dataset):
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             return _bad(i, f"preprocess failed (expected a (C, H, W) tensor, got {got})")
         return DecodedItem(index=i, pixels=pixels, width=width, height=height, reason="")
+
+
+def load_gallery_image(
+    root: str | os.PathLike, rel: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """load_image_and_size of the file REL of the gallery at ROOT: a local folder, or an fsspec URL whose file is
+    read whole into a temporary file that load_image decodes (so both pass the very same checks). Raises BadImage
+    for a file that cannot be used, an unreadable one at a URL included."""
+    if not is_url(root):
+        return load_image_and_size(os.path.join(root, rel), max_pixels=max_pixels, min_size=min_size)
+    if ".." in rel.split("/"):  # paths come from the gallery's listing: never one that leads outside it
+        raise BadImage(f"path {rel!r} leads outside the gallery")
+    fs, top = url_filesystem(str(root))  # fsspec caches filesystem instances: cheap after the first call
+    try:
+        data = fs.cat_file(f"{top.rstrip('/')}/{rel}")
+    except Exception as e:  # noqa: BLE001 - every filesystem raises its own errors; one file must not stop it
+        raise BadImage(f"unreadable file ({type(e).__name__}: {e})") from e
+    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(rel)[1]) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        return load_image_and_size(tmp.name, max_pixels=max_pixels, min_size=min_size)
 
 
 def _bad(index: int, reason: str) -> DecodedItem:

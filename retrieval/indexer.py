@@ -44,7 +44,7 @@ from indexes.shards import (
 )
 from indexes.store import META_DTYPES, SKIP_DTYPES, IndexStore, IndexStoreError, IndexWriter, Rows, index_config_dict
 from indexes.vector_index import IndexConfig
-from retrieval.gallery import GalleryDataset, GalleryFile, collate_gallery, scan_gallery, worker_init
+from retrieval.gallery import GalleryDataset, GalleryFile, collate_gallery, resolve_gallery, scan_gallery, worker_init
 from retrieval.io.images import DEFAULT_MAX_PIXELS
 from retrieval.models.clip import DEFAULT_MODEL
 from retrieval.models.encoders import ClipEncoder
@@ -192,7 +192,7 @@ def check_inputs(
 
 def scan(gallery_dir: str | Path) -> GalleryScan:
     """The gallery's image files (retrieval.gallery.scan_gallery), sorted by path."""
-    root = str(Path(gallery_dir).resolve())
+    root = resolve_gallery(gallery_dir)
     files = [(f.path, f.bytes, f.mtime_ns) for f in scan_gallery(root)]
     return GalleryScan(
         root=root, files=pd.DataFrame(files, columns=FILE_KEY).astype({"bytes": "int64", "mtime_ns": "int64"})
@@ -413,7 +413,7 @@ def index_gallery(
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
     work_dir = index_dir / "work"
-    gallery_root = str(Path(gallery_dir).resolve())
+    gallery_root = resolve_gallery(gallery_dir)  # an absolute local folder, or an fsspec URL as given
 
     # 1. check inputs: the encoder and (under the writer lock, read once) the committed index are of config.model
     check_inputs(config, None, encoder, gallery_root)

@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+from retrieval.gallery import is_url, load_gallery_image
 from retrieval.io.atomic import write_atomic
 from retrieval.io.images import BadImage, load_image
 
@@ -25,7 +26,9 @@ figcaption{font-size:.8em;word-break:break-all;margin-top:4px}
 
 
 def image_data_uri(image_or_path, size: int = THUMB_PX) -> str | None:
-    """A PIL image or an image file -> 'data:image/jpeg;base64,...' thumbnail; None if unreadable."""
+    """A PIL image or an image file -> 'data:image/jpeg;base64,...' thumbnail; None if unreadable (or None)."""
+    if image_or_path is None:
+        return None
     try:
         im = load_image(image_or_path) if isinstance(image_or_path, (str, Path)) else image_or_path.convert("RGB")
     except BadImage:
@@ -44,6 +47,17 @@ def figure(image_or_path, caption_lines: Sequence[str], chosen: bool = False) ->
     return f"<figure{' class=chosen' if chosen else ''}>{img}<figcaption>{cap}</figcaption></figure>"
 
 
+def gallery_file(root: str | Path, rel: str):
+    """What `figure` shows for the gallery file REL: its path in a local gallery; in a gallery at an fsspec URL, its
+    image read from there (None when it cannot be read)."""
+    if not is_url(root):
+        return Path(root) / rel
+    try:
+        return load_gallery_image(root, rel, min_size=THUMB_PX)[0]
+    except BadImage:
+        return None
+
+
 def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
     """sections: (heading, already-escaped HTML body)."""
     body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
@@ -55,10 +69,11 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
 
 def results_html(results, gallery_root: str | Path) -> str:
     """Page for a list of retrieval.search.QueryResult: per query, the hits with rank, score and path."""
-    root = Path(gallery_root)
     sections = []
     for r in results:
-        figs = "".join(figure(root / h.path, [f"#{h.rank}  score {h.score:.4f}", h.path]) for h in r.hits)
+        figs = "".join(
+            figure(gallery_file(gallery_root, h.path), [f"#{h.rank}  score {h.score:.4f}", h.path]) for h in r.hits
+        )
         sections.append((f"{r.query}  ({r.model})", f'<div class="grid">{figs}</div>'))
     return page("Search results", sections)
 
@@ -73,7 +88,6 @@ def composed_html(results, gallery_root: str | Path, concept_images: Sequence = 
     """Page for retrieval.gair.PersonalResult answers, like Perera et al.'s Figure 6: the query as written and as
     encoded, a few concept images, with GAIR the image generated for each weight w (w* marked) and the context
     image(s), then the top-k results with rank and score."""
-    root = Path(gallery_root)
     sections = []
     for r in results:
         head = [f"query: {r.query}", f"encoded as: {r.composed}", f"model: {r.model}"]
@@ -107,6 +121,8 @@ def composed_html(results, gallery_root: str | Path, concept_images: Sequence = 
             sections.append(("Generated for each weight w (the query visualised)", f'<div class="grid">{figs}</div>'))
             figs = "".join(figure(im, [f"context image {i + 1}"]) for i, im in enumerate(g.context_images))
             sections.append(("Context images (attributes instead of the token)", f'<div class="grid">{figs}</div>'))
-        figs = "".join(figure(root / h.path, [f"#{h.rank}  score {h.score:.4f}", h.path]) for h in r.hits)
+        figs = "".join(
+            figure(gallery_file(gallery_root, h.path), [f"#{h.rank}  score {h.score:.4f}", h.path]) for h in r.hits
+        )
         sections.append((f"Top {len(r.hits)} results", f'<div class="grid">{figs}</div>'))
     return page("Composed query", sections)

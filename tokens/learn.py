@@ -1,4 +1,5 @@
-"""Learn tokens: concepts' images -> CustomTokens (`learn_tokens`), and one folder -> the token store (`learn_token`).
+"""Learn tokens: concepts' images -> CustomTokens (`learn_tokens`), and one folder -> the token store (`learn_token`;
+many folders in one batch: `learn_token_batch`).
 
 `learn_tokens` is the one token-learning sequence; `learn_token` (what `cli.py learn-token` runs) and the
 benchmarks (benchmarks/pervl.py, benchmarks/token_quality.py) call it:
@@ -15,6 +16,9 @@ Steps of `learn_token`:
     (`diffusion`; default: the one paired with `model`) conditioned on that same CLIP;
  4. `learn_tokens` on that one concept, its negatives from the `negatives` folder or sampled (cached in the store);
  5. save the token in the store (tokens.store).
+`learn_token_batch` runs the same steps for many requests of one config (`cli.py learn-token` given a folder of
+concept folders): every request checked in step 1, all concepts trained in one batch (or by a `Learner`, e.g. on a
+Ray cluster: retrieval.distributed), each token saved.
 Cancelling (`on_step` returning False) raises tokens.trainer.TrainingCancelled out of step 4: nothing is saved.
 """
 
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from retrieval.io.images import read_image_folder
+from retrieval.io.images import IMAGE_EXTENSIONS, read_image_folder
 from retrieval.models import DEFAULT_MODEL
 from retrieval.models.pairing import load_models
 from tokens.defaults import DEFAULT_TOKENS_DIR
@@ -173,6 +177,11 @@ def needs_diffusion(request: LearnRequest) -> bool:
     return request_config(request).needs_diffusion(negatives_given=request.negatives is not None)
 
 
+Learner = Callable[[TokenTrainConfig, list[ConceptImages], Path], list[CustomToken]]
+"""Who trains a batch of concepts: (config, concepts, negatives_dir) -> their tokens in order, as `learn_tokens`
+does (e.g. retrieval.distributed's Ray learner). The default trains them in this process."""
+
+
 def learn_token(
     request: LearnRequest,
     progress: bool = True,
@@ -183,52 +192,105 @@ def learn_token(
     (clip, backbone) of `load_models` for request.model, when the caller already holds them (backbone None
     when `needs_diffusion(request)` is False). ON_STEP(StepReport) after every optimiser step: steps done / total,
     losses, seconds; returning False cancels (tokens.trainer.TrainingCancelled is raised and no file is written)."""
-    # 1. check the request before anything expensive
-    check_name(request.name)
-    store = TokenStore(request.tokens_dir)
-    store.check_free(request.name, request.overwrite)
-    parent = " ".join((request.parent or "").split())
-    if not parent:
-        raise ValueError("`parent` is empty: give the concept's parent word, e.g. `parent=dress`")
-    config = request_config(request)
-    if request.negatives is not None and not config.uses_ce:
+    return learn_token_batch([request], progress=progress, models=models, on_step=on_step)[0]
+
+
+def learn_token_batch(
+    requests: Sequence[LearnRequest],
+    progress: bool = True,
+    models: tuple | None = None,
+    on_step: Callable[[StepReport], bool | None] | None = None,
+    learner: Learner | None = None,
+) -> list[LearnResult]:
+    """Learn the tokens of REQUESTS (one config: they differ in name, images and parent only) in one batched loop
+    and save each in the store, in order; the steps of `learn_token`, every check of every request done before
+    anything is trained. Concept i is seeded config.seed + i, as in `learn_tokens`. LEARNER: who trains (default:
+    `learn_tokens` in this process with MODELS, loaded when None); ON_STEP only with the default."""
+    if not requests:
+        raise ValueError("no tokens to learn: give at least one request")
+    # 1. check every request before anything expensive: valid names, free (or overwrite), all of one config
+    first = requests[0]
+    shared = ("model", "diffusion", "tokens_dir", "device", "negatives")
+    for r in requests[1:]:
+        differ = [f for f in shared if getattr(r, f) != getattr(first, f)]
+        if differ or request_config(r) != request_config(first):
+            raise ValueError(f"{r.name}: a batch of tokens shares one config; {r.name} differs in {differ or 'config'}")
+    names = [r.name for r in requests]
+    if len(set(names)) != len(names):
+        raise ValueError(f"token names repeat in one batch: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    store = TokenStore(first.tokens_dir)
+    for r in requests:
+        check_name(r.name)
+        store.check_free(r.name, r.overwrite)
+        if not " ".join((r.parent or "").split()):
+            raise ValueError(f"{r.name}: `parent` is empty: give the concept's parent word, e.g. `parent=dress`")
+    config = request_config(first)
+    if first.negatives is not None and not config.uses_ce:
         raise ValueError(
             f"`negatives` is used by the classification loss only (methods ours, pt); method {config.method} has none: leave it out"
         )
-    if config.init_caption is not None and request.n_vectors is not None:
+    if config.init_caption is not None and first.n_vectors is not None:
         raise ValueError("`init_caption` (a caption or auto) sets one vector per caption token: leave out `n_vectors`")
-    # 2. the concept's images (and a negatives folder)
+    # 2. the concepts' images (and a negatives folder, shared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped files are reported in the result instead
-        images = read_image_folder(request.images, config.min_images, "concept images")
-        given = read_image_folder(request.negatives, 1, "negative images") if request.negatives is not None else None
-    skipped = images.skipped + (given.skipped if given else [])
-    # 3. models
-    if models is None:
-        models = load_models(
+        given = read_image_folder(first.negatives, 1, "negative images") if first.negatives is not None else None
+        image_sets = [read_image_folder(r.images, config.min_images, f"concept images of {r.name}") for r in requests]
+    concepts = []
+    for r, images in zip(requests, image_sets):
+        attributes = tuple(" ".join(a.split()) for a in r.context_attributes if a.strip())
+        concepts.append(
+            ConceptImages(
+                r.name,
+                " ".join(r.parent.split()),
+                images.images,
+                given.images if given else None,
+                source=str(Path(r.images).resolve()),
+                context_attributes=attributes or tuple(model_defaults(r.model).get("context_attributes", ())),
+            )
+        )
+    # 3. + 4. train (negatives sampled into the store's cache when no folder is given; Perera et al. Sec. 4.2, 5)
+    if learner is None:
+        learner = _local_learner(first, config, models, progress, on_step)
+    elif on_step is not None or models is not None:
+        raise ValueError("`on_step` and `models` are for the local learner: leave them out with `learner`")
+    tokens = learner(config, concepts, store.negatives_dir)
+    # 5. save
+    skipped = [s.skipped + (given.skipped if given else []) for s in image_sets]
+    return [LearnResult(store.save(t, overwrite=r.overwrite), t, k) for r, t, k in zip(requests, tokens, skipped)]
+
+
+def _local_learner(request: LearnRequest, config: TokenTrainConfig, models, progress: bool, on_step) -> Learner:
+    """`learn_tokens` in this process, with MODELS or the models REQUEST names (loaded when called)."""
+
+    def learn(config: TokenTrainConfig, concepts: list[ConceptImages], negatives_dir: Path) -> list[CustomToken]:
+        clip, backbone = models or load_models(
             request.model,
             request.diffusion,
             need_diffusion=needs_diffusion(request),
             device=request.device,
             precision=config.precision,
         )
-    clip, backbone = models
-    if clip.spec != request.model:
-        raise ValueError(
-            f"the CLIP passed in is `model={clip.spec}`, but the request has `model={request.model}`: "
-            "pass the models loaded for the request's model, or none"
-        )
-    # 4. train (negatives sampled into the store's cache when no folder is given; Perera et al. Sec. 4.2, 5)
-    attributes = tuple(" ".join(a.split()) for a in request.context_attributes if a.strip())
-    concept = ConceptImages(
-        request.name,
-        parent,
-        images.images,
-        given.images if given else None,
-        source=str(Path(request.images).resolve()),
-        context_attributes=attributes or tuple(model_defaults(request.model).get("context_attributes", ())),
-    )
-    token = learn_tokens(clip, backbone, config, [concept], store.negatives_dir, progress=progress, on_step=on_step)[0]
-    # 5. save
-    path = store.save(token, overwrite=request.overwrite)
-    return LearnResult(path, token, skipped)
+        if clip.spec != request.model:
+            raise ValueError(
+                f"the CLIP passed in is `model={clip.spec}`, but the request has `model={request.model}`: "
+                "pass the models loaded for the request's model, or none"
+            )
+        return learn_tokens(clip, backbone, config, concepts, negatives_dir, progress=progress, on_step=on_step)
+
+    return learn
+
+
+def concept_folders(root: str | Path) -> list[Path]:
+    """The concept folders of ROOT for `learn_token_batch`: its sub-folders that hold image files directly, sorted
+    by name; [] when ROOT holds images itself (then it is one concept's folder) or has no such sub-folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+
+    def has_images(folder: Path) -> bool:
+        return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+
+    if has_images(root):
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and has_images(p))

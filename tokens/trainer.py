@@ -584,7 +584,8 @@ def to_custom_token(
         config=json_safe(asdict(config)),
         subspace=trained.constraint,
         init=trained.init.describe(),
-        training=trained.summary,
+        # the concept's own seed: config.seed is the batch's, concept i of a batch draws from config.seed + i
+        training={**trained.summary, **({"seed": int(concept.seed)} if concept is not None else {})},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         concept_feature=concept_feature(concept.image_features) if concept is not None else [],
         concept_images=str(concept_images),

@@ -58,6 +58,7 @@ from indexes.store import IndexStoreError
 from retrieval.composed import mix
 from retrieval.engine import Engine
 from retrieval.gair import DEFAULT_WEIGHTS, GairConfig, parse_weights
+from retrieval.gallery import is_url, load_gallery_image
 from retrieval.io.images import IMAGE_EXTENSIONS, BadImage, load_image
 from retrieval.mix import FILE, GALLERY_ID, TEXT, parse_mix
 from retrieval.search import Hit, search_vectors
@@ -257,7 +258,8 @@ class Gallery:
         if store is not self._store:  # the engine reopened its index (a new generation)
             with self._lock:
                 self._files = dict(zip(store.metadata["id"].astype(int).tolist(), store.metadata["path"].tolist()))
-                self._root = Path(store.manifest["gallery_root"]).resolve()
+                root = store.manifest["gallery_root"]
+                self._root = root if is_url(root) else Path(root).resolve()  # a URL gallery: read through fsspec
                 self._store = store
         return store
 
@@ -266,9 +268,18 @@ class Gallery:
         if image_id not in self._files:
             raise ApiError(404, f"no image with id {image_id} in the index (ids come from search results)")
 
+    @property
+    def at_url(self) -> bool:
+        """Whether the gallery is at an fsspec URL (s3://...): its files are read through fsspec, not served."""
+        self._current()
+        return isinstance(self._root, str)
+
     def file(self, image_id: int) -> Path:
-        """The gallery file of IMAGE_ID (inside the gallery root: a path from the index never leads outside it)."""
+        """The gallery file of IMAGE_ID (inside the gallery root: a path from the index never leads outside it);
+        for a local gallery only (`image` reads either kind)."""
         self.check(image_id)
+        if self.at_url:
+            raise ApiError(409, f"image {image_id} is at {self._root}, not in a local folder")
         path = (self._root / self._files[image_id]).resolve()
         if not path.is_relative_to(self._root) or not path.is_file():
             raise ApiError(404, f"image {image_id} is in the index but its file is gone from the gallery: re-index")
@@ -278,9 +289,14 @@ class Gallery:
         self.check(image_id)
         return self._files[image_id]
 
-    def image(self, image_id: int) -> Image.Image:
+    def image(self, image_id: int, min_size: int | None = None) -> Image.Image:
+        """The decoded image of IMAGE_ID, from the local folder or the URL the gallery is at (MIN_SIZE: a JPEG may
+        be decoded at a reduced scale whose sides stay >= MIN_SIZE)."""
         try:
-            return load_image(self.file(image_id))
+            if self.at_url:
+                self.check(image_id)
+                return load_gallery_image(self._root, self._files[image_id], min_size=min_size)[0]
+            return load_image(self.file(image_id), min_size=min_size)
         except BadImage as e:
             raise ApiError(409, f"image {image_id} can no longer be decoded ({e.reason}): re-index") from None
 
@@ -290,7 +306,7 @@ class Gallery:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        data = thumbnail_bytes(self.file(image_id), self.config.thumb_size)
+        data = thumbnail_jpeg(self.image(image_id, min_size=self.config.thumb_size), self.config.thumb_size)
         with self._lock:
             self._thumbs[key] = data
             while len(self._thumbs) > self.config.thumb_cache:
@@ -304,6 +320,12 @@ def thumbnail_bytes(path: Path, size: int) -> bytes:
         im = load_image(path, min_size=size)
     except BadImage as e:
         raise ApiError(409, f"{path.name}: {e.reason}") from None
+    return thumbnail_jpeg(im, size)
+
+
+def thumbnail_jpeg(im: Image.Image, size: int) -> bytes:
+    """A JPEG of IM, its longest side SIZE px."""
+    im = im.copy()
     im.thumbnail((size, size))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
@@ -697,6 +719,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
 
     @app.get("/api/images/{image_id}", summary="The full gallery image of an id", response_class=Response)
     def full_image(image_id: int):
+        if gallery.at_url:  # read through fsspec and sent as PNG
+            return Response(png_bytes(gallery.image(image_id)), media_type="image/png")
         path = gallery.file(image_id)
         media = FULL_IMAGE_TYPES.get(path.suffix.lower())
         if media is not None:
