@@ -61,6 +61,7 @@ from indexes.vector_index import (
     choose_index_type,
     load_index,
     load_quantizer,
+    rerank_exact,  # the exact re-rank of search(), shared so merges tie alike
     save_index,
     save_quantizer,
     search,
@@ -68,7 +69,6 @@ from indexes.vector_index import (
     train_quantizer,
     unit_rows,
 )
-from indexes.vector_index import _rerank as rerank_exact  # the exact re-rank of search(), shared so merges tie alike
 from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_atomic, write_json
 
 INDEX_FORMAT_VERSION = 2
@@ -662,12 +662,11 @@ class IndexWriter:
         delete_ids = np.unique(delete_ids)
         if not len(delete_ids):
             return dict(old["tombstones"]) if old else {"file": None, "count": 0}
-        store = self._store_of(old)
-        known = store.has_ids(delete_ids)
+        seg = self._segment_of(old, delete_ids)
+        known = (seg >= 0) & ~np.isin(delete_ids, current)
         if not known.all():
             raise KeyError(f"cannot delete ids {delete_ids[~known][:5].tolist()}: not live in {self.dir}")
-        seg, _ = store.locate(delete_ids)
-        names = [s.name for s in store.segments]
+        names = [s["name"] for s in old["segments"]]
         for n, count in zip(*np.unique(seg, return_counts=True)):
             entry = next(s for s in segments if s["name"] == names[n])
             entry["dead"] = int(entry["dead"] + count)
@@ -676,6 +675,29 @@ class IndexWriter:
         (self.dir / "tombstones").mkdir(exist_ok=True)
         write_atomic(self.dir / name, lambda tmp: _save_npy(tmp, merged))
         return {"file": name, "count": int(len(merged))}
+
+    def _segment_of(self, old: dict | None, ids: np.ndarray) -> np.ndarray:
+        """The committed segment (its place in old["segments"]) that holds each of IDS, -1 where none does. A
+        commit's cost must not grow with the index: only segments whose [min_id, max_id] holds one of IDS are
+        looked at, and a segment whose ids are that whole range (every fresh segment: ids are handed out in order)
+        answers by arithmetic; the others read their id column."""
+        where = np.full(len(ids), -1, np.int64)
+        if old is None:
+            return where
+        store = None
+        for n, entry in enumerate(old["segments"]):
+            lo, hi = entry.get("min_id"), entry.get("max_id")
+            if lo is None or hi is None:  # not recorded: read its ids
+                lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+            todo = np.flatnonzero((where < 0) & (ids >= lo) & (ids <= hi))
+            if not len(todo):
+                continue
+            if entry["rows"] == hi - lo + 1:
+                where[todo] = n
+                continue
+            store = store or self._store_of(old)
+            where[todo[np.isin(ids[todo], store.segments[n].ids)]] = n
+        return where
 
     def _write_skipped(self, version: int, skipped: pd.DataFrame) -> str:
         name = f"skipped/skipped-{uuid.uuid4().hex[:12]}.parquet"

@@ -14,7 +14,8 @@ reconstruct(id) works (ENVIRONMENT.md, pitfalls).
 Input vectors: float32 unit rows, used as given; or float16 stored rows (an array, np.memmap or
 np.load(mmap_mode="r")), read CHUNK_ROWS at a time and normalised to float32 by `unit_rows`, so that no float32
 copy of the whole set is made: training takes a float32 copy of its seeded sample only, tuning's ground truth
-is `exact_search_chunked`. A float16 build equals the float32 build of `unit_rows(vectors)`.
+is `exact_search_chunked`. A float16 build equals the float32 build of `unit_rows(vectors)` (flat, ivf, ivfpq;
+an hnsw graph depends on how its adds are batched). Rows of a shared memmap are unmapped again once read.
 
 Shared coarse quantizer: `train_quantizer` trains the nlist centroids (IndexFlatIP) once, e.g. for all
 segments of a collection; `build_index(..., quantizer=q)` gives ivf / ivfpq a copy of it instead of training
@@ -67,6 +68,7 @@ FLAT_MARGIN = 16  # flat search fetches k + margin candidates before its exact r
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means wants >= 39 training points per centroid (it warns below)
 CHUNK_ROWS = 65536  # float16 input is validated, converted and added this many rows at a time (200 MB at d=768)
 GATHER_ROWS = 1024  # scattered float16 rows (training sample, re-ranking) are read this many at a time
+ONDISK_TUNE_BATCH = 50  # tuning searches an on-disk index this many queries at a time (see _tuning_search)
 ONDISK_SUFFIX = ".ivfdata"  # the on-disk lists of <folder>/<stem>.faiss are <folder>/<stem>.ivfdata
 _ONDISK_FOURCC = b"IwFl"  # a saved bare IndexIVFFlat: the on-disk layout (in-RAM indexes start with IxM2)
 _QUANTIZER_FOURCC = b"IxFI"  # a saved IndexFlatIP: a coarse quantizer
@@ -658,8 +660,7 @@ def _tune(
     else:
         value, cap = 1, min(faiss.extract_index_ivf(index).nlist, GPU_MAX_K)
     while True:
-        _, found = search(index, params_for(value, None), queries, k, vectors_for_ids=lookup)
-        _release_lists(index)  # on-disk lists: the tuning searches visit nearly every list
+        _, found = _tuning_search(index, params_for(value, None), queries, k, lookup)
         recall = recall_at_k(found, true_ids, k)
         logger.debug(
             "tuning %s: %s=%d recall@%d=%.4f",
@@ -679,6 +680,18 @@ def _tune(
             stacklevel=3,
         )
     return params_for(value, round(float(recall), 6))
+
+
+def _tuning_search(index, params: SearchParams, queries: np.ndarray, k: int, lookup: VectorLookup):
+    """search(); an on-disk index is searched ONDISK_TUNE_BATCH queries at a time, its mapped lists released
+    after each batch: 500 queries visit most lists, which would map most of the file into this process."""
+    if not is_ondisk(index):
+        return search(index, params, queries, k, vectors_for_ids=lookup)
+    parts = []
+    for a in range(0, len(queries), ONDISK_TUNE_BATCH):
+        parts.append(search(index, params, queries[a : a + ONDISK_TUNE_BATCH], k, vectors_for_ids=lookup))
+        _release_lists(index)
+    return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -818,7 +831,7 @@ def _exact_scores(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray) ->
     return out
 
 
-def _rerank(queries: np.ndarray, cand: np.ndarray, lookup: VectorLookup, k: int) -> tuple[np.ndarray, np.ndarray]:
+def rerank_exact(queries: np.ndarray, cand: np.ndarray, lookup: VectorLookup, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (nq, m) ids (-1: none) -> the best k by exact score, ties by id: (scores, ids) (nq, k)."""
     nq, m = cand.shape
     d = queries.shape[1]
@@ -861,7 +874,7 @@ def _exact_top_k(
     kk = min(n, max(2 * k, k + FLAT_MARGIN), max_fetch)
     while todo.size:
         approx, cand = fetch(queries[todo], kk)
-        s, i = _rerank(queries[todo], cand, lookup, k)
+        s, i = rerank_exact(queries[todo], cand, lookup, k)
         settled = (kk >= n) | (cand[:, -1] < 0) | (approx[:, -1] + err[todo] < s[:, -1])
         if kk >= max_fetch and not settled.all():  # only on GPU (k capped at 2048) with > 2048 near-ties
             warnings.warn(
@@ -942,7 +955,7 @@ def search(
         scores, ids = _exact_top_k(queries, k_eff, n, fetch, lookup, max_fetch)
     else:
         _, cand = fetch(queries, min(max_fetch, k_eff * params.rerank_factor))
-        scores, ids = _rerank(queries, cand, lookup, k_eff)
+        scores, ids = rerank_exact(queries, cand, lookup, k_eff)
     return _padded(scores, ids, k)
 
 

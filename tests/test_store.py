@@ -146,6 +146,23 @@ def test_commit_refuses_unknown_deletes_other_models_and_dims(tmp_path):
     assert read_manifest(idx)["count"] == 10  # nothing half-done
 
 
+def test_deletes_are_checked_against_live_ids_in_full_and_holed_segments(three_segments):
+    """Deleting looks only at the segments whose id range holds the ids (a fresh segment by arithmetic, a compacted
+    one with holes by its ids); an id never added, compacted away or already tombstoned is refused."""
+    compact(three_segments, full=True)  # one segment, ids 0-129 with 12 holes: not a whole range
+    add(three_segments, rows(range(130, 140), seed=5))  # a fresh segment: ids 130-139, the whole range
+    for gone in ([1], [129], [150], [-3]):  # compacted away (deleted before), compacted away, never added, never
+        with pytest.raises(KeyError, match=f"cannot delete ids \\[{gone[0]}\\]"):
+            add(three_segments, rows(range(140, 141), seed=6), delete=[3, *gone])
+    m = add(three_segments, rows(range(140, 141), seed=6), delete=[3, 4, 135])
+    assert [s["dead"] for s in m["segments"]] == [2, 1, 0]  # per segment: 3 and 4 in the first, 135 in the second
+    with pytest.raises(KeyError, match="cannot delete ids \\[135\\]"):  # tombstoned already
+        add(three_segments, rows(range(141, 142), seed=7), delete=[135])
+    with IndexStore(three_segments) as store:
+        assert store.count == 118 + 10 + 1 - 3 and not store.has_ids([3, 4, 135]).any()
+        assert np.array_equal(store.search(queries(), 10)[1], brute_force(store, queries(), 10)[1])
+
+
 # ---------------------------------------------------------------- compaction
 def test_policy_merges_the_lowest_full_tier_and_segments_full_of_deleted_rows():
     p = CompactionPolicy(merge_factor=3, min_rows=10)

@@ -696,6 +696,9 @@ def test_gpu_search_equals_cpu(tmp_path, data, built):
         np.testing.assert_allclose(gpu[0], scores_of(vectors, ids, queries, gpu[1]), atol=1e-6)  # re-ranked exactly
         assert_ranked(*gpu)
         save_index(moved, tmp_path / f"{index_type}.faiss")  # GPU indexes are saved through a CPU copy
-        assert load_index(tmp_path / f"{index_type}.faiss").ntotal == N
+        loaded = load_index(tmp_path / f"{index_type}.faiss")  # codes mapped from the file (IO_FLAG_MMAP_IFC)
+        assert loaded.ntotal == N
+        reloaded = search(to_gpu_if_available(loaded), params, queries, K, vectors_for_ids=lookup)
+        np.testing.assert_array_equal(reloaded[1], gpu[1])
     with pytest.raises(ValueError, match="GPU's limit"):
         search(to_gpu_if_available(built["flat"][0]), built["flat"][1], queries[:2], GPU_MAX_K + 1)
