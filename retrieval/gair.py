@@ -11,7 +11,8 @@ Algorithm 1, for one query [t, *, c] with attribute words A and weights W (defau
 f is the CLIP image encoder (the index's model, which the tokens were made for); cosines are taken against the
 normalised means. Every I(w) of a query uses the same noise (seed), so the images differ by w only; context image
 j uses seed + 1 + j. All rows of a batch of queries are generated in few batched sampler calls (`batch_size` rows
-each), never one call per weight; context images are cached per (query, attributes, models, seed, sampler) on disk.
+each), never one call per weight; context images are cached on disk per (query, each slot's number of token
+vectors, attributes, models, seed, sampler): `context_key`.
 Each outcome keeps g_* and g_A, so that q(w) for another w (`GairOutcome.query_at`) needs no encoding again.
 
 Against the paper (Perera et al. Sec. 4.4, Algorithm 1; the README's "Fidelity to the papers" has the table):
@@ -141,9 +142,15 @@ def gair_scores(
 
 
 def context_key(backbone, plan: ComposedQuery, attributes: Sequence[str], config: GairConfig) -> dict:
+    """What x_c is made from, as the cache key of a query's context images. The context conditioning is the
+    attribute sentences aligned to the composed sequence (`conditioning_pair`), so besides the sentence it depends
+    on each slot's number of vectors n (the attribute's state is repeated over n positions, the tail shifted by
+    m - n), not on the token's values. Entries written under an older key (without "slot_vectors") do not match
+    and are made again."""
     steps, guidance = config.steps_and_guidance(backbone)
     return {
         "query": plan.with_word("{attribute}"),
+        "slot_vectors": [int(plan.tokens[p].vectors.shape[0]) for p in plan.parts if isinstance(p, int)],
         "attributes": list(attributes),
         "diffusion": backbone.spec,
         "clip": backbone.clip.spec,

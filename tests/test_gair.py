@@ -23,7 +23,8 @@ from retrieval.composed import (
     slot_spans,
 )
 from retrieval.engine import Engine
-from retrieval.gair import GairConfig, gair_scores, parse_weights, run_gair
+from retrieval.gair import GairConfig, context_key, gair_scores, parse_weights, run_gair
+from retrieval.io.cache import write_cached
 from retrieval.search import search_vectors
 from tests.tiny import make_token, write_gallery
 from tokens.store import TokenStore
@@ -192,6 +193,40 @@ def test_context_images_are_cached(tiny, tmp_path, monkeypatch):
         np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first.context_images, again.context_images)
     ] == [True, True]
     np.testing.assert_allclose(first.scores, again.scores, atol=1e-6)
+
+
+def test_context_cache_key_holds_each_slots_number_of_vectors(tiny, tmp_path, monkeypatch):
+    """x_c repeats the attribute's state over the token's n positions, so tokens that differ only in n_vectors
+    have different context images: they must not share a cache entry. Entries under the old key (no
+    slot_vectors) are not read."""
+    config = GairConfig(weights=(0.0, 1.0), steps=2, n_context=1)
+    text = "a * on a beach"
+    p3 = plan_query(text, [make_token(tiny.clip, n=3)])
+    p1 = plan_query(text, [make_token(tiny.clip, n=1)])
+    k3, k1 = (context_key(tiny, p, ["red"], config) for p in (p3, p1))
+    assert k3["query"] == k1["query"] and k3["slot_vectors"] == [3] and k1["slot_vectors"] == [1]
+    # the token's values do not enter x_c: another 3-vector token of the same parent shares the entry
+    assert context_key(tiny, plan_query(text, [make_token(tiny.clip, n=3, seed=5)]), ["red"], config) == k3
+    # per slot, in order: <a> x <b> x <a> and <a> x <b> x <b> render the same context sentence
+    a, b = make_token(tiny.clip, "a", n=1), make_token(tiny.clip, "b", n=2, seed=1)
+    aba, abb = plan_query("<a> and <b> and <a>", [a, b]), plan_query("<a> and <b> and <b>", [a, b])
+    assert aba.with_word("{attribute}") == abb.with_word("{attribute}")
+    assert context_key(tiny, aba, ["red"], config)["slot_vectors"] == [1, 2, 1]
+    assert context_key(tiny, abb, ["red"], config)["slot_vectors"] == [1, 2, 2]
+
+    ones = np.ones((1, tiny.clip.dim))
+    fresh1 = run_gair([p1], tiny, ones, ["red"], config)[0].context_images  # no cache
+    # an entry written under the old key, without slot_vectors, holding other images: not read
+    old_key = {k: v for k, v in k1.items() if k != "slot_vectors"}
+    write_cached(tmp_path, "context", old_key, [Image.new("RGB", fresh1[0].size, (255, 0, 255))])
+    cached3 = run_gair([p3], tiny, ones, ["red"], config, cache_dir=tmp_path)[0].context_images
+    assert np.asarray(cached3[0]).tolist() != np.asarray(fresh1[0]).tolist()  # n changes x_c
+    rows = []
+    real = tiny.sample
+    monkeypatch.setattr(tiny, "sample", lambda cond, *a, **k: rows.append(cond.shape[0]) or real(cond, *a, **k))
+    cached1 = run_gair([p1], tiny, ones, ["red"], config, cache_dir=tmp_path)[0].context_images
+    assert rows == [1, 2]  # the context image was made for n = 1, then the two I(w)
+    assert np.asarray(cached1[0]).tolist() == np.asarray(fresh1[0]).tolist()
 
 
 def test_outcome_keeps_g_star_and_g_a_and_tells_images_as_they_arrive(tiny, tmp_path):

@@ -19,9 +19,11 @@ from retrieval.io.images import read_image_folder
 from retrieval.models.diffusion import load_diffusion
 from retrieval.models.pairing import paired_diffusion
 from tokens.attributes import ATTRIBUTES
+from tokens.initialization import auto_caption
 from tokens.methods import (
     METHODS,
     balanced_bce,
+    fill_prompt,
     nearest_vocabulary_basis,
     pca_basis,
     project_to_subspace,
@@ -197,7 +199,20 @@ def test_caption_initialisation_one_vector_per_caption_token(tiny):
 
 def test_auto_caption_and_multi_token_parent(tiny):
     cfg, concept = prepared(tiny, "ti", init_caption="auto")
-    assert concept.init.kind == "auto" and concept.init.text.endswith(" dress") and len(concept.init.text.split()) >= 4
+    # the 3 best attributes (one vector per BPE token: 'two-tone' is three), and not the parent
+    assert concept.init.kind == "auto" and concept.n_vectors == len(concept.init.words) >= 3
+    assert "dress" not in concept.init.words and "dress" not in concept.init.text
+    # the templates put the parent after the token: with the caption in its place, the parent is named once
+    for template in (cfg.class_template, *cfg.sd_templates):
+        assert fill_prompt(template, concept.init.text, "dress").split().count("dress") == 1, template
+    # an attribute sharing a word with the parent is never part of the caption
+    feats = tiny.clip.encode_pil(RED)
+    picked = auto_caption(
+        tiny.clip, torch.from_numpy(feats), "vest dress", ["vest", "dress", "red"], 3, cfg.class_template
+    )
+    assert picked == "red"
+    with pytest.raises(ValueError, match="shares a word with the parent"):
+        auto_caption(tiny.clip, torch.from_numpy(feats), "vest dress", ["vest", "Dress"], 3, cfg.class_template)
     cfg = config("ti")
     concept = prepare_concept("vd", "vest  dress", RED, tiny.clip, tiny, cfg, seed=0)
     table = tiny.clip.token_embedding.weight.detach()

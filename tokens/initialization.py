@@ -10,11 +10,12 @@
   "Supreme Initialization": "the number of placeholder tokens n ... is the number of tokens in the ...
   captioning model outputs"); the caption fixes n_vectors. The user writes the caption: no captioning model runs.
 - auto: a caption built offline from the concept's images: the attribute vocabulary (tokens.attributes) ranked
-  by CLIP against the images (tokens.methods.attribute_scores), the best `auto_caption_words` attributes
-  followed by the parent word, e.g. "red striped checked dress"; then as a caption. Deviation: Qiu et al. caption
-  the image with a captioning model (Caption Anything on a clicked region, or a ViT classifier's label); this is
-  a CLIP ranking of our attribute words, a stand-in for one. The prompt templates add the parent after the token
-  as well ("a photo of a <t> dress" with <t> = "red striped checked dress").
+  by CLIP against the images (tokens.methods.attribute_scores), the best `auto_caption_words` attributes, e.g.
+  "red striped checked"; then as a caption. The parent is not in it: every prompt template and the planner's
+  [t, *, c] put the parent after the token, so "a photo of a <t> dress" reads "a photo of a red striped checked
+  dress", the parent once (attributes sharing a word with the parent are skipped for the same reason). Deviation:
+  Qiu et al. caption the image with a captioning model (Caption Anything on a clicked region, or a ViT
+  classifier's label); this is a CLIP ranking of our attribute words, a stand-in for one.
 Qiu et al. train with l_LDM alone on one image for 100 steps; here a caption initialises any method (ours then
 projects it, P(e - mu) + mu, at the first step) and `min_images` (3) applies.
 """
@@ -52,10 +53,16 @@ def _decode(clip, ids: Sequence[int]) -> tuple[str, ...]:
 def auto_caption(
     clip, image_features: torch.Tensor, parent: str, attributes: Sequence[str], n_words: int, template: str
 ) -> str:
-    """The N_WORDS attributes that best describe the images in CLIP space, then the parent: 'red striped dress'."""
-    scores = attribute_scores(clip, image_features, parent, attributes, template)  # (A,)
-    best = [attributes[i] for i in scores.argsort(descending=True)[:n_words].tolist()]
-    return " ".join(best + [parent])
+    """The N_WORDS attributes that best describe the images in CLIP space: 'red striped checked'. Not the parent,
+    which the templates put after the token; an attribute sharing a word with the parent is skipped."""
+    parent_words = set(parent.lower().split())
+    candidates = [a for a in attributes if not set(a.lower().split()) & parent_words]
+    if not candidates:
+        raise ValueError(
+            f"`init_caption=auto`: every attribute shares a word with the parent {parent!r}: give other attributes"
+        )
+    scores = attribute_scores(clip, image_features, parent, candidates, template)  # (A,)
+    return " ".join(candidates[i] for i in scores.argsort(descending=True)[:n_words].tolist())
 
 
 def initialize(

@@ -146,7 +146,7 @@ class TokenTrainConfig:
     negative_guidance: float = 7.5  # classifier-free guidance scale of that sampling (SD's default)
     # ----- input checks and the auto caption
     min_images: int = 3  # fewest usable concept images (Perera et al. Sec. 4: "n is generally 3-5")
-    auto_caption_words: int = 3  # attribute words in an `auto` caption, before the parent word
+    auto_caption_words: int = 3  # attribute words in an `auto` caption (the templates add the parent after it)
 
     def __post_init__(self):
         if self.method not in METHODS:
