@@ -5,6 +5,7 @@
     python -m benchmarks.index_scale hard --sizes 200000 1000000
     python -m benchmarks.index_scale ondisk --sizes 1000000
     python -m benchmarks.index_scale autofaiss                    # 1M x 768; --quick: 100k
+    python -m benchmarks.index_scale ingest                       # a first index's merge + commit of 1M rows
     python -m benchmarks.index_scale SUBCOMMAND --help             # what each measures, its options
 
 Each measurement runs in a fresh subprocess (`_worker`), so that its peak RSS
@@ -506,9 +507,18 @@ def w_store_search(
     return out
 
 
-def w_hard(n: int, dist: str, seed: int, queries: int, config: dict) -> dict:
+def text_tuning_queries(m: int, dist: Distribution, seed: int) -> np.ndarray:
+    """M text-like queries for `build_index(tuning_queries=...)`, drawn apart from the evaluated ones (stream 4):
+    what the indexer gives the store in their place, the CLIP text embeddings of generic prompts, which share the
+    model's modality gap as these share `gap_vector`."""
+    text = unit_rows(mixture_unit_vectors(m, dist, seed, stream=4)) + gap_vector(seed)
+    return text / np.linalg.norm(text, axis=1, keepdims=True)
+
+
+def w_hard(n: int, dist: str, seed: int, queries: int, config: dict, tuning_text: int = 0) -> dict:
     """The project's IVF on N vectors of DIST: recall@10 and queries/s of each query kind at the tuned nprobe,
-    and the smallest nprobe (doubling, as tuning does) at which each kind reaches the recall target."""
+    and the smallest nprobe (doubling, as tuning does) at which each kind reaches the recall target. TUNING_TEXT:
+    that many text-like queries (`text_tuning_queries`) are given to the tuning as well (0: none)."""
     vectors16 = mixture_unit_vectors(n, DISTRIBUTIONS[dist], seed)
     sets = query_sets(vectors16, DISTRIBUTIONS[dist], queries, seed)
     vectors = unit_rows(vectors16)  # (n, d) float32
@@ -521,7 +531,8 @@ def w_hard(n: int, dist: str, seed: int, queries: int, config: dict) -> dict:
 
     cfg = IndexConfig(**{**config, "index_type": IndexType.IVF})
     t0 = time.perf_counter()
-    index, params = build_index(vectors, ids, cfg)
+    tuning = text_tuning_queries(tuning_text, DISTRIBUTIONS[dist], seed) if tuning_text else None
+    index, params = build_index(vectors, ids, cfg, tuning_queries=tuning)
     build_s = time.perf_counter() - t0
     nlist = faiss.extract_index_ivf(index).nlist
 
@@ -626,6 +637,63 @@ def w_autofaiss_build(work: str, max_index_memory: str, memory_available: str) -
     return out
 
 
+def w_shards(work: str, n: int, shard_rows: int, dist: str, seed: int) -> dict:
+    """WORK/shards/shard-NNNNNN: N rows of DIST as finished shards of SHARD_ROWS rows (indexes.shards.write_shard),
+    what an interrupted or finished embedding run leaves in an index's work/ folder."""
+    import pandas as pd
+
+    from indexes.shards import ShardInput, ShardOutput, write_shard
+
+    t0 = time.perf_counter()
+    folder = Path(work) / "shards"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = pd.DataFrame({"path": ["x.jpg"], "bytes": [1], "mtime_ns": [1]})
+    done = 0
+    for a, rows in _chunks(n, DISTRIBUTIONS[dist], seed, stream=3):
+        for b in range(0, len(rows), shard_rows):
+            part = rows[b : b + shard_rows]
+            meta = synthetic_metadata(a + b, len(part)).drop(columns="id")
+            out = ShardOutput(embeddings=part, metadata=meta, skipped=empty_skipped())
+            write_shard(folder, done, ShardInput(files=files, model="synthetic", gallery_root="/synthetic"), out)
+            done += 1
+    return {"seconds": time.perf_counter() - t0, "shards": done}
+
+
+def w_ingest(work: str, index_dir: str, scratch: bool, config: dict) -> dict:
+    """The indexer's last steps on the shards in WORK/shards, as `index_gallery` runs them for a first index:
+    read the finished shards (memory-mapped), `retrieval.indexer.merge` them (into a scratch file when SCRATCH,
+    else in RAM as before), `commit` one segment. Peak RSS against the bytes of the vectors."""
+    import pandas as pd
+
+    from indexes.shards import finished_shards
+    from indexes.store import IndexWriter
+    from retrieval.indexer import FILE_KEY, GalleryScan, IndexingConfig, commit, diff, merge
+
+    preload_models()
+    rss_before = rss_now_mb()
+    t0 = time.perf_counter()
+    outputs = [out for _, out in finished_shards(Path(work) / "shards", "synthetic", "/synthetic")]
+    n = sum(len(o.metadata) for o in outputs)
+    paths = pd.concat([o.metadata[["path", "bytes", "mtime_ns"]] for o in outputs], ignore_index=True)
+    changes = diff(GalleryScan(root="/synthetic", files=paths[list(FILE_KEY)]), None)
+    index_dir = Path(index_dir)
+    config_ = IndexingConfig(model="synthetic", index=IndexConfig(**config))
+    with IndexWriter(index_dir) as writer:
+        writer.open()
+        target = Path(work) / "merged-embeddings.npy" if scratch else None
+        change = merge(None, changes, outputs, D, scratch=target)
+        merge_s = time.perf_counter() - t0
+        manifest = commit(writer, change, config_, "/synthetic")
+    return {
+        "seconds": time.perf_counter() - t0,
+        "merge_s": merge_s,
+        "rows": n,
+        "rss_before_mb": rss_before,
+        "count": manifest["count"],
+        "segments": f"{len(manifest['segments'])} segment ({manifest['segments'][0]['index']['params']['index_type']})",
+    }
+
+
 WORKERS = {
     "data": w_data,
     "store_commit": w_store_commit,
@@ -636,6 +704,8 @@ WORKERS = {
     "hard": w_hard,
     "project_build": w_project_build,
     "autofaiss_build": w_autofaiss_build,
+    "shards": w_shards,
+    "ingest": w_ingest,
 }
 
 
@@ -806,14 +876,24 @@ def cmd_hard(args, work: Path) -> str:
     """recall@10 and queries/s of the project's IVF (build_index with index_type ivf; search with exact
     re-ranking) for tuning-like, image-like and text-like queries (module docstring), on the easy
     distribution and on the hard one; the nprobe each query kind needs to reach the recall target that
-    tuning (on tuning-like queries) reached. A finding to report: the library is not changed here."""
+    tuning (on tuning-like queries) reached. Each is built twice: tuned on perturbed database rows alone, and
+    also on --tuning-text text-like queries drawn apart from the evaluated ones (what the indexer does with the
+    CLIP's text embeddings of generic prompts: retrieval.indexer.tuning_queries)."""
     rows, notes = [], []
     for n in args.sizes:
-        for dist in args.distributions:
-            print(f"# hard, {dist}, n = {n:,}", file=sys.stderr, flush=True)
-            r = run_worker("hard", n=n, dist=dist, seed=args.seed, queries=args.queries, config=index_config(args))
+        for dist, tuning_text in [(d, t) for d in args.distributions for t in (0, args.tuning_text)]:
+            print(f"# hard, {dist}, n = {n:,}, text tuning queries {tuning_text}", file=sys.stderr, flush=True)
+            r = run_worker(
+                "hard",
+                n=n,
+                dist=dist,
+                seed=args.seed,
+                queries=args.queries,
+                config=index_config(args),
+                tuning_text=tuning_text,
+            )
             notes.append(
-                f"- {dist}, n = {n:,}: "
+                f"- {dist}, n = {n:,}, tuned with {tuning_text} text queries: "
                 + "; ".join(f"{k} {v}" for k, v in r["describe"].items())
                 + f"; build {r['build_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
             )
@@ -823,6 +903,7 @@ def cmd_hard(args, work: Path) -> str:
                     [
                         dist,
                         f"{n:,}",
+                        "rows + text" if tuning_text else "rows",
                         r["nlist"],
                         f"{r['tuned_nprobe']} ({r['tuned_recall']:.3f})",
                         kind,
@@ -838,6 +919,7 @@ def cmd_hard(args, work: Path) -> str:
     head = [
         "distribution",
         "n",
+        "tuned on",
         "nlist",
         "tuned nprobe (tuning recall)",
         "queries",
@@ -982,12 +1064,49 @@ def cmd_autofaiss(args, work: Path) -> str:
     return table(head, rows) + "\n\n" + "\n".join(notes)
 
 
+def cmd_ingest(args, work: Path) -> str:
+    """Peak RSS of a first index's merge and commit of N embedded rows (finished shards of --shard-rows rows in
+    work/): `merge` into a memory-mapped scratch file (now) vs `merge` in RAM (np.concatenate, as before), each
+    followed by the same commit of one segment (--index-type; flat isolates merge and commit from an IVF build).
+    Peak RSS counts the file pages mapped and touched (shards, scratch, segment) as well as anonymous memory;
+    "peak - before" / the rows' float32 bytes is the ratio the <= 1.5x target is about."""
+    rows = []
+    for n in args.sizes:
+        w = work / f"ingest-{n}"
+        print(f"# ingest, n = {n:,}", file=sys.stderr, flush=True)
+        run_worker("shards", work=str(w), n=n, shard_rows=args.shard_rows, dist=args.distribution, seed=args.seed)
+        f32 = n * D * 4
+        for scratch in (True, False):
+            cfg = index_config(args, index_type=args.index_type)
+            r = run_worker("ingest", work=str(w), index_dir=str(w / f"idx-{scratch}"), scratch=scratch, config=cfg)
+            grown = r["peak_rss_mb"] - r["rss_before_mb"]
+            rows.append(
+                [
+                    f"{n:,}",
+                    "scratch file (now)" if scratch else "in RAM (before)",
+                    f"{r['seconds']:.1f} (merge {r['merge_s']:.1f})",
+                    f"{r['peak_rss_mb']:.0f}",
+                    f"{r['rss_before_mb']:.0f}",
+                    f"{grown * MB / f32:.2f}x",
+                    f"{r['rss_anon_mb']:.0f}",
+                    r["segments"],
+                    f"{r['load']:.1f}",
+                ]
+            )
+            shutil.rmtree(w / f"idx-{scratch}", ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(w, ignore_errors=True)
+    head = ["n", "merge", "merge + commit s", "peak RSS MB", "RSS before MB", "(peak - before) / float32 bytes"]
+    return table(head + ["anon RSS at end MB", "index", "load"], rows)
+
+
 COMMANDS = {  # name: (function, default sizes, --quick sizes, one-line help)
     "commit": (cmd_commit, [10_000, 100_000, 1_000_000], [10_000, 50_000], "cost of a +100-image commit, new vs today"),
     "segments": (cmd_segments, [100_000], [10_000], "search over 50 segments vs one compacted segment"),
     "hard": (cmd_hard, [200_000, 1_000_000], [50_000], "IVF recall on hard distributions and text-like queries"),
     "ondisk": (cmd_ondisk, [1_000_000], [100_000], "a store searched from an on-disk IVF: speed, recall, RSS"),
     "autofaiss": (cmd_autofaiss, [1_000_000], [100_000], "the project's auto index beside autofaiss's choice"),
+    "ingest": (cmd_ingest, [1_000_000], [100_000], "peak RSS of a first index's merge + commit, scratch vs RAM"),
 }
 
 
@@ -1021,10 +1140,15 @@ def parser() -> argparse.ArgumentParser:
             "--work-dir", type=Path, default=None, help="where data and indexes go (default: a new temporary folder)"
         )
         s.add_argument("--keep", action="store_true", help="keep the work folder (default: deleted at the end)")
-        if name in ("commit", "segments", "ondisk"):
+        if name == "ingest":
+            s.add_argument("--shard-rows", type=int, default=10_000, help="rows per finished shard")
+            s.add_argument("--index-type", default="flat", help="IndexConfig.index_type of the committed segment")
+        if name in ("commit", "segments", "ondisk", "ingest"):
             s.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), default="hard", help="data distribution")
         if name in ("hard", "autofaiss"):
             s.add_argument("--distributions", nargs="+", choices=sorted(DISTRIBUTIONS), default=["easy", "hard"])
+        if name == "hard":
+            s.add_argument("--tuning-text", type=int, default=200, help="text-like tuning queries of the 2nd build")
         if name in ("segments", "hard", "ondisk", "autofaiss"):
             s.add_argument("--queries", type=int, default=1000, help="queries of each kind")
         if name == "segments":

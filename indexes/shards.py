@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,12 @@ def write_shard(work_dir: Path, number: int, shard: ShardInput, out: ShardOutput
     return target
 
 
+def mapped(folder: Path, out: ShardOutput) -> ShardOutput:
+    """OUT with its embeddings memory-mapped from the shard written at FOLDER (`write_shard`), so that a run holds
+    no finished shard's embeddings in RAM: the page cache does, and gives them back under memory pressure."""
+    return replace(out, embeddings=np.load(folder / "embeddings.npy", mmap_mode="r", allow_pickle=False))
+
+
 def read_shard(folder: Path) -> tuple[ShardInput, ShardOutput]:
     info = json.loads((folder / "input.json").read_text())
     if info.get("format_version") != SHARD_FORMAT_VERSION:
@@ -76,7 +82,7 @@ def read_shard(folder: Path) -> tuple[ShardInput, ShardOutput]:
         gallery_root=info["gallery_root"],
     )
     out = ShardOutput(
-        embeddings=np.load(folder / "embeddings.npy", allow_pickle=False),
+        embeddings=np.load(folder / "embeddings.npy", mmap_mode="r", allow_pickle=False),  # read as merged
         metadata=pd.read_parquet(folder / "metadata.parquet"),
         skipped=pd.read_parquet(folder / "skipped.parquet"),
     )

@@ -12,6 +12,8 @@ Layout (index format 2):
     <index_dir>/tombstones/tomb-000009.npy   sorted int64 ids of deleted rows still held by some segment
     <index_dir>/skipped/skipped-000009.parquet  path, bytes, mtime_ns, reason: the gallery's unusable files
     <index_dir>/quantizers/q-000004.faiss    the coarse quantizer every new approximate segment shares
+    <index_dir>/tuning/queries-3f2a.npy    (m, dim) float32 queries of the kind users send (CLIP text embeddings):
+                                          approximate segments are tuned to reach the recall target on them too
     <index_dir>/writer.lock, writer.json  the writer lock and its holder (indexes.locking)
     <index_dir>/readers/*.json            readers' pins: the files of the version each one opened
     <index_dir>/work/shard-*/             finished shards of an interrupted or running indexing pass
@@ -72,6 +74,7 @@ from indexes.vector_index import (
 from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_atomic, write_json
 
 INDEX_FORMAT_VERSION = 2
+SUBFOLDERS = ("segments", "tombstones", "skipped", "quantizers", "tuning")  # a writer cleans and collects in them
 READABLE_FORMATS = (1, 2)
 METRIC = "inner_product"
 NORMALIZATION = "l2"
@@ -456,6 +459,8 @@ def _files_of(manifest: dict) -> list[str]:
         names.append(manifest["tombstones"]["file"])
     if manifest.get("quantizer"):
         names.append(f"quantizers/{manifest['quantizer']['name']}.faiss")
+    if manifest.get("tuning_queries"):
+        names.append(manifest["tuning_queries"]["file"])
     return names
 
 
@@ -502,7 +507,7 @@ class IndexWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         remove_stale_temporaries(self.dir)
-        for sub in ("segments", "tombstones", "skipped", "quantizers"):
+        for sub in SUBFOLDERS:
             if (self.dir / sub).is_dir():
                 remove_stale_temporaries(self.dir / sub)
         self.collect_garbage()
@@ -540,14 +545,20 @@ class IndexWriter:
         index_config: IndexConfig,
         indexing_config: dict | None = None,
         auto_compact: bool = True,
+        tuning_queries: np.ndarray | None = None,
     ) -> dict:
         """Add ADD's rows as one new segment, tombstone DELETE_IDS (live ids), record SKIPPED (None: keep the
         committed list), then make it the committed version. Then merge a full tier (`auto_compact`) and delete
-        files no version in use needs. Returns the manifest."""
+        files no version in use needs. Returns the manifest. TUNING_QUERIES (m, dim): queries of the kind users
+        send (the indexer gives CLIP text embeddings), kept in the folder and used to tune every approximate
+        segment built from now on, compactions included (`indexes.vector_index.build_index`); None keeps the
+        committed ones."""
         self._check_held()
         # 1. the committed version (a format 1 folder is migrated first) and checks
         old = self._migrated_manifest()
         dim = add.embeddings.shape[1] if add is not None else (old["dim"] if old else None)
+        if tuning_queries is not None and (np.ndim(tuning_queries) != 2 or np.shape(tuning_queries)[1] != dim):
+            raise ValueError(f"`tuning_queries` of shape {np.shape(tuning_queries)} for rows of dim {dim}")
         if old is not None:
             if old["model"] != model:
                 raise IndexStoreError(
@@ -561,7 +572,9 @@ class IndexWriter:
         version = manifest_version(old) + 1 if old else 1
         segments = [dict(s) for s in old["segments"]] if old else []
 
-        # 2. the new rows: one new segment
+        # 2. the new rows: one new segment (tuned on the new tuning queries, when given)
+        if tuning_queries is not None:
+            self._new_tuning = self._write_tuning(tuning_queries)
         if add is not None and len(add.metadata):
             segments.append(self._write_segment(f"seg-{version:06d}", add, index_config, old))
 
@@ -630,15 +643,18 @@ class IndexWriter:
         on (it is recorded in the manifest written next). Returns (search params, quantizer name or None)."""
         kind = choose_index_type(len(ids), embeddings.shape[1], config)
         ondisk = folder / "index.ivfdata"
+        tuning = self._tuning_queries(old) if kind != IndexType.FLAT else None
         if kind not in (IndexType.IVF, IndexType.IVFPQ):
-            index, params = build_index(embeddings, ids, config, ondisk_path=ondisk)
+            index, params = build_index(embeddings, ids, config, ondisk_path=ondisk, tuning_queries=tuning)
             save_index(index, folder / "index.faiss")
             return params, None
         shared = (old or {}).get("quantizer") or getattr(self, "_new_quantizer", None)
         if shared:
             quantizer_name = shared["name"]
             quantizer = load_quantizer(self.dir / "quantizers" / f"{quantizer_name}.faiss")
-            index, params = build_index(embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk)
+            index, params = build_index(
+                embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk, tuning_queries=tuning
+            )
             if (params.measured_recall or 0) >= config.recall_target:
                 save_index(index, folder / "index.faiss")
                 return params, quantizer_name
@@ -650,7 +666,9 @@ class IndexWriter:
         (self.dir / "quantizers").mkdir(exist_ok=True)
         save_quantizer(quantizer, self.dir / "quantizers" / f"{quantizer_name}.faiss")
         self._new_quantizer = {"name": quantizer_name, "nlist": int(quantizer.ntotal), "trained_rows": len(ids)}
-        index, params = build_index(embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk)
+        index, params = build_index(
+            embeddings, ids, config, quantizer=quantizer, ondisk_path=ondisk, tuning_queries=tuning
+        )
         save_index(index, folder / "index.faiss")
         return params, quantizer_name
 
@@ -699,6 +717,20 @@ class IndexWriter:
             where[todo[np.isin(ids[todo], store.segments[n].ids)]] = n
         return where
 
+    def _write_tuning(self, queries: np.ndarray) -> dict:
+        """Save the tuning queries (float32, unit rows) under tuning/; their manifest entry."""
+        q = np.asarray(queries, np.float32)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        name = f"tuning/queries-{uuid.uuid4().hex[:12]}.npy"
+        (self.dir / "tuning").mkdir(exist_ok=True)
+        write_atomic(self.dir / name, lambda tmp: _save_npy(tmp, q))
+        return {"file": name, "count": int(len(q))}
+
+    def _tuning_queries(self, old: dict | None) -> np.ndarray | None:
+        """The tuning queries a build uses: those of this commit, else the committed ones, else None."""
+        entry = getattr(self, "_new_tuning", None) or (old or {}).get("tuning_queries")
+        return np.load(self.dir / entry["file"], allow_pickle=False) if entry else None
+
     def _write_skipped(self, version: int, skipped: pd.DataFrame) -> str:
         name = f"skipped/skipped-{uuid.uuid4().hex[:12]}.parquet"
         (self.dir / "skipped").mkdir(exist_ok=True)
@@ -712,6 +744,8 @@ class IndexWriter:
         segments = fields["segments"]
         quantizer = getattr(self, "_new_quantizer", None) or (old or {}).get("quantizer")
         self._new_quantizer = None
+        tuning = getattr(self, "_new_tuning", None) or (old or {}).get("tuning_queries")
+        self._new_tuning = None
         skipped_count = getattr(self, "_skipped_counts", {}).get(fields["skipped_file"])
         if skipped_count is None:  # the committed list, kept as it was
             skipped_count = old["skipped"]
@@ -733,6 +767,7 @@ class IndexWriter:
             "tombstones": fields["tombstones"],
             "skipped_file": fields["skipped_file"],
             "quantizer": quantizer,
+            **({"tuning_queries": tuning} if tuning else {}),
             "index": {"config": index_config_dict(fields["index_config"])},
             "indexing_config": fields["indexing_config"],
             "library_versions": library_versions(),
@@ -741,13 +776,20 @@ class IndexWriter:
 
     # ----- compaction
     def compact(
-        self, index_config: IndexConfig | None = None, *, full: bool = False, names: Sequence[str] | None = None
+        self,
+        index_config: IndexConfig | None = None,
+        *,
+        full: bool = False,
+        names: Sequence[str] | None = None,
+        tuning_queries: np.ndarray | None = None,
     ) -> dict | None:
         """Merge segments until the policy is satisfied (FULL: everything into one segment, with INDEX_CONFIG if
         given, else the committed one; NAMES: exactly these). Each merge is its own crash-safe commit: the merged
         segment is written, then the manifest switches to it. Returns the last manifest, or None if nothing was
-        merged."""
+        merged. TUNING_QUERIES: new tuning queries for the merged segments and later builds (see `commit`)."""
         self._check_held()
+        if tuning_queries is not None:
+            self._new_tuning = self._write_tuning(tuning_queries)
         manifest = None
         while True:
             old = self._migrated_manifest()
@@ -934,7 +976,7 @@ class IndexWriter:
             }
         keep |= pinned_names(self.dir)
         found = [p.name for p in self.dir.glob("gen-*") if p.is_dir()]
-        for sub in ("segments", "tombstones", "skipped", "quantizers"):
+        for sub in SUBFOLDERS:
             if (self.dir / sub).is_dir():
                 found += [f"{sub}/{p.name}" for p in (self.dir / sub).iterdir() if not p.name.startswith(".")]
         deleted = []
@@ -984,8 +1026,10 @@ def commit_rows(
     indexing_config: dict | None = None,
     auto_compact: bool = True,
     wait: bool | float = False,
+    tuning_queries: np.ndarray | None = None,
 ) -> dict:
-    """Add rows (METADATA: META_COLUMNS; EMBEDDINGS: (n, dim) float16 unit rows) and delete ids, in one commit."""
+    """Add rows (METADATA: META_COLUMNS; EMBEDDINGS: (n, dim) float16 unit rows) and delete ids, in one commit
+    (TUNING_QUERIES: see `IndexWriter.commit`)."""
     with IndexWriter(index_dir, wait=wait, purpose="commit") as writer:
         return writer.commit(
             Rows(metadata, embeddings),
@@ -997,6 +1041,7 @@ def commit_rows(
             index_config=index_config,
             indexing_config=indexing_config,
             auto_compact=auto_compact,
+            tuning_queries=tuning_queries,
         )
 
 
@@ -1015,9 +1060,16 @@ def compact(
         return writer.compact(index_config, full=full)
 
 
-def rebuild_index(index_dir: str | Path, index_config: IndexConfig, *, wait: bool | float = False) -> dict:
+def rebuild_index(
+    index_dir: str | Path,
+    index_config: IndexConfig,
+    *,
+    wait: bool | float = False,
+    tuning_queries: np.ndarray | None = None,
+) -> dict:
     """Rebuild the FAISS index of INDEX_DIR with another type or tuning from the stored embeddings (no image is
-    re-embedded): everything is merged into one segment built with INDEX_CONFIG. Returns the manifest."""
+    re-embedded): everything is merged into one segment built with INDEX_CONFIG (and tuned on TUNING_QUERIES, when
+    given, else the stored ones). Returns the manifest."""
     if read_manifest(index_dir) is None:
         raise IndexStoreError(f"no index in {index_dir}: index a gallery into `index_dir={index_dir}` first")
     with IndexWriter(index_dir, wait=wait, purpose="reindex") as writer:
@@ -1030,8 +1082,9 @@ def rebuild_index(index_dir: str | Path, index_config: IndexConfig, *, wait: boo
                 next_id=old["next_id"],
                 index_config=index_config,
                 auto_compact=False,
+                tuning_queries=tuning_queries,
             )
-        return writer.compact(index_config, names=[s["name"] for s in old["segments"]])
+        return writer.compact(index_config, names=[s["name"] for s in old["segments"]], tuning_queries=tuning_queries)
 
 
 def migrate(index_dir: str | Path, *, wait: bool | float = False) -> dict:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from indexes.shards import ShardInput, ShardOutput, write_shard
+from indexes.shards import ShardInput, ShardOutput, mapped, write_shard
 from retrieval.indexer import IndexingConfig, ShardPlan, embed_shard
 from retrieval.models.encoders import ClipEncoder
 from tokens.learn import ConceptImages, learn_tokens
@@ -318,8 +318,7 @@ class RayEmbedder:
                 def finished(number: int, shard: ShardInput, out: ShardOutput) -> None:
                     # 4. the resume point, written here: the workers need no access to the index folder
                     nonlocal skipped
-                    write_shard(work_dir, number, shard, out)
-                    outputs[number] = out
+                    outputs[number] = mapped(write_shard(work_dir, number, shard, out), out)  # not kept in RAM
                     skipped += len(out.skipped)
                     bar.update(len(shard.files))
                     bar.set_postfix(skipped=skipped, refresh=False)

@@ -39,11 +39,12 @@ from indexes.shards import (
     ShardInput,
     ShardOutput,
     finished_shards,
+    mapped,
     next_shard_number,
     write_shard,
 )
 from indexes.store import META_DTYPES, SKIP_DTYPES, IndexStore, IndexStoreError, IndexWriter, Rows, index_config_dict
-from indexes.vector_index import IndexConfig
+from indexes.vector_index import IndexConfig, IndexType, choose_index_type
 from retrieval.gallery import GalleryDataset, GalleryFile, collate_gallery, resolve_gallery, scan_gallery, worker_init
 from retrieval.io.images import DEFAULT_MAX_PIXELS
 from retrieval.models.clip import DEFAULT_MODEL
@@ -328,24 +329,31 @@ def embed(
     with tqdm(total=total, unit="img", desc="embedding", disable=not progress, dynamic_ncols=True) as bar:
         for number, shard in plan.to_embed:
             out = embed_shard(shard, encoder, config, progress=bar)
-            write_shard(work_dir, number, shard, out)
-            outputs.append(out)
+            outputs.append(mapped(write_shard(work_dir, number, shard, out), out))  # not kept in RAM
             n_skipped += len(out.skipped)
             bar.set_postfix(skipped=n_skipped, refresh=False)
     return outputs
 
 
-def merge(committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[ShardOutput], dim: int) -> Change:
+def merge(
+    committed: IndexStore | None,
+    changes: GalleryDiff,
+    outputs: Sequence[ShardOutput],
+    dim: int,
+    scratch: Path | None = None,
+) -> Change:
     """The change to commit: the rows of OUTPUTS (reused and new shards, each file once) with fresh ids in path
     order; the committed rows of deleted or changed files to delete (tombstones); the gallery's unusable files.
-    Committed rows of unchanged files are not touched: they keep their id, their embedding and their segment."""
+    Committed rows of unchanged files are not touched: they keep their id, their embedding and their segment.
+    SCRATCH: a file for the added embeddings, written chunk by chunk and memory-mapped (a run of millions of
+    images never holds them all in RAM); None: in RAM."""
     for out in outputs:
         if out.embeddings.shape[1:] != (dim,):
             raise ValueError(f"shard embeddings of shape {out.embeddings.shape} for an index of dim {dim}")
     new_meta = _concat([o.metadata for o in outputs], META_COLUMNS)
-    new_emb = np.concatenate([np.zeros((0, dim), np.float16)] + [o.embeddings for o in outputs])  # (n_new, dim)
     order = np.argsort(new_meta["path"].to_numpy(), kind="stable")
-    new_meta, new_emb = new_meta.iloc[order].reset_index(drop=True), new_emb[order]
+    new_meta = new_meta.iloc[order].reset_index(drop=True)
+    new_emb = _in_order([o.embeddings for o in outputs], order, dim, scratch)  # (n_new, dim) float16
     new_meta.insert(0, "id", np.arange(changes.next_id, changes.next_id + len(new_meta), dtype=np.int64))
     if committed is not None:
         held = committed.metadata["id"].to_numpy(np.int64)
@@ -354,7 +362,7 @@ def merge(committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[
         deleted = np.zeros(0, np.int64)
     skipped = _concat([changes.kept_skipped] + [o.skipped for o in outputs], SKIP_COLUMNS)
     return Change(
-        added=Rows(new_meta.astype(META_DTYPES), new_emb.astype(np.float16)),
+        added=Rows(new_meta.astype(META_DTYPES), new_emb),
         deleted_ids=deleted,
         skipped=skipped.sort_values("path", kind="stable").reset_index(drop=True).astype(SKIP_DTYPES),
         next_id=changes.next_id + len(new_meta),
@@ -362,11 +370,71 @@ def merge(committed: IndexStore | None, changes: GalleryDiff, outputs: Sequence[
     )
 
 
-def commit(writer: IndexWriter, change: Change, config: IndexingConfig, gallery_root: str) -> dict:
+MERGE_CHUNK = 65536  # rows copied at a time into the scratch file of `merge`
+
+
+def _in_order(parts: Sequence[np.ndarray], order: np.ndarray, dim: int, scratch: Path | None) -> np.ndarray:
+    """The rows of PARTS (concatenated) in ORDER, as float16: row j is input row order[j]. With SCRATCH, written
+    into that .npy file MERGE_CHUNK rows at a time (each part's rows scattered to their places) and returned
+    memory-mapped; else built in RAM."""
+    if scratch is None:
+        return np.concatenate([np.zeros((0, dim), np.float16)] + [np.asarray(p) for p in parts])[order].astype(
+            np.float16
+        )
+    out = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float16, shape=(len(order), dim))
+    where = np.empty(len(order), np.int64)
+    where[order] = np.arange(len(order))  # input row -> output position
+    start = 0
+    for part in parts:
+        for a in range(0, len(part), MERGE_CHUNK):
+            rows = np.asarray(part[a : a + MERGE_CHUNK], dtype=np.float16)
+            out[where[start + a : start + a + len(rows)]] = rows
+        start += len(part)
+    out.flush()
+    del out
+    return np.load(scratch, mmap_mode="r", allow_pickle=False)
+
+
+# Text queries of the kind users type, whose CLIP embeddings tune approximate segments (indexes.store
+# IndexWriter.commit `tuning_queries`): text sits apart from images in CLIP space (the modality gap, Liang et al.
+# 2022), and an nprobe tuned on image-like queries alone gives text queries recall@10 ~0.85 instead of the target
+# (benchmarks/index_scale.py hard). Generic subjects of a photo gallery, in CLIP's prompt style (Radford et al.
+# 2021, Sec. 3.1.4: "A photo of a {label}.").
+TUNING_TEMPLATES = ("a photo of a {}.", "a {} outdoors", "a close-up photo of the {}", "a person with a {}")
+TUNING_SUBJECTS = (
+    "dog", "cat", "bird", "horse", "car", "bicycle", "boat", "train", "airplane", "tree", "flower", "mountain",
+    "beach", "lake", "river", "city street", "building", "bridge", "house", "kitchen", "living room", "garden",
+    "park", "forest", "snowy field", "sunset", "night sky", "birthday cake", "pizza", "cup of coffee", "teapot",
+    "mug", "dress", "shirt", "jacket", "sweater", "hat", "pair of shoes", "handbag", "necklace", "watch", "child",
+    "family", "wedding", "concert", "football game", "laptop", "book", "painting", "toy",
+)  # fmt: skip
+
+
+def tuning_queries(encoder: ClipEncoder) -> np.ndarray:
+    """(200, dim) float32: the CLIP text embeddings of TUNING_TEMPLATES x TUNING_SUBJECTS."""
+    return encoder.encode_texts([t.format(s) for t in TUNING_TEMPLATES for s in TUNING_SUBJECTS])
+
+
+def needs_tuning_queries(committed: IndexStore | None, change: Change, config: IndexingConfig, dim: int) -> bool:
+    """Whether this commit should give the store text tuning queries: it has none yet, and the index reaches the
+    size of an approximate segment (a store holds one model, so stored queries stay valid)."""
+    if committed is not None and committed.manifest.get("tuning_queries"):
+        return False
+    return choose_index_type(max(change.count, 1), dim, config.index) != IndexType.FLAT
+
+
+def commit(
+    writer: IndexWriter,
+    change: Change,
+    config: IndexingConfig,
+    gallery_root: str,
+    tuning: np.ndarray | None = None,
+) -> dict:
     """Commit CHANGE through WRITER (indexes.store.IndexWriter.commit): one new segment for the added rows,
     tombstones for the deleted ones, the skipped list, then the manifest; a crash at any moment leaves the previous
     version readable. An index built with another index config is then rebuilt with this one (stored embeddings,
-    nothing re-embedded). Returns the new manifest."""
+    nothing re-embedded). TUNING: text tuning queries to keep in the store (`tuning_queries`), or None. Returns the
+    new manifest."""
     manifest = writer.commit(
         change.added,
         delete_ids=change.deleted_ids,
@@ -376,6 +444,7 @@ def commit(writer: IndexWriter, change: Change, config: IndexingConfig, gallery_
         next_id=change.next_id,
         index_config=config.index,
         indexing_config={k: v for k, v in asdict(config).items() if k != "index"},
+        tuning_queries=tuning,
     )
     if _built_with_other_config(manifest, config):
         manifest = writer.compact(config.index, full=True) or manifest
@@ -459,10 +528,17 @@ def index_gallery(
 
         # 6. merge: reused and new rows get fresh ids in path order; rows of deleted or changed files are deleted
         dim = _dim(committed, encoder, plan.reused + embedded, config)
-        change = merge(committed, changes, plan.reused + embedded, dim)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        change = merge(committed, changes, plan.reused + embedded, dim, scratch=work_dir / "merged-embeddings.npy")
 
-        # 7. commit the change (a new segment, tombstones, the manifest), then drop the shards it now holds
-        manifest = commit(writer, change, config, gallery_root)
+        # 7. commit the change (a new segment, tombstones, the manifest), then drop the shards it now holds; once
+        # the index is large enough for approximate segments, they are tuned on text queries too
+        tuning = None
+        if needs_tuning_queries(committed, change, config, dim):
+            if encoder is None:  # embedded elsewhere (Ray): the text tower, here
+                encoder = ClipEncoder.from_spec(config.model, device=config.device, precision=config.precision)
+            tuning = tuning_queries(encoder)
+        manifest = commit(writer, change, config, gallery_root, tuning)
         shutil.rmtree(work_dir, ignore_errors=True)
     return IndexSummary(
         indexed=_images(embedded),

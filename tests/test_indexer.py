@@ -134,6 +134,27 @@ def test_other_index_type_without_reembedding(gallery, tmp_path, tiny_encoder):
     assert np.array_equal(store.embeddings_of(store.metadata["id"]), before)
 
 
+def test_approximate_indexes_keep_the_clips_text_queries_for_tuning(gallery, tmp_path, tiny_encoder):
+    """Once the index is large enough for approximate segments (here: always), the first commit stores the CLIP
+    text embeddings of the generic tuning prompts; later commits keep them; a flat index stores none."""
+    from retrieval.indexer import TUNING_SUBJECTS, TUNING_TEMPLATES, tuning_queries
+
+    run(gallery, tmp_path / "flat", tiny_encoder)
+    assert "tuning_queries" not in IndexStore(tmp_path / "flat").manifest
+    ivf = IndexConfig(index_type=IndexType.IVF, flat_max_vectors=0)
+    run(gallery, tmp_path / "idx", tiny_encoder, index=ivf)
+    entry = IndexStore(tmp_path / "idx").manifest["tuning_queries"]
+    stored = np.load(tmp_path / "idx" / entry["file"])
+    assert len(stored) == len(TUNING_TEMPLATES) * len(TUNING_SUBJECTS) == 200
+    np.testing.assert_allclose(stored, tuning_queries(tiny_encoder), atol=1e-6)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(gallery / "added.png")
+    try:
+        run(gallery, tmp_path / "idx", tiny_encoder, index=ivf)
+    finally:
+        (gallery / "added.png").unlink()
+    assert IndexStore(tmp_path / "idx").manifest["tuning_queries"] == entry
+
+
 def test_decoding_workers_give_the_same_index(gallery, tmp_path, tiny_encoder):
     run(gallery, tmp_path / "a", tiny_encoder, workers=0)
     run(gallery, tmp_path / "b", tiny_encoder, workers=2)

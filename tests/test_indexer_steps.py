@@ -232,6 +232,31 @@ def test_merge_gives_fresh_ids_in_path_order_and_deletes_removed_rows(committed)
         merge(committed, d, outs, 8)
 
 
+def test_merge_into_a_scratch_file_equals_merge_in_ram(committed, tmp_path, monkeypatch):
+    """With `scratch` the added rows are written chunk by chunk (chunks smaller than a shard here) and come back
+    memory-mapped: the same change, with no copy of a run's embeddings in RAM."""
+    monkeypatch.setattr(ix, "MERGE_CHUNK", 1)
+    d = diff(GalleryScan(root="/g", files=LATER), committed)
+    in_ram = merge(committed, d, later_outputs(), DIM)
+    on_disk = merge(committed, d, later_outputs(), DIM, scratch=tmp_path / "merged.npy")
+    assert isinstance(on_disk.added.embeddings, np.memmap) and not isinstance(in_ram.added.embeddings, np.memmap)
+    assert on_disk.added.embeddings.dtype == np.float16
+    assert np.array_equal(on_disk.added.embeddings, in_ram.added.embeddings)
+    pd.testing.assert_frame_equal(on_disk.added.metadata, in_ram.added.metadata)
+    assert on_disk.deleted_ids.tolist() == in_ram.deleted_ids.tolist()
+
+
+def test_embedded_shards_are_memory_mapped_from_work(tmp_path, tiny_encoder):
+    root = tmp_path / "g"
+    todo = files(
+        *[(rel.replace(os.sep, "/"), (root / rel).stat().st_size, 0) for rel in sorted(write_gallery(root, 6))]
+    )
+    plan = ix.plan_shards(todo, [], cfg(), str(root))
+    outs = ix.embed(plan, tiny_encoder, cfg(), tmp_path / "work")
+    assert outs and all(isinstance(o.embeddings, np.memmap) for o in outs)
+    assert all(Path(o.embeddings.filename).parent.parent == tmp_path / "work" for o in outs)
+
+
 def test_merge_of_a_first_empty_gallery():
     g = merge(None, diff(GalleryScan(root="/g", files=files()), None), [], DIM)
     assert (len(g.added.metadata), g.added.embeddings.shape, len(g.skipped), g.next_id, g.count) == (

@@ -163,6 +163,33 @@ def test_deletes_are_checked_against_live_ids_in_full_and_holed_segments(three_s
         assert np.array_equal(store.search(queries(), 10)[1], brute_force(store, queries(), 10)[1])
 
 
+def test_tuning_queries_are_kept_used_by_later_builds_and_replaced(tmp_path, monkeypatch):
+    import indexes.store as store_module
+
+    given = []  # the tuning queries of every build_index call
+
+    def recording(*args, tuning_queries=None, **kw):
+        given.append(None if tuning_queries is None else len(tuning_queries))
+        return build_index(*args, tuning_queries=tuning_queries, **kw)
+
+    monkeypatch.setattr(store_module, "build_index", recording)
+    idx = tmp_path / "idx"
+    ivf = IndexConfig(index_type="ivf", flat_max_vectors=0, tune_queries=50)
+    text = queries(40, seed=3)
+    m = add(idx, rows(range(200), seed=0), index_config=ivf, tuning_queries=text, auto_compact=False)
+    entry = m["tuning_queries"]
+    assert entry["count"] == 40 and np.allclose(np.load(idx / entry["file"]), text, atol=1e-6)
+    m = add(idx, rows(range(200, 400), seed=1), index_config=ivf, auto_compact=False)  # none given: kept
+    assert m["tuning_queries"] == entry
+    m = compact(idx, full=True)
+    assert m["tuning_queries"] == entry and (idx / entry["file"]).is_file()
+    assert given == [40, 40, 40]  # the first segment, the second (none given: the stored ones), the merge
+    m = add(idx, rows(range(400, 410), seed=2), index_config=ivf, tuning_queries=queries(30, seed=4))
+    assert m["tuning_queries"]["count"] == 30 and not (idx / entry["file"]).exists()  # the old file collected
+    with pytest.raises(ValueError, match="of shape \\(2, 3\\) for rows of dim 8"):
+        add(idx, rows(range(410, 412), seed=5), index_config=ivf, tuning_queries=np.ones((2, 3)))
+
+
 # ---------------------------------------------------------------- compaction
 def test_policy_merges_the_lowest_full_tier_and_segments_full_of_deleted_rows():
     p = CompactionPolicy(merge_factor=3, min_rows=10)
