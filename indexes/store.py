@@ -408,11 +408,12 @@ class IndexStore:
         return out.tolist()
 
     # ----- search
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, images: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(nq, dim) unit queries -> (scores (nq, k), ids (nq, k)): exact scores, descending, ties by id, -1 / -inf
         padding (indexes.vector_index's contract). Each live segment answers its top k + (its deleted rows), the
         deleted are dropped, and the union is re-ranked exactly: over flat segments this equals one flat index
-        over the live rows."""
+        over the live rows. IMAGES: the queries are image embeddings (query by image): approximate segments tuned
+        on text queries too search with the smaller setting image-like queries need (SearchParams.for_images)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise IndexStoreError(f"queries of shape {queries.shape} for an index of dim {self.dim}")
@@ -426,7 +427,8 @@ class IndexStore:
             dead = s.dead  # from the manifest: no pass over the segment's ids per query
             if s.rows - dead <= 0:
                 continue
-            _, found = search(s.faiss_index, s.params, queries, min(s.rows, k + dead), vectors_for_ids=_by_id(s))
+            params = s.params.for_images() if images else s.params
+            _, found = search(s.faiss_index, params, queries, min(s.rows, k + dead), vectors_for_ids=_by_id(s))
             if dead:
                 found = np.where(np.isin(found, self.tombstones), -1, found)
             candidates.append(found)

@@ -49,7 +49,7 @@ import math
 import mmap
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -150,6 +150,11 @@ class SearchParams:
     ef_search: int | None  # hnsw: size of the candidate list of the graph walk
     measured_recall: float | None  # recall@10 vs exact measured while tuning, with re-ranking (None: flat)
     rerank_factor: int = 4  # approximate types fetch k*rerank_factor candidates (the factor tuned with)
+    # tuned with text-like `tuning_queries` as well: the smaller nprobe / efSearch that suffices for image-like
+    # queries (query by image, "more like this"), and the recall measured there; None: the same as above
+    image_nprobe: int | None = None
+    image_ef_search: int | None = None
+    image_recall: float | None = None
 
     def __post_init__(self):
         if self.index_type not in _PARAM_TYPES:
@@ -161,8 +166,26 @@ class SearchParams:
         if self.rerank_factor < 1:
             raise ValueError(f"rerank_factor must be >= 1, got {self.rerank_factor}")
 
+    def for_images(self) -> SearchParams:
+        """The parameters for image-like queries: the smaller setting tuning found enough for them, if any."""
+        if self.image_nprobe is None and self.image_ef_search is None:
+            return self
+        return replace(
+            self,
+            nprobe=self.image_nprobe or self.nprobe,
+            ef_search=self.image_ef_search or self.ef_search,
+            measured_recall=self.image_recall,
+            image_nprobe=None,
+            image_ef_search=None,
+            image_recall=None,
+        )
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("image_nprobe", "image_ef_search", "image_recall"):  # manifests of older versions had none
+            if d[key] is None:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchParams:
@@ -672,6 +695,8 @@ def _tune(
             return SearchParams(kind.value, None, value, recall, config.rerank_factor)
         return SearchParams(kind.value, value, None, recall, config.rerank_factor)
 
+    image_setting = None  # (value, recall): the first setting at which the image-like set met the target
+
     # 2. doubling search: the first value reaching the target
     if kind == IndexType.HNSW:
         value, cap = min(k * config.rerank_factor, GPU_MAX_K), GPU_MAX_K  # efSearch below the fetch count acts as it
@@ -679,7 +704,10 @@ def _tune(
         value, cap = 1, min(faiss.extract_index_ivf(index).nlist, GPU_MAX_K)
     while True:
         _, found = _tuning_search(index, params_for(value, None), queries, k, lookup)
-        recall = min(recall_at_k(found[rows_], true_ids[rows_], k) for rows_ in sets)
+        per_set = [recall_at_k(found[rows_], true_ids[rows_], k) for rows_ in sets]
+        recall = min(per_set)
+        if image_setting is None and per_set[0] >= config.recall_target:
+            image_setting = (value, per_set[0])
         logger.debug(
             "tuning %s: %s=%d recall@%d=%.4f",
             kind.value,
@@ -697,7 +725,16 @@ def _tune(
             f"{config.recall_target}: raise rerank_factor, use index_type ivf (or flat), or for ivfpq a larger pq_m",
             stacklevel=3,
         )
-    return params_for(value, round(float(recall), 6))
+    params = params_for(value, round(float(recall), 6))
+    if len(sets) > 1 and image_setting is not None and image_setting[0] < value:
+        image_value, image_recall = image_setting
+        params = replace(
+            params,
+            image_nprobe=image_value if kind != IndexType.HNSW else None,
+            image_ef_search=image_value if kind == IndexType.HNSW else None,
+            image_recall=round(float(image_recall), 6),
+        )
+    return params
 
 
 def _tuning_search(index, params: SearchParams, queries: np.ndarray, k: int, lookup: VectorLookup):

@@ -504,7 +504,7 @@ class Engine:
             vectors[files] = self.clip.encode_pil([images[terms[i].value] for i in files])
         # 3. the weighted sum, normalised, and the search
         q = combine(np.array([t.weight for t in terms]), vectors)  # (dim,)
-        hits = search_vectors(store, q[None], k)[0]
+        hits = search_vectors(store, q[None], k, images=all(t.kind != TEXT for t in terms))[0]  # images only
         used = tuple(dict.fromkeys(n for u in uses for n in u))
         return MixResult(mix if isinstance(mix, str) else "", self.model, terms, hits, used)
 
@@ -515,13 +515,13 @@ class Engine:
             raise ValueError(f"`k={k}`: ask for at least one result")
         store = self.store
         if isinstance(image, Image.Image):
-            hits = search_vectors(store, self.clip.encode_pil([image]), k)[0]
+            hits = search_vectors(store, self.clip.encode_pil([image]), k, images=True)[0]
             return QueryResult(name or "image", self.model, hits)
         if isinstance(image, bool) or not isinstance(image, (int, np.integer)):
             raise TypeError(f"`image` must be a PIL image or a gallery id (int), not {type(image).__name__}")
         image_id = int(image)
         self._check_ids(store, [image_id])
-        found = search_vectors(store, store.vectors_for_ids(np.array([image_id])), k + 1)[0]
+        found = search_vectors(store, store.vectors_for_ids(np.array([image_id])), k + 1, images=True)[0]
         hits = [replace(h, rank=r + 1) for r, h in enumerate(h for h in found if h.id != image_id)][:k]
         return QueryResult(name or f"#{image_id}", self.model, hits)
 

@@ -44,9 +44,10 @@ def hits_from_arrays(store: IndexStore, scores: np.ndarray, ids: np.ndarray) -> 
     ]
 
 
-def search_vectors(store: IndexStore, queries: np.ndarray, k: int) -> list[list[Hit]]:
-    """(nq, dim) unit query vectors -> the top-k hits of each."""
-    scores, ids = store.search(queries, k)
+def search_vectors(store: IndexStore, queries: np.ndarray, k: int, images: bool = False) -> list[list[Hit]]:
+    """(nq, dim) unit query vectors -> the top-k hits of each. IMAGES: they are image embeddings (query by
+    image), searched with the setting tuned for those (IndexStore.search)."""
+    scores, ids = store.search(queries, k, images=images)
     return [hits_from_arrays(store, scores[q], ids[q]) for q in range(len(queries))]
 
 

@@ -190,6 +190,24 @@ def test_tuning_queries_are_kept_used_by_later_builds_and_replaced(tmp_path, mon
         add(idx, rows(range(410, 412), seed=5), index_config=ivf, tuning_queries=np.ones((2, 3)))
 
 
+def test_image_queries_search_with_the_setting_tuned_for_images(tmp_path, monkeypatch):
+    import indexes.store as store_module
+    from indexes.vector_index import SearchParams
+    from indexes.vector_index import search as real_search
+
+    idx = tmp_path / "idx"
+    add(idx, rows(range(400), seed=0), index_config=IndexConfig(index_type="ivf", flat_max_vectors=0))
+    seen = []
+    monkeypatch.setattr(
+        store_module, "search", lambda index, p, *a, **kw: seen.append(p.nprobe) or real_search(index, p, *a, **kw)
+    )
+    with IndexStore(idx) as store:
+        store.segments[0].params = SearchParams("ivf", 8, None, 0.99, 4, image_nprobe=2, image_recall=0.97)
+        text = store.search(queries(), 10)
+        image = store.search(queries(), 10, images=True)
+    assert seen == [8, 2] and text[1].shape == image[1].shape == (16, 10)
+
+
 # ---------------------------------------------------------------- compaction
 def test_policy_merges_the_lowest_full_tier_and_segments_full_of_deleted_rows():
     p = CompactionPolicy(merge_factor=3, min_rows=10)

@@ -233,6 +233,14 @@ def test_tuning_queries_tune_for_text_like_queries_too():
     recall = recall_at_k(search(tuned, params, held_out, K)[1], truth, K)
     assert plain_recall < 0.8 < 0.95 <= recall and params.nprobe > plain_params.nprobe, (plain_recall, recall)
     assert params.measured_recall >= cfg.recall_target  # the lower of the two sets' recalls
+    # image-like queries keep the smaller setting tuning found enough for them (query by image)
+    images = params.for_images()
+    assert images.nprobe == params.image_nprobe == plain_params.nprobe < params.nprobe
+    assert images.measured_recall == params.image_recall >= cfg.recall_target
+    image_queries = unit_rows(x[:300] + np.random.default_rng(1).normal(size=(300, 32)).astype(np.float32) * 0.09)
+    _, image_truth = exact_search(x, ids, image_queries, K)
+    assert recall_at_k(search(tuned, images, image_queries, K)[1], image_truth, K) >= 0.9
+    assert SearchParams.from_dict(params.to_dict()) == params and "image_nprobe" not in plain_params.to_dict()
     with pytest.raises(ValueError, match=r"tuning_queries. of shape \(3, 5\)"):
         build_index(x, ids, cfg, tuning_queries=np.ones((3, 5), np.float32))
 
