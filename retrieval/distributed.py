@@ -185,7 +185,9 @@ def run_pool(
             running[call(actors[a], key, item)] = (a, key, item)
         if not running and not starting:
             raise RuntimeError(f"every actor died; {len(todo)} items were left undone")
-        [ref], _ = ray.wait([*running, *starting], num_returns=1)
+        # an actor that has started joins first: ray.wait gives the first ready ref in list order, so with the
+        # running items first a quick actor could keep the pool to itself
+        [ref], _ = ray.wait([*starting, *running], num_returns=1)
         if ref in starting:  # 1. an actor has started (its model loaded): its slots join the pool
             a = starting.pop(ref)
             try:
