@@ -161,6 +161,7 @@ def run_pool(
     max_retries: int,
     actor_restarts: int,
     depth: int = 2,
+    on_started: Callable[[int], None] | None = None,
 ) -> PoolStats:
     """Run every (key, item) of ITEMS on the ACTORS, each idle actor taking the next: CALL(actor, key, item) submits
     it (an ObjectRef), ON_RESULT(key, item, result) gets each result in this process as it arrives. An actor joins
@@ -198,6 +199,8 @@ def run_pool(
                 stats.dropped.append(a)
                 continue
             idle += [a] * depth
+            if on_started is not None:
+                on_started(len(actors) - len(starting) - len(stats.dropped))  # actors started so far
             continue
         a, key, item = running.pop(ref)  # 2. an item is done, or its actor died
         try:
@@ -316,6 +319,14 @@ class RayEmbedder:
             skipped = 0
             desc = f"embedding on {len(actors)} Ray actors"
             with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+                # actors take a while to start (each imports torch and loads the model): say so until all have
+                bar.set_postfix_str(f"starting actors: 0/{len(actors)} ready (each loads the model)")
+
+                def started(ready: int) -> None:
+                    if ready < len(actors):
+                        bar.set_postfix_str(f"starting actors: {ready}/{len(actors)} ready")
+                    else:
+                        bar.set_postfix(skipped=skipped)
 
                 def finished(number: int, shard: ShardInput, out: ShardOutput) -> None:
                     # 4. the resume point, written here: the workers need no access to the index folder
@@ -335,6 +346,7 @@ class RayEmbedder:
                     finished,
                     max_retries=self.max_retries,
                     actor_restarts=self.max_retries,
+                    on_started=started,
                 )
             if self.stats.dropped:  # dead for good: the next call makes a full pool again
                 self.workers.release()
