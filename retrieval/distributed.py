@@ -99,6 +99,12 @@ class RayWorkers:
             self._actors, self._key = make(), key
         return self._actors
 
+    def wait_ready(self, timeout: float | None = None) -> int:
+        """Wait until every kept actor has started (its model loaded), at most TIMEOUT seconds; how many there are."""
+        if self._actors:
+            self._ray.get([actor.__ray_ready__.remote() for actor in self._actors], timeout=timeout)
+        return len(self._actors)
+
     def release(self) -> None:
         """Kill the actors (their models and GPUs are freed); the connection stays."""
         for actor in self._actors:
@@ -301,6 +307,11 @@ class RayEmbedder:
     def close(self) -> None:
         """Release the actors and the Ray connection this embedder opened."""
         self.workers.close()
+
+    def wait_ready(self, timeout: float | None = None) -> int:
+        """With `keep_actors`: wait until every kept actor has started (at most TIMEOUT s), so that the next call
+        spreads its shards over all of them from the start; the number of actors."""
+        return self.workers.wait_ready(timeout)
 
     def __call__(self, plan: ShardPlan, config: IndexingConfig, work_dir: Path, progress: bool) -> list[ShardOutput]:
         # 0. check inputs: every worker must be able to read the gallery

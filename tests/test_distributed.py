@@ -97,6 +97,7 @@ class TestKeptActors:
         a pool still starting could find all the work done by the first actor up)."""
         with RayEmbedder(keep_actors=True) as e:
             index_gallery(mixed_gallery, tmp_path_factory.mktemp("warm") / "idx", TINY, progress=False, embedder=e)
+            assert e.wait_ready(timeout=600) == 2  # on a loaded machine the 2nd can still be importing torch
             yield e
 
     @pytest.fixture
