@@ -121,6 +121,27 @@ class RayWorkers:
         self._ray, self._owns_connection = None, False
 
 
+class _Pooled:
+    """What RayEmbedder and RayTokenLearner share: their `RayWorkers`, closed at the end of a `with` block."""
+
+    workers: RayWorkers
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the actors and the Ray connection this object opened."""
+        self.workers.close()
+
+    def wait_ready(self, timeout: float | None = None) -> int:
+        """With `keep_actors`: wait until every kept actor has started (at most TIMEOUT s), so that the next call
+        spreads its work over all of them from the start; the number of actors."""
+        return self.workers.wait_ready(timeout)
+
+
 def ray_task_error() -> type:
     """ray.exceptions.RayTaskError: an error raised by the work on a worker (not the worker's death)."""
     return import_ray().exceptions.RayTaskError
@@ -262,7 +283,7 @@ class ShardWorker:
         return embed_shard(shard, self.encoder, self.config)
 
 
-class RayEmbedder:
+class RayEmbedder(_Pooled):
     """An `embedder` for retrieval.indexer.index_gallery that embeds the planned shards on a Ray cluster (steps in
     the module docstring). Callable as embedder(plan, config, work_dir, progress) -> outputs in plan order.
 
@@ -297,21 +318,6 @@ class RayEmbedder:
         self.keep_actors = keep_actors
         self.on_shard_start = on_shard_start
         self.stats = PoolStats()
-
-    def __enter__(self) -> "RayEmbedder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release the actors and the Ray connection this embedder opened."""
-        self.workers.close()
-
-    def wait_ready(self, timeout: float | None = None) -> int:
-        """With `keep_actors`: wait until every kept actor has started (at most TIMEOUT s), so that the next call
-        spreads its shards over all of them from the start; the number of actors."""
-        return self.workers.wait_ready(timeout)
 
     def __call__(self, plan: ShardPlan, config: IndexingConfig, work_dir: Path, progress: bool) -> list[ShardOutput]:
         # 0. check inputs: every worker must be able to read the gallery
@@ -425,7 +431,7 @@ def with_seeds(config: TokenTrainConfig, concepts: Sequence[ConceptImages]) -> l
     return [c if c.seed is not None else replace(c, seed=config.seed + i) for i, c in enumerate(concepts)]
 
 
-class RayTokenLearner:
+class RayTokenLearner(_Pooled):
     """Token learning on a Ray cluster (see the module docstring): learner(jobs, negatives_dir, batch_size) gives,
     per job, its concepts' tokens in order, as `learn_tokens(clip, backbone, job.config, job.concepts,
     negatives_dir)` does, learned in (job, batch) tasks by actors that load the models by name once.
@@ -449,15 +455,6 @@ class RayTokenLearner:
         self.model, self.diffusion, self.device = model, diffusion, device
         self.workers = RayWorkers(address)
         self.num_actors, self.max_retries, self.keep_actors = num_actors, max_retries, keep_actors
-
-    def __enter__(self) -> "RayTokenLearner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.workers.close()
 
     def __call__(
         self,
