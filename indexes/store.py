@@ -859,23 +859,12 @@ class IndexWriter:
             shutil.rmtree(folder)
         dim = old["dim"]
         n = len(meta)
-        # rows of each part, in the merged (id) order: position j of the output takes input row order[j]
-        offsets = np.cumsum([0] + [int(k.sum()) for k in keep])
         with atomic_dir(folder) as tmp:
             meta.iloc[order].reset_index(drop=True).astype(META_DTYPES).to_parquet(
                 tmp / "metadata.parquet", index=False
             )
-            out = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(n, dim))
-            where = np.empty(n, np.int64)
-            where[order] = np.arange(n)  # input row -> output position
-            for p, k, a in zip(parts, keep, offsets):
-                rows = np.flatnonzero(k)
-                for c in range(0, len(rows), 65536):
-                    chunk = rows[c : c + 65536]
-                    out[where[a + c : a + c + len(chunk)]] = p.embeddings[chunk]
-            out.flush()
-            del out
-            embeddings = np.load(tmp / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+            rows = [(p.embeddings, np.flatnonzero(k)) for p, k in zip(parts, keep)]
+            embeddings = write_in_order(tmp / "embeddings.npy", rows, order, dim)
             ids = meta["id"].to_numpy(np.int64)[order]
             params, quantizer = self._build(tmp, embeddings, ids, config, old)
         return {
@@ -992,6 +981,29 @@ class IndexWriter:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
             deleted.append(name)
         return deleted
+
+
+COPY_ROWS = 65536  # rows copied at a time by write_in_order (100 MB of float16 at d=768)
+
+
+def write_in_order(
+    path: Path, parts: Sequence[tuple[np.ndarray, np.ndarray]], order: np.ndarray, dim: int
+) -> np.ndarray:
+    """Write the chosen rows of PARTS ((array, row numbers) each), concatenated, into the float16 .npy file PATH in
+    ORDER (output row j is input row order[j]), COPY_ROWS rows at a time, so that no second copy of them is made in
+    RAM (compaction's merged segment, the indexer's new rows). Returns the file, memory-mapped."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(order), dim))
+    where = np.empty(len(order), np.int64)
+    where[order] = np.arange(len(order))  # input row -> output position
+    start = 0
+    for array, rows in parts:
+        for c in range(0, len(rows), COPY_ROWS):
+            chunk = rows[c : c + COPY_ROWS]
+            out[where[start + c : start + c + len(chunk)]] = array[chunk]
+        start += len(rows)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 from indexes.store import IndexStore, IndexStoreError, manifest_version, read_manifest, rebuild_index
 from indexes.store import compact as compact_index
 from indexes.store import migrate as migrate_index
-from indexes.vector_index import IndexConfig, IndexType, choose_index_type
+from indexes.vector_index import IndexConfig
 from retrieval.composed import (
     PAPER_ATTRIBUTES,
     ComposedQuery,
@@ -40,7 +40,7 @@ from retrieval.composed import (
 )
 from retrieval.distributed import RayEmbedder, RayTokenLearner, TokenJob
 from retrieval.gair import CONTEXT_CACHE_DIR, GairConfig, GairOutcome, run_gair
-from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery, tuning_queries
+from retrieval.indexer import IndexingConfig, IndexSummary, index_gallery, is_approximate, tuning_queries
 from retrieval.io.atomic import write_atomic
 from retrieval.io.images import image_grid, read_image_folder
 from retrieval.mix import FILE, GALLERY_ID, TEXT, Term, combine, parse_mix
@@ -248,7 +248,7 @@ class Engine:
         """Rebuild the FAISS index with another type or tuning from the stored embeddings (all segments into one);
         returns the manifest. WAIT: as for `index`, when another writer holds the index. Approximate segments are
         tuned on this CLIP's text embeddings of generic queries too (retrieval.indexer.tuning_queries)."""
-        approximate = choose_index_type(max(self.store.count, 1), self.store.dim, index_config) != IndexType.FLAT
+        approximate = is_approximate(self.store.count, self.store.dim, index_config)
         tuning = tuning_queries(self.clip) if approximate else None
         manifest = rebuild_index(self.store.dir, index_config, wait=wait, tuning_queries=tuning)
         self._store = None

@@ -43,7 +43,16 @@ from indexes.shards import (
     next_shard_number,
     write_shard,
 )
-from indexes.store import META_DTYPES, SKIP_DTYPES, IndexStore, IndexStoreError, IndexWriter, Rows, index_config_dict
+from indexes.store import (
+    META_DTYPES,
+    SKIP_DTYPES,
+    IndexStore,
+    IndexStoreError,
+    IndexWriter,
+    Rows,
+    index_config_dict,
+    write_in_order,
+)
 from indexes.vector_index import IndexConfig, IndexType, choose_index_type
 from retrieval.gallery import GalleryDataset, GalleryFile, collate_gallery, resolve_gallery, scan_gallery, worker_init
 from retrieval.io.images import DEFAULT_MAX_PIXELS
@@ -370,29 +379,14 @@ def merge(
     )
 
 
-MERGE_CHUNK = 65536  # rows copied at a time into the scratch file of `merge`
-
-
 def _in_order(parts: Sequence[np.ndarray], order: np.ndarray, dim: int, scratch: Path | None) -> np.ndarray:
     """The rows of PARTS (concatenated) in ORDER, as float16: row j is input row order[j]. With SCRATCH, written
-    into that .npy file MERGE_CHUNK rows at a time (each part's rows scattered to their places) and returned
-    memory-mapped; else built in RAM."""
+    into that .npy file in chunks and returned memory-mapped (indexes.store.write_in_order); else built in RAM."""
     if scratch is None:
         return np.concatenate([np.zeros((0, dim), np.float16)] + [np.asarray(p) for p in parts])[order].astype(
             np.float16
         )
-    out = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float16, shape=(len(order), dim))
-    where = np.empty(len(order), np.int64)
-    where[order] = np.arange(len(order))  # input row -> output position
-    start = 0
-    for part in parts:
-        for a in range(0, len(part), MERGE_CHUNK):
-            rows = np.asarray(part[a : a + MERGE_CHUNK], dtype=np.float16)
-            out[where[start + a : start + a + len(rows)]] = rows
-        start += len(part)
-    out.flush()
-    del out
-    return np.load(scratch, mmap_mode="r", allow_pickle=False)
+    return write_in_order(scratch, [(p, np.arange(len(p))) for p in parts], order, dim)
 
 
 # Text queries of the kind users type, whose CLIP embeddings tune approximate segments (indexes.store
@@ -415,12 +409,17 @@ def tuning_queries(encoder: ClipEncoder) -> np.ndarray:
     return encoder.encode_texts([t.format(s) for t in TUNING_TEMPLATES for s in TUNING_SUBJECTS])
 
 
+def is_approximate(count: int, dim: int, index_config: IndexConfig) -> bool:
+    """Whether an index of COUNT rows is built approximate (and so tuned, on text queries too) by INDEX_CONFIG."""
+    return choose_index_type(max(count, 1), dim, index_config) != IndexType.FLAT
+
+
 def needs_tuning_queries(committed: IndexStore | None, change: Change, config: IndexingConfig, dim: int) -> bool:
     """Whether this commit should give the store text tuning queries: it has none yet, and the index reaches the
     size of an approximate segment (a store holds one model, so stored queries stay valid)."""
     if committed is not None and committed.manifest.get("tuning_queries"):
         return False
-    return choose_index_type(max(change.count, 1), dim, config.index) != IndexType.FLAT
+    return is_approximate(change.count, dim, config.index)
 
 
 def commit(

@@ -235,7 +235,9 @@ def test_merge_gives_fresh_ids_in_path_order_and_deletes_removed_rows(committed)
 def test_merge_into_a_scratch_file_equals_merge_in_ram(committed, tmp_path, monkeypatch):
     """With `scratch` the added rows are written chunk by chunk (chunks smaller than a shard here) and come back
     memory-mapped: the same change, with no copy of a run's embeddings in RAM."""
-    monkeypatch.setattr(ix, "MERGE_CHUNK", 1)
+    import indexes.store
+
+    monkeypatch.setattr(indexes.store, "COPY_ROWS", 1)
     d = diff(GalleryScan(root="/g", files=LATER), committed)
     in_ram = merge(committed, d, later_outputs(), DIM)
     on_disk = merge(committed, d, later_outputs(), DIM, scratch=tmp_path / "merged.npy")
