@@ -18,6 +18,7 @@ from retrieval.models.diffusion import (
     DiffusionLoadError,
     SpaceToDepthCodec,
     TextConditioning,
+    VaeCodec,
     load_diffusion,
     make_sampler,
     save_diffusion_folder,
@@ -243,6 +244,30 @@ def test_save_and_load_folder(tiny, tmp_path):
     assert loaded.scheduler.config.beta_schedule == tiny.scheduler.config.beta_schedule
     save_diffusion_folder(tiny, folder)  # overwriting an existing folder works
     assert not (tmp_path / "model.tmp").exists() and not (tmp_path / "model.old").exists()
+
+
+def test_a_vae_codec_backbone_saves_and_loads_with_its_scaling_factor(sd_world, tmp_path):
+    """A latent backbone (the toy world's layout: VaeCodec) round-trips through save_diffusion_folder: vae/ in fp16
+    beside unet/, the latents' scaling factor kept, and the same image decoded."""
+    import copy
+
+    backbone = sd_world["backbone"]
+    vae = copy.deepcopy(backbone.codec.vae)  # the module's fixture stays as it is
+    vae.register_to_config(scaling_factor=0.5)
+    saved = DiffusionBackbone(
+        backbone.unet, backbone.scheduler, VaeCodec(vae), backbone.clip, backbone.text, device="cpu"
+    )
+    folder = save_diffusion_folder(saved, tmp_path / "latent")
+    assert (folder / "vae" / "config.json").is_file()
+    assert json.loads((folder / "backbone.json").read_text())["codec"] == {"kind": "vae", "factor": 2}
+    loaded = load_diffusion(str(folder), clip_encoder=sd_world["encoder"], device="cpu")
+    assert loaded.codec.kind == "vae" and loaded.codec.scaling_factor == 0.5
+    for (k, a), (_, b) in zip(saved.codec.vae.state_dict().items(), loaded.codec.vae.state_dict().items()):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.half().float(), msg=k)  # saved in fp16
+    a = saved.generate([PROMPT], steps=2, guidance_scale=2.0)[0]
+    b = loaded.generate([PROMPT], steps=2, guidance_scale=2.0)[0]
+    assert a.size == b.size == (16, 16)
 
 
 def test_a_retrained_clip_behind_the_same_spec_is_refused(tiny, tmp_path):

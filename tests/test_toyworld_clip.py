@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.world import evaluate, world_config
+from benchmarks.world.checkpoint import CheckpointMismatch
 from benchmarks.world.train_clip import (
     build_model,
     clip_train_config,
@@ -67,6 +68,28 @@ def test_training_is_reproducible():
     # and the steps changed the weights from their seeded initialisation
     init = build_model(config).state_dict()
     assert not torch.equal(init["visual.conv1.weight"], a["visual.conv1.weight"])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    config = clip_train_config("smoke", checkpoint_every=2)
+    whole = train_clip(config, device="cpu", progress=False)
+
+    def kill(step):
+        if step == 2:  # 3 steps done, the last checkpoint after 2: the resumed run redoes one
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_clip(config, device="cpu", progress=False, checkpoint_dir=tmp_path, on_step=kill)
+    resumed = train_clip(config, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    assert [e.get("loss") for e in resumed.log] == [e.get("loss") for e in whole.log]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointMismatch):
+        train_clip(clip_train_config("smoke", checkpoint_every=2, lr=1e-4), progress=False, checkpoint_dir=tmp_path)
 
 
 def test_prefix_text_encoding_equals_open_clip():

@@ -22,3 +22,32 @@ def test_one_command_trains_clip_then_diffusion_on_it(tmp_path):
     backbone = load_diffusion(str(diffusion_folder), device="cpu")
     assert backbone.clip.width == clip.width == backbone.unet.config.cross_attention_dim
     assert backbone.generate(["a person wearing a red dress on a beach."], steps=2)[0].size == (32, 32)
+
+
+@pytest.mark.slow  # end to end, twice: a run killed in the diffusion half, then the same command again
+def test_a_killed_run_resumes_without_retraining_the_clip(tmp_path, monkeypatch):
+    from benchmarks.world import train_clip, train_diffusion
+
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--grid", ""]
+    real = train_diffusion.train_diffusion
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_5(*args, **kwargs):
+        def kill(stage, step):
+            if stage == "unet" and step == 5:
+                raise Killed
+
+        return real(*args, **kwargs, on_step=kill)
+
+    monkeypatch.setattr(train_diffusion, "train_diffusion", killed_at_step_5)
+    with pytest.raises(Killed):
+        train.main(argv)
+    checkpoints = tmp_path / "diffusion.checkpoints"
+    assert (checkpoints / "unet.pt").is_file() and (tmp_path / "clip" / "eval.json").is_file()
+
+    monkeypatch.setattr(train_diffusion, "train_diffusion", real)
+    monkeypatch.setattr(train_clip, "main", lambda *a, **k: pytest.fail("the trained CLIP was trained again"))
+    train.main(argv)
+    assert (tmp_path / "diffusion" / "eval.json").is_file() and not checkpoints.exists()

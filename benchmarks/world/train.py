@@ -12,7 +12,9 @@ held-out captions: ~70 min in all. Each half is `train_clip.main` / `train_diffu
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.world import train_clip, train_diffusion
@@ -21,6 +23,15 @@ from retrieval.models.clip import TOYWORLD_WEIGHTS
 WEIGHTS = TOYWORLD_WEIGHTS
 # recipe pairs: the CLIP preset and the diffusion preset trained on it
 PRESETS = {"toyworld": ("toyworld", "toyworld"), "smoke": ("smoke", "smoke")}
+
+
+def _trained_as(folder: Path, config) -> bool:
+    """Whether FOLDER holds a CLIP trained under CONFIG (its train_config.json)."""
+    path = folder / "train_config.json"
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text()).get("config")
+    return json.dumps(saved, sort_keys=True) == json.dumps(json.loads(json.dumps(asdict(config))), sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2: all of a 2-core machine)")
+    # a killed run: the same command again resumes (each model from its OUT/NAME.checkpoints folder)
     parser.add_argument(
         "--grid", default="/tmp/toyworld_diffusion_samples.png", help="PNG of generated samples; '' for none"
     )
@@ -47,7 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--device", args.device, "--threads", str(args.threads)]
 
     t0 = time.time()
-    train_clip.main(["--preset", clip_preset, "--out", str(clip_out), *common])
+    # resumable: each half resumes from its OUT.checkpoints folder; a diffusion checkpoint folder means the CLIP
+    # finished (the diffusion half starts only once the CLIP is written), so a rerun skips it
+    diffusion_checkpoints = Path(f"{diffusion_out}.checkpoints")
+    if diffusion_checkpoints.is_dir() and _trained_as(clip_out, train_clip.clip_train_config(clip_preset)):
+        print(
+            f"the CLIP in {clip_out} is trained; resuming the diffusion model from {diffusion_checkpoints}", flush=True
+        )
+    else:
+        train_clip.main(["--preset", clip_preset, "--out", str(clip_out), "--no-progress", *common])
+        diffusion_checkpoints.mkdir(parents=True, exist_ok=True)
     # the committed pair names its CLIP "toyworld" (what loaders resolve); elsewhere the folder is the SPEC
     clip_spec = "toyworld" if clip_out.resolve() == (WEIGHTS / "clip").resolve() else str(clip_out.resolve())
     train_diffusion.main(

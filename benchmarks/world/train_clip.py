@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 from benchmarks.world import evaluate
 from benchmarks.world.captions import caption
+from benchmarks.world.checkpoint import load_checkpoint, save_checkpoint
 from benchmarks.world.config import WorldConfig, world_config
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
@@ -88,6 +91,7 @@ class ClipTrainConfig:
     # ----- logging
     log_every: int = 25  # steps between training-log entries
     eval_every: int = 250  # steps between zero-shot checks on held-out scenes; 0: only at the end
+    checkpoint_every: int = 200  # steps between resumable checkpoints (with a checkpoint folder); 0: none
     eval_scenes: int = 200  # held-out scenes for the checks during training
     final_eval_scenes: int = 1000  # held-out scenes for eval.json
     # ----- model
@@ -308,8 +312,15 @@ class TrainResult:
     images_per_second: float  # training throughput (steps only)
 
 
-def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", progress: bool = True) -> TrainResult:
-    """Train a CLIP on rendered toy-world pairs; the loop below is the whole recipe."""
+def train_clip(
+    config: ClipTrainConfig,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train a CLIP on rendered toy-world pairs; the loop below is the whole recipe. With CHECKPOINT_DIR it resumes
+    from the last checkpoint there (same config, else CheckpointMismatch); ON_STEP(step) runs after each step."""
     from open_clip.loss import ClipLoss
     from tqdm import tqdm
 
@@ -354,10 +365,20 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
         model.train()
         return report
 
-    # 4. the loop
+    # 4. resume: the pairs and the batch order are functions of the config; the rest is in the checkpoint
     log: list[dict] = []
-    seen, t_loop = 0, time.time()
-    bar = tqdm(range(config.steps), disable=not progress, desc="train clip")
+    start, seen, elapsed0 = 0, 0, 0.0
+    state = load_checkpoint(checkpoint_dir, "clip", config)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            rows.copy_(state["rows"])
+        optimizer.load_state_dict(state["optimizer"])
+        log, start, seen, elapsed0 = json.loads(state["log"]), int(state["step"]), int(state["seen"]), state["elapsed"]
+
+    # 5. the loop
+    t_loop = time.time() - elapsed0
+    bar = tqdm(range(start, config.steps), disable=not progress, desc="train clip", initial=start, total=config.steps)
     for step in bar:
         # 4.1 batch
         idx = batches[step]  # (B,) pair indices
@@ -383,7 +404,7 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
             model.logit_scale.clamp_(0, math.log(100))
         # 4.6 log
         seen += len(idx)
-        ips = seen / (time.time() - t_loop)
+        ips = seen / max(1e-9, time.time() - t_loop)
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
         if step % config.log_every == 0 or step == config.steps - 1:
             log.append(
@@ -400,9 +421,15 @@ def train_clip(config: ClipTrainConfig, device: str | torch.device = "auto", pro
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             log.append({"step": step, "zero_shot": zero_shot(eval_scenes, eval_images)})
             bar.write(f"step {step + 1}: zero-shot {log[-1]['zero_shot']}")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            state = {"step": step + 1, "seen": seen, "elapsed": time.time() - t_loop, "log": json.dumps(log)}
+            state |= {"model": model.state_dict(), "rows": rows.detach(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(checkpoint_dir, "clip", config, state)
+        if on_step is not None:
+            on_step(step)
     train_seconds = time.time() - t_loop
 
-    # 5. final model and evaluation on fresh held-out scenes
+    # 6. final model and evaluation on fresh held-out scenes
     write_back_rows()
     final_scenes = evaluate.held_out_scenes(world, config.final_eval_scenes, seed=evaluate.HELD_OUT_SEED + 1)
     final = {
@@ -482,14 +509,25 @@ def main(argv: list[str] | None = None) -> None:
         help="torch CPU threads; 1 is fastest when other processes share the 2 cores (measured there: "
         "~4 s per batch-128 step with 1 thread, ~10 s with 2)",
     )
+    parser.add_argument(
+        "--checkpoint-dir",
+        help="folder for resumable checkpoints (default: OUT.checkpoints, removed once the model is written); run the "
+        "same command again after a crash and it resumes there",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     config = clip_train_config(args.preset, **overrides)
+    checkpoint_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.checkpoints")
     print(f"training {args.preset}: {json.dumps(asdict(config))}", flush=True)
-    result = train_clip(config, device=args.device)
+    if (checkpoint_dir / "clip.pt").is_file():
+        print(f"resuming from {checkpoint_dir}", flush=True)
+    result = train_clip(config, device=args.device, progress=not args.no_progress, checkpoint_dir=checkpoint_dir)
     command = "python -m benchmarks.world.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
     folder = save_trained(result, config, args.out, command=command)
+    if not args.checkpoint_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     print(
         f"wrote {folder} in {result.seconds:.0f} s ({result.images_per_second:.0f} images/s); "
         f"zero-shot {result.eval['accuracy']}",

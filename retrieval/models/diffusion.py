@@ -163,7 +163,9 @@ class VaeCodec:
         self.latent_channels = vae.config.latent_channels
 
     def to(self, device=None, dtype=None) -> "VaeCodec":
-        self.vae.to(device=device, dtype=dtype)
+        if dtype is not None and dtype != self.vae.dtype:
+            self.vae.to(dtype=dtype)
+        self.vae.to(device=device)
         return self
 
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -532,7 +534,9 @@ def _folder_parts(folder: Path, spec: str, clip_encoder: ClipEncoder | None, dev
     if codec_cfg["kind"] == SpaceToDepthCodec.kind:
         codec = SpaceToDepthCodec(codec_cfg["factor"])
     elif codec_cfg["kind"] == VaeCodec.kind:
-        codec = VaeCodec(AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32))
+        codec = VaeCodec(
+            AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        )
     else:
         raise DiffusionLoadError(f"{folder}: unknown codec kind {codec_cfg['kind']!r}")
     clip = clip_encoder or _load_clip(meta["clip"], device)
@@ -629,7 +633,7 @@ def save_diffusion_folder(
     unet_dtype: str = "fp16",
 ) -> Path:
     """Write BACKBONE as a folder that `load_diffusion(folder)` loads: unet/ (config + safetensors in
-    `unet_dtype`), scheduler/, vae/ (VAE codec only), backbone.json (codec, CLIP spec, text conditioning,
+    `unet_dtype`), scheduler/, vae/ (VAE codec only, also in `unet_dtype`), backbone.json (codec, CLIP spec, text conditioning,
     format version, `extra_config` e.g. the training config) and `extra_files` (name -> JSON-able object).
     Written to a temporary folder, then renamed: a crash leaves no half-written model."""
     from safetensors.torch import save_file
@@ -639,14 +643,19 @@ def save_diffusion_folder(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "unet").mkdir(parents=True)
-    # 1. UNet: diffusers' config + weights in the chosen dtype (diffusers' from_pretrained reads them back)
-    backbone.unet.save_config(tmp / "unet")
-    state = {k: v.detach().to("cpu", DTYPES[unet_dtype]).contiguous() for k, v in backbone.unet.state_dict().items()}
-    save_file(state, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    # 2. schedulers, codec
-    backbone.scheduler.save_pretrained(tmp / "scheduler")
+
+    # 1. UNet and VAE: diffusers' config + weights in the chosen dtype (diffusers' from_pretrained reads them back)
+    def save_model(model, name: str) -> None:
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        model.save_config(tmp / name)
+        state = {k: v.detach().to("cpu", DTYPES[unet_dtype]).contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / name / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+    save_model(backbone.unet, "unet")
     if isinstance(backbone.codec, VaeCodec):
-        backbone.codec.vae.save_pretrained(tmp / "vae")
+        save_model(backbone.codec.vae, "vae")
+    # 2. schedulers
+    backbone.scheduler.save_pretrained(tmp / "scheduler")
     # 3. what the folder is
     meta = {
         "format_version": FORMAT_VERSION,
