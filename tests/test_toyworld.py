@@ -23,7 +23,7 @@ from benchmarks.world import (
     world_config,
     write_split,
 )
-from benchmarks.world.captions import CONTEXT_WORDS, detailed_caption, short_caption
+from benchmarks.world.captions import CONTEXT_WORDS, detail_phrase, detailed_caption, short_caption
 from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, Details
 
 CONFIG = WorldConfig()
@@ -117,6 +117,49 @@ def test_captions_name_the_words_and_nothing_else(scenes):
         assert not found & DETAIL_WORDS, text
         assert not re.search(r"\d", text), text
         assert "person" in found or scene.category in found
+
+
+def test_a_detail_share_of_captions_names_the_details_and_share_0_draws_nothing(scenes):
+    """Section 3: with detail_share 1 every caption that names the garment also names its details, in
+    detail_phrase's words; with share 0 the caption stream is the committed models' (no extra draw)."""
+    assert detail_phrase(Details("collar", "white", "circle", "left", "yellow")) == (
+        "with a white collar and a yellow circle on the left"
+    )
+    assert detail_phrase(Details("cuffs", "orange")) == "with orange cuffs"
+    assert detail_phrase(Details(emblem="cross", emblem_at="centre", emblem_colour="orange")) == (
+        "with an orange cross in the centre"
+    )
+    assert detail_phrase(Details()) == ""
+    rng, ref = np.random.default_rng(5), np.random.default_rng(5)
+    named = 0
+    for scene in scenes:
+        text = caption(scene, rng, detail_share=1.0)
+        plain = caption(scene, ref)
+        ref.random()  # the one extra draw of share > 0
+        phrase = detail_phrase(scene.details)
+        names_garment = scene.category in words(text)
+        assert text == (
+            plain.replace(scene.category, f"{scene.category} {phrase}", 1) if phrase and names_garment else plain
+        ), (text, plain)
+        named += bool(phrase and names_garment)
+    assert named > 100
+    a, b = np.random.default_rng(6), np.random.default_rng(6)
+    assert [caption(s, a, detail_share=0.0) for s in scenes] == [caption(s, b) for s in scenes]
+    assert a.random() == b.random()
+
+
+def test_detail_factors_are_read_only_where_a_scene_has_the_detail(tiny_encoder, scenes):
+    from benchmarks.world import evaluate
+
+    with_trim = [s for s in scenes if s.details.trim][:6]
+    without = [dataclasses.replace(s, details=Details()) for s in scenes[:6]]
+    images = evaluate.render_scenes(with_trim, CONFIG)
+    report = evaluate.zero_shot_report(tiny_encoder, images, with_trim, CONFIG, evaluate.DETAIL_FACTORS)
+    assert 0 <= report["trim_colour"] <= 1
+    blank = evaluate.zero_shot_report(tiny_encoder, images, without, CONFIG, ("trim_colour", "emblem"))
+    assert np.isnan(blank["trim_colour"]) and np.isnan(blank["emblem"])
+    prompts = evaluate.factor_prompt_sets("emblem", CONFIG)
+    assert set(prompts) == set(CONFIG.emblems) and all(e in p for e, ps in prompts.items() for p in ps)
 
 
 def test_context_captions_never_name_the_garment(scenes):

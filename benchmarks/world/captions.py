@@ -1,8 +1,11 @@
-"""Captions from a small grammar. They name words only (context, pose, category, colour, pattern), never
-identity: no concept id, no trim, no emblem, no detail colour.
+"""Captions from a small grammar. They name words (context, pose, category, colour, pattern), never identity:
+no concept id. Only training captions may name a garment's details, and only when asked (`detail_share`).
 
 - `caption`: training captions, mostly the whole description ("a person wearing a red striped dress standing
-  in front of a brick wall."), sometimes part of it, so every word is also seen on its own;
+  in front of a brick wall."), sometimes part of it, so every word is also seen on its own; with `detail_share`
+  > 0, that share of them also names the garment's details ("... a red striped dress with a white collar and a
+  yellow circle on the left ..."), as real captions name trims and logos (issue #13, section 3);
+- `detail_phrase`: the words for a garment's details;
 - `context_caption`: PerVL-style evaluation captions that describe the person's context and pose but never the
   garment, and always say "person" (where a query inserts the concept);
 - `short_caption` / `detailed_caption`: the shortened_ / detailed_ variants of an evaluation caption.
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchmarks.world.garments import Details
 from benchmarks.world.scene import Scene
 from benchmarks.world.vocabulary import CONTEXTS, POSES, require_entries
 
@@ -170,18 +174,42 @@ def garment_phrase(category: str, colour: str | None, pattern: str | None) -> st
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+# Details in words: where a trim band runs -> its noun phrase; where an emblem sits -> its preposition phrase.
+TRIM_WORDS: dict[str, str] = {"hem": "hem", "collar": "collar", "cuffs": "cuffs", "waist": "waistband"}
+EMBLEM_SPOT_WORDS: dict[str, str] = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def detail_phrase(details: Details) -> str:
+    """'with a white collar and a yellow circle on the left', 'with blue cuffs', '' for a garment without details."""
+    parts = []
+    if details.trim:
+        noun = f"{details.trim_colour} {TRIM_WORDS[details.trim]}"
+        parts.append(noun if details.trim == "cuffs" else _a(noun))
+    if details.emblem:
+        parts.append(f"{_a(f'{details.emblem_colour} {details.emblem}')} {EMBLEM_SPOT_WORDS[details.emblem_at]}")
+    return f"with {' and '.join(parts)}" if parts else ""
+
+
 def _choice(rng: np.random.Generator, weighted):
     weights = np.array([w for _, w in weighted], dtype=float)
     return weighted[int(rng.choice(len(weighted), p=weights / weights.sum()))][0]
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A training caption of the scene's words (never its concept or details)."""
+def caption(scene: Scene, rng: np.random.Generator, detail_share: float = 0.0) -> str:
+    """A training caption of the scene's words (never its concept); with probability DETAIL_SHARE its garment
+    phrase also names the details (`detail_phrase`). With DETAIL_SHARE 0 no extra random draw is made, so the
+    stream of captions is the one the committed models were trained on."""
     template = _choice(rng, CAPTION_TEMPLATES)
     with_colour, with_pattern = _choice(rng, GARMENT_PARTS)
     places = CONTEXT_WORDS[scene.context].places
     place = places[int(rng.integers(len(places)))]
     g = garment_phrase(scene.category, scene.colour if with_colour else None, scene.pattern if with_pattern else None)
+    if detail_share > 0 and rng.random() < detail_share and (details := detail_phrase(scene.details)):
+        g = f"{g} {details}"
     return template.format(g=g, pose=POSE_WORDS[scene.pose].ing, place=place)
 
 

@@ -11,6 +11,10 @@ grammar (`benchmarks.world.captions`), since a model trained only on that gramma
 {garment} is `garment_phrase` ("a red striped dress", "a plain red dress", "striped trousers"). A word's class
 vector is the normalised mean of its prompts' normalised text features; an image gets the word of highest cosine.
 `factor_prompts` gives one canonical prompt per word (the first of its ensemble), e.g. for generating images.
+
+Detail factors (issue #13, section 3), read only where a scene has the detail, in `detail_phrase`'s words:
+- trim_colour: "a person wearing {category} with a {colour} {trim}."  over every category x its trims;
+- emblem:      "a person wearing {category} with a {colour} {emblem} {spot}."  over every category x spot x colour.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
+from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS, detail_phrase, garment_phrase
 from benchmarks.world.config import WorldConfig
+from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, Details
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import Scene, sample_scene
 
 FACTORS = ("context", "category", "colour", "pattern")
+DETAIL_FACTORS = ("trim_colour", "emblem")  # read from scene.details; scored on the scenes that have them
 # Held-out scenes come from np.random.default_rng(HELD_OUT_SEED); training pairs from default_rng([seed, chunk])
 # (train_clip.render_pairs), a different stream for every integer seed.
 HELD_OUT_SEED = 1_000_003
@@ -37,9 +43,11 @@ def _words(factor: str, config: WorldConfig) -> tuple[str, ...]:
         "category": config.categories,
         "colour": config.colour_names,
         "pattern": config.patterns,
+        "trim_colour": config.colour_names,
+        "emblem": config.emblems,
     }
     if factor not in vocab:
-        raise ValueError(f"unknown factor {factor!r}; known: {FACTORS}")
+        raise ValueError(f"unknown factor {factor!r}; known: {FACTORS + DETAIL_FACTORS}")
     return tuple(vocab[factor])
 
 
@@ -58,6 +66,26 @@ def factor_prompt_sets(factor: str, config: WorldConfig) -> dict[str, list[str]]
                 for pat in config.patterns
             ]
             for c in words
+        }
+    if factor == "trim_colour":
+        return {
+            col: [
+                f"a person wearing {garment_phrase(cat, None, None)} {detail_phrase(Details(trim, col))}."
+                for cat in config.categories
+                for trim in GARMENTS[cat].trims
+            ]
+            for col in words
+        }
+    if factor == "emblem":
+        return {
+            e: [
+                f"a person wearing {garment_phrase(cat, None, None)} "
+                f"{detail_phrase(Details(emblem=e, emblem_at=spot, emblem_colour=col))}."
+                for cat in config.categories
+                for spot in EMBLEM_SPOTS
+                for col in config.colour_names
+            ]
+            for e in words
         }
     if factor == "colour":
         return {
@@ -114,14 +142,17 @@ def zero_shot_report(
     config: WorldConfig,
     factors: Sequence[str] = FACTORS,
 ) -> dict[str, float]:
-    """Accuracy per factor of zero-shot classification of IMAGES against their SCENES' words."""
+    """Accuracy per factor of zero-shot classification of IMAGES against their SCENES' words. A detail factor
+    (DETAIL_FACTORS) is scored on the scenes that have that detail only (NaN when none has)."""
     if len(images) != len(scenes) or not scenes:
         raise ValueError(f"need one scene per image and at least one: got {len(images)} images, {len(scenes)} scenes")
     image_features = encoder.encode_pil(list(images))  # (n, dim), encoded once for all factors
     report = {}
     for factor in factors:
-        predicted = _predict(image_features, encoder, factor, config)
-        report[factor] = float(np.mean([p == getattr(s, factor) for p, s in zip(predicted, scenes)]))
+        truth = [getattr(s.details, factor) if factor in DETAIL_FACTORS else getattr(s, factor) for s in scenes]
+        rows = [i for i, t in enumerate(truth) if t is not None]
+        predicted = _predict(image_features[rows], encoder, factor, config) if rows else []
+        report[factor] = float(np.mean([p == truth[i] for p, i in zip(predicted, rows)])) if rows else float("nan")
     return report
 
 

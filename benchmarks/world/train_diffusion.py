@@ -39,7 +39,14 @@ import numpy as np
 import torch
 
 from benchmarks.world import evaluate
-from benchmarks.world.captions import CAPTION_TEMPLATES, CONTEXT_WORDS, POSE_WORDS, caption, garment_phrase
+from benchmarks.world.captions import (
+    CAPTION_TEMPLATES,
+    CONTEXT_WORDS,
+    POSE_WORDS,
+    caption,
+    detail_phrase,
+    garment_phrase,
+)
 from benchmarks.world.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from benchmarks.world.config import WorldConfig, world_config
 from benchmarks.world.render import render_scene
@@ -60,6 +67,9 @@ class DiffusionTrainConfig:
     image_size: int = 64  # rendered image side, px (the world's 64; smaller for the smoke test)
     clip: str = "toyworld"  # CLIP spec of the frozen text encoder (retrieval.models.clip)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" for classifier-free guidance
+    # share of captions that also name the garment's details (issue #13, section 3; captions.caption). 0 for the
+    # committed model; the CLIP it is conditioned on must know those words too (train_clip's field of that name)
+    detail_caption_share: float = 0.0
     # ----- stage 1: the latent codec. "vae": an AutoencoderKL trained here first (SD's design); "space-to-depth":
     # the pixels rearranged losslessly (codec_factor^2 x 3 channels), no stage 1
     codec: str = "vae"
@@ -252,17 +262,23 @@ def triple(scene) -> tuple[str, str, str]:
     return scene.context, scene.category, scene.colour
 
 
-def eval_caption(scene, index: int = 0) -> str:
-    """The full training-grammar caption of a scene: 'a person wearing a red striped dress standing on a beach.'"""
+def eval_caption(scene, index: int = 0, details: bool = False) -> str:
+    """The full training-grammar caption of a scene: 'a person wearing a red striped dress standing on a beach.';
+    DETAILS: with the garment's details named too ('... dress with a white collar standing ...')."""
     places = CONTEXT_WORDS[scene.context].places
+    garment = garment_phrase(scene.category, scene.colour, scene.pattern)
+    if details and (phrase := detail_phrase(scene.details)):
+        garment = f"{garment} {phrase}"
     return CAPTION_TEMPLATES[0][0].format(
-        g=garment_phrase(scene.category, scene.colour, scene.pattern),
+        g=garment,
         pose=POSE_WORDS[scene.pose].ing,
         place=places[index % len(places)],
     )
 
 
-def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out: set) -> tuple[list, list[str]]:
+def sample_batch(
+    rng: np.random.Generator, world: WorldConfig, n: int, held_out: set, detail_share: float = 0.0
+) -> tuple[list, list[str]]:
     """N training pairs rendered now: (PIL images, captions). `sample_training_pair`'s two steps, with scenes of
     held-out (context, category, colour) triples redrawn."""
     images, captions = [], []
@@ -271,7 +287,7 @@ def sample_batch(rng: np.random.Generator, world: WorldConfig, n: int, held_out:
         if triple(scene) in held_out:
             continue
         images.append(render_scene(scene, world))
-        captions.append(caption(scene, rng))
+        captions.append(caption(scene, rng, detail_share))
     return images, captions
 
 
@@ -451,7 +467,7 @@ def train_diffusion(
     )
     for step in bar:
         # 5.1 batch: render, drop captions to "" (classifier-free guidance), encode text with the frozen CLIP
-        images, captions = sample_batch(rng, world, config.batch_size, held_out)
+        images, captions = sample_batch(rng, world, config.batch_size, held_out, config.detail_caption_share)
         captions = ["" if u < config.caption_dropout else c for u, c in zip(rng.random(len(captions)), captions)]
         latents = backbone.encode_images(pil_to_pixels(images), latent_gen)  # (B, C, h, w)
         with torch.no_grad():
@@ -581,7 +597,29 @@ def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
         key=lambda r: sum(r["accuracy"][f] for f in ("context", "category", "colour", "pattern")),
     )
     report["best"] = {k: best[k] for k in ("sampler", "steps", "guidance")}
+    report["details"] = detail_readback(backbone, scenes, world, (best["sampler"], best["steps"], best["guidance"]))
     return report
+
+
+def detail_readback(backbone, scenes, world: WorldConfig, setting: tuple[str, int, float]) -> dict:
+    """Section 3's check: for the scenes whose garment has details, captions that name them (`eval_caption(...,
+    details=True)`) generated with SETTING; the toy CLIP's readback of the trim colour and the emblem shape, beside
+    its readback of the real renders (the ceiling) and chance."""
+    scenes = [s for s in scenes if detail_phrase(s.details)]
+    captions = [eval_caption(s, i, details=True) for i, s in enumerate(scenes)]
+    factors = evaluate.DETAIL_FACTORS
+    real = evaluate.zero_shot_report(backbone.clip, evaluate.render_scenes(scenes, world), scenes, world, factors)
+    generated = evaluate.zero_shot_report(
+        backbone.clip, generate_for(backbone, captions, setting), scenes, world, factors
+    )
+    chance = {"trim_colour": 1 / len(world.colours), "emblem": 1 / len(world.emblems)}  # zero-shot over all words
+    return {
+        "scenes": len(scenes),
+        "caption_example": captions[0],
+        "real_images": real,
+        "generated": generated,
+        "chance": chance,
+    }
 
 
 def sample_grid(images: list, captions: list[str], path: str | Path) -> Path:
