@@ -2,11 +2,19 @@
 
     python -m benchmarks.token_quality                                   # toyworld CLIP + diffusion, 5 concepts
     python -m benchmarks.token_quality --model tiny-random --diffusion tiny-random --steps 10   # smoke run
+    python -m benchmarks.token_quality --methods ti batex ours ours+caption --steps 50 200 500   # convergence
+
+Convergence (issue #13, section 6): several `--steps` train every method once per budget (the learning-rate
+schedule is each run's own, so a row is "what this budget buys", not a snapshot of a longer run). `ours+caption`
+is ours initialised from an `auto` caption (Qiu et al., One-Sentence report, Sec. 3).
 
 Data: the toy world's `test` split (`write_split`, world preset `pervl`). The N concepts are the first concept of
 each of the first N groups (different words); each token is learned from the concept's few-shot images with its
 category as the parent word, all N concepts of a method in ONE batched loop (`tokens.learn.learn_tokens`).
 Negatives (ours, pt) are sampled from the diffusion model for the parent prompt, as `learn-token` does.
+
+Retrieval: MRR of the token prompt below, each evaluation image of the concept ranked against the evaluation
+images of the split's other concepts (look-alikes included).
 
 Discrimination (Perera et al., Table 3's three questions). Every image x is scored by the token's prompt,
 s(x) = cos(f(x), g("a person wearing a * <parent>.")) in the toy world's CLIP; each number is the ROC AUC of s
@@ -95,9 +103,13 @@ def prompt_scores(clip, features: np.ndarray, prompt: str, vectors: dict | None)
 
 def evaluate_prompt(clip, prompt, vectors, concept, eval_feats, other_feats, parent_feats, class_feats) -> dict:
     s_concept = prompt_scores(clip, eval_feats, prompt, vectors)
+    s_others = prompt_scores(clip, other_feats, prompt, vectors)
+    # each evaluation image ranked against the other concepts' evaluation images only (one answer per query)
+    ranks = 1 + (s_others[None, :] > s_concept[:, None]).sum(1)
     return {
+        "mrr": float(np.mean(1.0 / ranks)),
         "auc_concept_parent": auc(s_concept, prompt_scores(clip, parent_feats, prompt, vectors)),
-        "auc_concept_others": auc(s_concept, prompt_scores(clip, other_feats, prompt, vectors)),
+        "auc_concept_others": auc(s_concept, s_others),
         "auc_parent_classes": auc(
             prompt_scores(clip, parent_feats, prompt, vectors), prompt_scores(clip, class_feats, prompt, vectors)
         ),
@@ -105,6 +117,15 @@ def evaluate_prompt(clip, prompt, vectors, concept, eval_feats, other_feats, par
 
 
 GEN_COLUMNS = ("gen_words", "gen_object", "gen_context")
+# what --methods accepts: the four methods, and ours initialised from an `auto` caption (Qiu et al. Sec. 3)
+VARIANTS: dict[str, tuple[str, dict]] = {m: (m, {}) for m in METHODS} | {
+    "ours+caption": ("ours", {"init_caption": "auto"})
+}
+
+
+def variant_config(name: str, **overrides):
+    method, extra = VARIANTS[name]
+    return token_train_config(method, **{**overrides, **extra})
 
 
 def generation_accuracy(
@@ -147,7 +168,7 @@ def run(args) -> list[dict]:
     concepts = pick_concepts(plan, args.concepts)
     by_concept = {c.pair_id: [q for q in plan.queries if q.scene.concept == c.pair_id] for c in plan.concepts}
     image_dir = paths.images / "train" / "image"
-    configs = {m: token_train_config(m) for m in args.methods}
+    configs = {m: variant_config(m) for m in args.methods}
     need_diffusion = any(c.needs_diffusion(negatives_given=args.negatives_source == "world") for c in configs.values())
     engine = Engine(model=args.model, diffusion=args.diffusion or "auto", device=args.device)  # models load once
     clip, backbone = engine.clip, engine.backbone if need_diffusion else None
@@ -209,6 +230,7 @@ def run(args) -> list[dict]:
     rows.append(
         {
             "method": "words",
+            "steps": 0,
             **{k: float(np.mean([r[k] for r in ref])) for k in ref[0]},
             **{k: float(np.mean([g[k] for g in gen_ref])) if gen_ref else nan for k in GEN_COLUMNS},
             "s_per_step": nan,
@@ -217,10 +239,10 @@ def run(args) -> list[dict]:
     )
     # 3. each method: one batched training of all concepts, then the measurements
     parent_scenes = category_scenes(world, args.negatives, seed=777) if args.negatives_source == "world" else {}
-    for method in args.methods:
-        config = token_train_config(
+    for method, steps in [(m, k) for m in args.methods for k in args.steps]:
+        config = variant_config(
             method,
-            steps=args.steps,
+            steps=steps,
             lr=args.lr,
             n_vectors=args.vectors,
             seed=args.seed,
@@ -251,12 +273,13 @@ def run(args) -> list[dict]:
                 continue
             g = generation(c, t.placeholder, vectors)
             if args.save_images:
-                image_grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{c.pair_id}.png")
+                image_grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{steps}-{c.pair_id}.png")
             per.append({**m, **{k: g[k] for k in GEN_COLUMNS}})
         steps_run = max(t.info.training["steps"] for t in learned) or 1
         rows.append(
             {
                 "method": method,
+                "steps": steps,
                 **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
                 "s_per_step": seconds / steps_run,
                 "s_per_concept_step": seconds / steps_run / len(concepts),
@@ -268,6 +291,8 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     cols = [
         ("method", "method"),
+        ("steps", "steps"),
+        ("mrr", "MRR"),
         ("auc_concept_parent", "AUC concept/parent"),
         ("auc_concept_others", "AUC concept/others"),
         ("auc_parent_classes", "AUC parent/classes"),
@@ -279,7 +304,16 @@ def markdown(rows: list[dict]) -> str:
     ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r[k] if isinstance(r[k], str) else ("-" if np.isnan(r[k]) else f"{r[k]:.3f}") for k, _ in cols]
+        cells = [
+            r[k]
+            if isinstance(r[k], str)
+            else str(r[k])
+            if isinstance(r[k], int)
+            else "-"
+            if np.isnan(r[k])
+            else f"{r[k]:.3f}"
+            for k, _ in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -290,9 +324,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model", default="toyworld", help="CLIP SPEC (default: the toy world's)")
     parser.add_argument("--diffusion", default="auto", help="diffusion SPEC (auto: the one paired with --model)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(VARIANTS))
     parser.add_argument("--concepts", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps, every method (CPU budget)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[200],
+        help="optimiser steps, every method (CPU budget); several (50 200 1000): a convergence table, one training "
+        "per budget",
+    )
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate, every method (the papers')")
     parser.add_argument("--vectors", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=16, help="negatives per parent (ours, pt)")
