@@ -4,9 +4,13 @@ conditioned on that CLIP's text tower.
     python -m benchmarks.world.train                      # rewrites retrieval/models/weights/toyworld/{clip,diffusion}
     python -m benchmarks.world.train --out /tmp/toyworld  # writes /tmp/toyworld/clip and /tmp/toyworld/diffusion
 
-Measured on 2 CPU cores (nothing else running): CLIP 23 min (3600 steps x 128 pairs, then its zero-shot evaluation
-on 1000 held-out scenes), diffusion 37 min (1500 steps x 64) plus ~8 min evaluating three samplers on 200
-held-out captions: ~70 min in all. Each half is `train_clip.main` / `train_diffusion.main`; see them for the recipes.
+Measured on 2 CPU cores: CLIP 23 min (3600 steps x 128 pairs, then its zero-shot evaluation on 1000 held-out
+scenes); diffusion: autoencoder ~10 min (2000 steps), UNet 53 min on a quiet machine (4000 steps x 64 at 0.8 s;
+61 min measured while other jobs shared the cores), evaluation of five samplers on 200 held-out captions 3.5 min:
+~90 min in all. Each half is `train_clip.main` / `train_diffusion.main`; see them for the recipes.
+
+Killed, the same command resumes: each half from its OUT/NAME.checkpoints folder (every 200 steps), and a rerun
+skips a CLIP that is already written when the diffusion half was under way.
 """
 
 from __future__ import annotations
