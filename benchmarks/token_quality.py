@@ -202,7 +202,9 @@ def run(args) -> list[dict]:
 
     lookalikes = {
         c.pair_id: {
-            o.pair_id: unit_mean([load_image(image_dir / im.name) for im in plan.fsl[o.pair_id]])
+            o.pair_id: unit_mean(
+                fsl_images.get(o.pair_id) or [load_image(image_dir / im.name) for im in plan.fsl[o.pair_id]]
+            )
             for o in plan.concepts
             if o.words == c.words
         }
@@ -288,6 +290,12 @@ def run(args) -> list[dict]:
     return rows
 
 
+def _cell(value) -> str:
+    if isinstance(value, (str, int)):
+        return str(value)
+    return "-" if np.isnan(value) else f"{value:.3f}"
+
+
 def markdown(rows: list[dict]) -> str:
     cols = [
         ("method", "method"),
@@ -304,16 +312,7 @@ def markdown(rows: list[dict]) -> str:
     ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [
-            r[k]
-            if isinstance(r[k], str)
-            else str(r[k])
-            if isinstance(r[k], int)
-            else "-"
-            if np.isnan(r[k])
-            else f"{r[k]:.3f}"
-            for k, _ in cols
-        ]
+        cells = [_cell(r[k]) for k, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

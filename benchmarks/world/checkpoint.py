@@ -28,6 +28,11 @@ def fingerprint(config) -> str:
     return json.dumps(asdict(config), sort_keys=True, default=str)
 
 
+def default_folder(out: str | Path) -> Path:
+    """Where a trainer writing the model folder OUT keeps its checkpoints unless told otherwise: OUT.checkpoints."""
+    return Path(f"{Path(out)}.checkpoints")
+
+
 def save_checkpoint(folder: str | Path | None, stage: str, config, state: dict) -> None:
     """STATE (tensors, numbers, strings, dicts and lists of them) to FOLDER/STAGE.pt, atomically; no FOLDER: nothing."""
     if not folder:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.world import train_clip, train_diffusion
+from benchmarks.world.checkpoint import default_folder, fingerprint
 from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 WEIGHTS = TOYWORLD_WEIGHTS
@@ -34,8 +34,7 @@ def _trained_as(folder: Path, config) -> bool:
     path = folder / "train_config.json"
     if not path.is_file():
         return False
-    saved = json.loads(path.read_text()).get("config")
-    return json.dumps(saved, sort_keys=True) == json.dumps(json.loads(json.dumps(asdict(config))), sort_keys=True)
+    return json.loads(path.read_text()).get("config") == json.loads(fingerprint(config))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     # resumable: each half resumes from its OUT.checkpoints folder; a diffusion checkpoint folder means the CLIP
     # finished (the diffusion half starts only once the CLIP is written), so a rerun skips it
-    diffusion_checkpoints = Path(f"{diffusion_out}.checkpoints")
+    diffusion_checkpoints = default_folder(diffusion_out)
     if diffusion_checkpoints.is_dir() and _trained_as(clip_out, train_clip.clip_train_config(clip_preset)):
         print(
             f"the CLIP in {clip_out} is trained; resuming the diffusion model from {diffusion_checkpoints}", flush=True

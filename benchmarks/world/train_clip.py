@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from benchmarks.world import evaluate
 from benchmarks.world.captions import caption
-from benchmarks.world.checkpoint import load_checkpoint, save_checkpoint
+from benchmarks.world.checkpoint import default_folder, load_checkpoint, save_checkpoint
 from benchmarks.world.config import WorldConfig, world_config
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     config = clip_train_config(args.preset, **overrides)
-    checkpoint_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.checkpoints")
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_folder(args.out)
     print(f"training {args.preset}: {json.dumps(asdict(config))}", flush=True)
     if (checkpoint_dir / "clip.pt").is_file():
         print(f"resuming from {checkpoint_dir}", flush=True)

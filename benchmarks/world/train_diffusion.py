@@ -3,7 +3,7 @@
 It plays Stable Diffusion's part in the toy world: custom tokens are trained through it (Perera et al.'s l_SD)
 and GAIR generates with it. Like SD it is a latent diffusion model (Rombach et al. 2022): a small
 `AutoencoderKL` is trained first on the world's renders (stage 1: L1 + L2 reconstruction plus SD's KL weight
-1e-6; 64 px -> 16x16x4 latents, scaled to unit variance as SD's 0.18215 does), then a `UNet2DConditionModel`
+1e-6; 64 px -> 16x16x8 latents, scaled to unit variance as SD's 0.18215 does), then a `UNet2DConditionModel`
 on its latents (stage 2), attending to the per-position final hidden states of a FROZEN CLIP text tower (all
 77 positions, padded with end-of-text, as SD 1.x), trained with the LDM loss (DDPM forward process, Ho et al.
 2020; v-prediction, Salimans & Ho 2022, as SD 2.x) and caption dropout for classifier-free guidance (Ho &
@@ -47,7 +47,7 @@ from benchmarks.world.captions import (
     detail_phrase,
     garment_phrase,
 )
-from benchmarks.world.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from benchmarks.world.checkpoint import default_folder, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from benchmarks.world.config import WorldConfig, world_config
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
@@ -75,7 +75,9 @@ class DiffusionTrainConfig:
     codec: str = "vae"
     codec_factor: int = 2  # space-to-depth only: block side (64x64x3 px -> 32x32x12)
     vae_block_out_channels: tuple[int, ...] = (32, 64, 64)  # one halving per extra level: 64 px -> 16x16 latents
-    latent_channels: int = 8  # SD: 4 at factor 8; measured here at 600 steps (readback of reconstructions, category / colour / pattern): 4 channels 0.48 / 0.49 / 0.58, 8 channels 0.64 / 0.87 / 0.79
+    # SD: 4 at factor 8. Measured here after 600 steps, readback of reconstructions (category / colour / pattern):
+    # 4 channels 0.48 / 0.49 / 0.58, 8 channels 0.64 / 0.87 / 0.79
+    latent_channels: int = 8
     vae_steps: int = 2000  # optimizer steps of stage 1
     vae_batch_size: int = 64
     vae_crop: int = 32  # stage 1 trains on random crops of this side (the AE is fully convolutional: no attention)
@@ -276,6 +278,11 @@ def eval_caption(scene, index: int = 0, details: bool = False) -> str:
     )
 
 
+def held_out_triples(world: WorldConfig, config: DiffusionTrainConfig) -> set:
+    """The (context, category, colour) triples of the evaluation scenes: no training scene of either stage has one."""
+    return {triple(s) for s in evaluate.held_out_scenes(world, config.eval_scenes)}
+
+
 def sample_batch(
     rng: np.random.Generator, world: WorldConfig, n: int, held_out: set, detail_share: float = 0.0
 ) -> tuple[list, list[str]]:
@@ -316,7 +323,7 @@ def train_autoencoder(
 
     dev = resolve_device(device)
     world = world_config(config.world_preset, image_size=config.image_size)
-    held_out = {triple(s) for s in evaluate.held_out_scenes(world, config.eval_scenes)}
+    held_out = held_out_triples(world, config)
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(**vae_config(config)).to(dev).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -347,7 +354,7 @@ def train_autoencoder(
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(step, config.vae_lr, min(50, config.vae_steps), config.vae_steps)
         dist = vae.encode(x).latent_dist
-        recon = vae.decode(dist.sample(gen if dev.type == "cpu" else None)).sample
+        recon = vae.decode(dist.sample(gen)).sample
         err = recon - x
         rec = (err.abs() + err.square()).flatten(1).sum(1).mean()
         kl = dist.kl().mean()
@@ -437,7 +444,7 @@ def train_diffusion(
 
     # 2. data streams: pairs, caption dropout, noise and timesteps, latent samples each from their own seeded generator
     rng = np.random.default_rng([config.seed, STREAM])
-    held_out = {triple(s) for s in evaluate.held_out_scenes(world, config.eval_scenes)}
+    held_out = held_out_triples(world, config)
     noise_gen = torch.Generator().manual_seed(config.seed)
     latent_gen = torch.Generator().manual_seed(config.seed + 1)
 
@@ -597,18 +604,20 @@ def evaluate_generation(backbone, config: DiffusionTrainConfig) -> dict:
         key=lambda r: sum(r["accuracy"][f] for f in ("context", "category", "colour", "pattern")),
     )
     report["best"] = {k: best[k] for k in ("sampler", "steps", "guidance")}
-    report["details"] = detail_readback(backbone, scenes, world, (best["sampler"], best["steps"], best["guidance"]))
+    setting = (best["sampler"], best["steps"], best["guidance"])
+    report["details"] = detail_readback(backbone, scenes, real, world, setting)
     return report
 
 
-def detail_readback(backbone, scenes, world: WorldConfig, setting: tuple[str, int, float]) -> dict:
+def detail_readback(backbone, scenes, renders: list, world: WorldConfig, setting: tuple[str, int, float]) -> dict:
     """Section 3's check: for the scenes whose garment has details, captions that name them (`eval_caption(...,
     details=True)`) generated with SETTING; the toy CLIP's readback of the trim colour and the emblem shape, beside
-    its readback of the real renders (the ceiling) and chance."""
-    scenes = [s for s in scenes if detail_phrase(s.details)]
+    its readback of the scenes' RENDERS (the ceiling) and chance."""
+    keep = [i for i, s in enumerate(scenes) if detail_phrase(s.details)]
+    scenes = [scenes[i] for i in keep]
     captions = [eval_caption(s, i, details=True) for i, s in enumerate(scenes)]
     factors = evaluate.DETAIL_FACTORS
-    real = evaluate.zero_shot_report(backbone.clip, evaluate.render_scenes(scenes, world), scenes, world, factors)
+    real = evaluate.zero_shot_report(backbone.clip, [renders[i] for i in keep], scenes, world, factors)
     generated = evaluate.zero_shot_report(
         backbone.clip, generate_for(backbone, captions, setting), scenes, world, factors
     )
@@ -658,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("clip", args.clip)) if v is not None}
     config = diffusion_train_config(args.preset, **overrides)
-    checkpoint_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.checkpoints")
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_folder(args.out)
     print(f"training {args.preset}: {json.dumps(asdict(config))}", flush=True)
 
     # 1. train (resuming from checkpoint_dir), save (weights, config, log)
