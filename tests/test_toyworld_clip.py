@@ -70,6 +70,32 @@ def test_training_is_reproducible():
     assert not torch.equal(init["visual.conv1.weight"], a["visual.conv1.weight"])
 
 
+def test_fixed_logit_scale_is_held_and_saved_with_the_model():
+    config = clip_train_config("smoke", steps=3, fixed_logit_scale=100.0)
+    result = train_clip(config, device="cpu", progress=False)
+    assert result.model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+    assert all(e["logit_scale"] == pytest.approx(100.0, rel=1e-4) for e in result.log if "logit_scale" in e)
+    # learned (the default): it moves from 1 / 0.07
+    learned = train_clip(clip_train_config("smoke", steps=3), device="cpu", progress=False)
+    assert learned.model.logit_scale.exp().item() != pytest.approx(1 / 0.07, rel=1e-6)
+    for bad in (-1.0, 101.0):
+        with pytest.raises(ValueError, match="fixed_logit_scale"):
+            clip_train_config("smoke", fixed_logit_scale=bad)
+
+
+def test_set_overrides_parse_json_and_refuse_unknown_fields():
+    from benchmarks.world.train_clip import ClipTrainConfig, parse_overrides
+
+    assert parse_overrides(["fixed_logit_scale=100", "n_pairs=64", "world_preset=pervl"], ClipTrainConfig) == {
+        "fixed_logit_scale": 100,
+        "n_pairs": 64,
+        "world_preset": "pervl",
+    }
+    for bad in ("no_such_field=1", "steps"):
+        with pytest.raises(SystemExit, match="FIELD=VALUE"):
+            parse_overrides([bad], ClipTrainConfig)
+
+
 class Killed(Exception):
     pass
 

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -87,6 +87,10 @@ class ClipTrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (CLIP paper, Sec. 2.5)
     eps: float = 1e-6  # AdamW epsilon (CLIP paper)
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    # 0: the logit scale is learned from 1 / 0.07 and clamped at 100 (CLIP paper, Sec. 2.5); the committed model
+    # ended at 33. > 0: held fixed at that value, e.g. 100, where real CLIPs end (issue #13, section 4: a lower
+    # temperature widens the modality gap, Liang et al. 2022, Sec. 4.2)
+    fixed_logit_scale: float = 0.0
     # ----- hard negatives (batch_order)
     grouped_fraction: float = 0.0  # share of steps whose batch comes from a few groups of pairs only
     group_by: tuple[str, ...] = ("context", "colour")  # the words that define a group
@@ -110,6 +114,8 @@ class ClipTrainConfig:
             or self.model_cfg["text_cfg"].get("context_length") != 77
         ):
             raise ValueError("text_cfg must keep the real tokenizer's vocab_size 49408 and context_length 77")
+        if not 0 <= self.fixed_logit_scale <= 100:
+            raise ValueError(f"fixed_logit_scale must be 0 (learned) or in (0, 100], got {self.fixed_logit_scale}")
         if not 1 <= self.render_workers <= 2 and self.render_workers != 0:
             raise ValueError(f"render_workers must be 0 (in process), 1 or 2, got {self.render_workers}")
 
@@ -355,6 +361,10 @@ def train_clip(
     remap[used] = torch.arange(len(used))
     remap = remap.to(device)
     rows = torch.nn.Parameter(table.detach()[used.to(device)].clone())  # (n_used, width)
+    if config.fixed_logit_scale:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(config.fixed_logit_scale))
+        model.logit_scale.requires_grad_(False)  # saved with the model: l_CE's scale s reads it
 
     # 3. optimizer, loss, batch order
     optimizer = torch.optim.AdamW(
@@ -505,6 +515,21 @@ def save_trained(
     return replace_dir(staging, out)
 
 
+def parse_overrides(items: list[str], config_class) -> dict:
+    """['FIELD=JSON', ...] -> {FIELD: value} for fields of CONFIG_CLASS (a dataclass); a bare word is a string."""
+    names = {f.name for f in fields(config_class)}
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train the toy world's CLIP and write its model folder."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.world.train_clip", description=main.__doc__)
@@ -525,10 +550,18 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for resumable checkpoints (default: OUT.checkpoints, removed once the model is written); run the "
         "same command again after a crash and it resumes there",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override any ClipTrainConfig field, e.g. --set fixed_logit_scale=100 --set n_pairs=102400 (repeatable)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    overrides.update(parse_overrides(args.set, ClipTrainConfig))
     config = clip_train_config(args.preset, **overrides)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_folder(args.out)
     print(f"training {args.preset}: {json.dumps(asdict(config))}", flush=True)
