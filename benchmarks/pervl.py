@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.pervl_data import PervlSplit, fsl_image_path, missing_images, query_image_path, read_split
+from benchmarks.world.config import WorldConfig, parse_overrides
 from retrieval import Engine
 from retrieval.composed import insert_concept, plan_query
 from retrieval.distributed import TokenJob, learn_tokens_on_ray
@@ -132,6 +133,7 @@ class BenchConfig:
     world: str | None = None  # "synthetic": the toy world's split with its models
     world_seed: int = 0
     world_preset: str = "pervl"
+    world_overrides: dict = field(default_factory=dict)  # WorldConfig fields over the preset (--world-set)
     device: str = "auto"
     progress: bool = True
     engine: str = "local"  # local | ray: each (method, seed)'s tokens learned on a Ray cluster, in concept batches
@@ -210,7 +212,8 @@ class Benchmark:
         if cfg.world == "synthetic":
             from benchmarks.world import world_config, write_split
 
-            paths = write_split(self.out / "world", world_config(cfg.world_preset, seed=cfg.world_seed), cfg.split)
+            world = world_config(cfg.world_preset, **{"seed": cfg.world_seed, **cfg.world_overrides})
+            paths = write_split(self.out / "world", world, cfg.split)
             annotations, images = paths.annotations, paths.images
         else:
             if not cfg.annotations or not cfg.images:
@@ -537,6 +540,14 @@ def parse_args(argv=None) -> BenchConfig:
         "--world-seed", type=int, default=0, help="seed of the synthetic world (another seed, another world)"
     )
     p.add_argument("--world-preset", default="pervl", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--world-set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="with --world synthetic: override a WorldConfig field, e.g. --world-set group_sizes=[4,6] (repeatable; "
+        "another world: give it its own --out). The calibration screen in the README uses it",
+    )
     p.add_argument("--split", default="test", choices=("test", "validation"))
     p.add_argument(
         "--captions",
@@ -567,7 +578,9 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--quick", action="store_true", help="10 concepts, 1 seed, fewer steps: minutes on 2 CPU cores")
     p.add_argument("--out", default="out/pervl", help="results and caches (default out/pervl)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (none either when stderr is not a terminal)"
+    )
     p.add_argument(
         "--engine", default="local", choices=("local", "ray"), help="ray: learn the tokens on a Ray cluster (--address)"
     )
@@ -583,13 +596,16 @@ def parse_args(argv=None) -> BenchConfig:
         shots=a.shots,
         out=a.out,
         device=a.device,
-        progress=not a.no_progress,
+        progress=not a.no_progress and sys.stderr.isatty(),  # no bars in a log file
         engine=a.engine,
         address=a.address,
         world=a.world,
         world_seed=a.world_seed,
         world_preset=a.world_preset,
+        world_overrides=parse_overrides(a.world_set, WorldConfig),
     )
+    if cfg.world_overrides and a.world != "synthetic":
+        raise SystemExit("--world-set changes the synthetic world: give it with --world synthetic")
     if a.world == "synthetic":
         cfg = replace(cfg, **SYNTHETIC)
     if a.quick:

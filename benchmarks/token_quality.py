@@ -4,9 +4,13 @@
     python -m benchmarks.token_quality --model tiny-random --diffusion tiny-random --steps 10   # smoke run
     python -m benchmarks.token_quality --methods ti batex ours ours+caption --steps 50 200 500   # convergence
 
-Convergence (issue #13, section 6): several `--steps` train every method once per budget (the learning-rate
-schedule is each run's own, so a row is "what this budget buys", not a snapshot of a longer run). `ours+caption`
-is ours initialised from an `auto` caption (Qiu et al., One-Sentence report, Sec. 3).
+Convergence (issue #13, section 6): with several `--steps`, every method trains ONCE, to the largest budget, and
+each budget's row is the token at that step (`StepReport.vectors`). The learning rate is constant and every step
+draws its own batch, so that snapshot is exactly the token a training of that many steps returns (tested:
+tests/test_tokens.py, `test_on_step_snapshot_is_the_token_of_a_shorter_training`). `ours+caption` is ours
+initialised from an `auto` caption (Qiu et al., One-Sentence report, Sec. 3); `ours+rR` is ours with P cut to the R
+principal directions of largest variance (`TokenTrainConfig.subspace_rank`; Perera et al. Sec. 4.3 give no
+dimension for P, ours keeps all: r = K - 1 = 16 on the toy world).
 
 Data: the toy world's `test` split (`write_split`, world preset `pervl`). The N concepts are the first concept of
 each of the first N groups (different words); each token is learned from the concept's few-shot images with its
@@ -47,7 +51,7 @@ to lr per step, so 200 steps can already move a token far on the toy CLIP's embe
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +64,7 @@ from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
 from benchmarks.world.split import plan_split
 from retrieval import Engine
+from retrieval.io.atomic import write_json
 from retrieval.io.images import image_grid, load_image
 from tokens.learn import ConceptImages, learn_tokens
 from tokens.methods import METHODS, MODEL_DEFAULTS, fill_prompt, token_train_config
@@ -118,9 +123,12 @@ def evaluate_prompt(clip, prompt, vectors, concept, eval_feats, other_feats, par
 
 GEN_COLUMNS = ("gen_words", "gen_object", "gen_context")
 # what --methods accepts: the four methods, and ours initialised from an `auto` caption (Qiu et al. Sec. 3)
-VARIANTS: dict[str, tuple[str, dict]] = {m: (m, {}) for m in METHODS} | {
-    "ours+caption": ("ours", {"init_caption": "auto"})
-}
+# and ours with P of rank R (the paper gives no dimension; ours keeps every direction)
+VARIANTS: dict[str, tuple[str, dict]] = (
+    {m: (m, {}) for m in METHODS}
+    | {"ours+caption": ("ours", {"init_caption": "auto"})}
+    | {f"ours+r{r}": ("ours", {"subspace_rank": r}) for r in (1, 2, 4, 8)}
+)
 
 
 def variant_config(name: str, **overrides):
@@ -160,6 +168,8 @@ def generation_accuracy(
 
 
 def run(args) -> list[dict]:
+    """The table's rows; OUT/token_quality.json is rewritten (atomically) after each method, so a long convergence
+    run that is killed keeps every method it finished ("complete": false until the last)."""
     out = Path(args.out)
     world = world_config("pervl")
     # 1. the world: split, picked concepts, their few-shot and evaluation images; parent/other-class scenes
@@ -241,10 +251,11 @@ def run(args) -> list[dict]:
     )
     # 3. each method: one batched training of all concepts, then the measurements
     parent_scenes = category_scenes(world, args.negatives, seed=777) if args.negatives_source == "world" else {}
-    for method, steps in [(m, k) for m in args.methods for k in args.steps]:
+    budgets = sorted(set(args.steps))
+    for method in args.methods:
         config = variant_config(
             method,
-            steps=steps,
+            steps=budgets[-1],
             lr=args.lr,
             n_vectors=args.vectors,
             seed=args.seed,
@@ -261,31 +272,54 @@ def run(args) -> list[dict]:
             if config.uses_ce and parent_scenes:  # rendered scenes of the parent, from their own stream
                 negatives = [render_scene(s, world) for s in parent_scenes[c.category]]
             to_learn.append(ConceptImages(f"c{c.pair_id}", c.category, fsl_images[c.pair_id], negatives))
-        learned = learn_tokens(clip, backbone, config, to_learn, out / "negatives", progress=not args.no_progress)
+        snapshots = {}  # budget -> (C, n_max, width): the tokens at that step of the one training
+
+        def keep(report, snapshots=snapshots):
+            if report.step in budgets:
+                snapshots[report.step] = report.vectors()
+
+        learned = learn_tokens(
+            clip,
+            backbone,
+            config,
+            to_learn,
+            out / "negatives",
+            progress=not args.no_progress and sys.stderr.isatty(),
+            on_step=keep,
+        )
         seconds = learned[0].info.training["seconds"]  # the batched loop's, all concepts
-        per = []
-        for c, t in zip(concepts, learned):
-            vectors = {t.placeholder: t.vectors.to(clip.device)}
-            prompt = fill_prompt(SCORE_TEMPLATE, t.placeholder, c.category)
-            others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
-            rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
-            m = evaluate_prompt(clip, prompt, vectors, c, eval_feats[c.pair_id], others, class_feats[c.category], rest)
-            if backbone is None:  # no diffusion model loaded (pt with rendered negatives): no generation columns
-                per.append({**m, **{k: nan for k in GEN_COLUMNS}})
-                continue
-            g = generation(c, t.placeholder, vectors)
-            if args.save_images:
-                image_grid(g["images"], columns=len(g["images"])).save(out / f"gen-{method}-{steps}-{c.pair_id}.png")
-            per.append({**m, **{k: g[k] for k in GEN_COLUMNS}})
         steps_run = max(t.info.training["steps"] for t in learned) or 1
-        rows.append(
-            {
-                "method": method,
-                "steps": steps,
-                **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
-                "s_per_step": seconds / steps_run,
-                "s_per_concept_step": seconds / steps_run / len(concepts),
-            }
+        for steps in budgets:
+            per = []
+            for i, (c, t) in enumerate(zip(concepts, learned)):
+                # a budget past the step where training stopped (every loss non-finite): what that shorter run kept
+                at = snapshots[steps][i, : len(t.vectors)] if steps in snapshots else t.vectors
+                vectors = {t.placeholder: at.to(clip.device)}
+                prompt = fill_prompt(SCORE_TEMPLATE, t.placeholder, c.category)
+                others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
+                rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
+                m = evaluate_prompt(
+                    clip, prompt, vectors, c, eval_feats[c.pair_id], others, class_feats[c.category], rest
+                )
+                if backbone is None:  # no diffusion model loaded (pt with rendered negatives): no generation columns
+                    per.append({**m, **{k: nan for k in GEN_COLUMNS}})
+                    continue
+                g = generation(c, t.placeholder, vectors)
+                if args.save_images:
+                    grid = image_grid(g["images"], columns=len(g["images"]))
+                    grid.save(out / f"gen-{method}-{steps}-{c.pair_id}.png")
+                per.append({**m, **{k: g[k] for k in GEN_COLUMNS}})
+            rows.append(
+                {
+                    "method": method,
+                    "steps": steps,
+                    **{k: float(np.mean([r[k] for r in per])) for k in per[0]},
+                    "s_per_step": seconds / steps_run,
+                    "s_per_concept_step": seconds / steps_run / len(concepts),
+                }
+            )
+        write_json(
+            out / "token_quality.json", {"args": vars(args), "rows": rows, "complete": method == args.methods[-1]}
         )
     return rows
 
@@ -330,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=[200],
-        help="optimiser steps, every method (CPU budget); several (50 200 1000): a convergence table, one training "
-        "per budget",
+        help="optimiser steps, every method (CPU budget); several (50 200 1000): a convergence table from one "
+        "training per method (a row per budget: the token at that step)",
     )
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate, every method (the papers')")
     parser.add_argument("--vectors", type=int, default=10)
@@ -353,7 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="out/token_quality")
     parser.add_argument("--save-images", action="store_true", help="write each concept's generated images")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (none either when stderr is not a terminal)"
+    )
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -365,7 +401,6 @@ def main(argv: list[str] | None = None) -> None:
         f"negatives from {args.negatives_source}; "
         f"{time.perf_counter() - t:.0f} s in all"
     )
-    (Path(args.out) / "token_quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 quick synthetic profile on tiny models (a complete table, then a resumed run that trains nothing)."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,18 @@ def test_arguments():
         parse_args(["--annotations", "a", "--images", "b", "--methods", "palavra"])
     with pytest.raises(SystemExit):
         parse_args([])  # neither real data nor the synthetic world
+
+
+def test_world_set_overrides_the_synthetic_worlds_fields(tmp_path):
+    cfg = parse_args(["--world", "synthetic", "--world-set", "group_sizes=[4,6]", "--world-set", "n_concepts=12"])
+    assert cfg.world_overrides == {"group_sizes": [4, 6], "n_concepts": 12}
+    bench = Benchmark(replace(cfg, out=str(tmp_path), concepts=0))
+    split, _ = bench.load_split()
+    assert len(split.pair_ids) == 12  # the overridden world was written, not the default one
+    with pytest.raises(SystemExit, match="--world synthetic"):
+        parse_args(["--annotations", "a", "--images", "b", "--world-set", "n_concepts=12"])
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        parse_args(["--world", "synthetic", "--world-set", "no_such_field=1"])
 
 
 @pytest.mark.skipif(not PERVL.is_dir(), reason="needs ../shared/pervl (the real PerVL annotation files)")

@@ -1,6 +1,9 @@
 """benchmarks/token_quality.py's measures on made-up features: MRR and AUCs of a prompt, and the method variants."""
 
+import json
+
 import numpy as np
+import pytest
 
 from benchmarks import token_quality
 
@@ -29,3 +32,33 @@ def test_ours_with_caption_initialisation_is_ours_from_an_auto_caption():
     config = token_quality.variant_config("ours+caption", steps=7)
     assert config.method == "ours" and config.init_caption == "auto" and config.steps == 7
     assert token_quality.variant_config("ti").init_caption is None
+
+
+def test_rank_variants_cap_the_subspace():
+    assert token_quality.variant_config("ours+r4").subspace_rank == 4
+    assert token_quality.variant_config("ours").subspace_rank == 0  # the default keeps every direction
+
+
+def test_one_training_gives_each_budgets_row_as_a_separate_training_would(tmp_path):
+    # the convergence table trains once to the largest budget and reads each budget off a snapshot; the 2-step row
+    # must equal the row of a 2-step training, number for number
+    common = "--model tiny-random --diffusion tiny-random --concepts 2 --methods ti ours+r2 --gen-per-context 1 "
+    common += "--parent-images 3 --negatives 2 --sample-steps 2 --device cpu --no-progress --out"
+    token_quality.main([*common.split(), str(tmp_path / "a"), "--steps", "2", "4"])
+    token_quality.main([*common.split(), str(tmp_path / "b"), "--steps", "2"])
+    saved = json.loads((tmp_path / "a" / "token_quality.json").read_text())
+    assert saved["complete"] is True  # rewritten after each method; complete after the last
+    curve = saved["rows"]
+    single = json.loads((tmp_path / "b" / "token_quality.json").read_text())["rows"]
+    assert [(r["method"], r["steps"]) for r in curve] == [
+        ("words", 0),
+        ("ti", 2),
+        ("ti", 4),
+        ("ours+r2", 2),
+        ("ours+r2", 4),
+    ]
+    measures = ("mrr", "auc_concept_parent", "auc_concept_others", "auc_parent_classes", *token_quality.GEN_COLUMNS)
+    for method in ("ti", "ours+r2"):
+        at2 = next(r for r in curve if r["method"] == method and r["steps"] == 2)
+        alone = next(r for r in single if r["method"] == method)
+        assert {k: at2[k] for k in measures} == pytest.approx({k: alone[k] for k in measures}, abs=1e-6)

@@ -7,6 +7,7 @@ training's own draws (images, prompts, noise, timesteps) are new every step, so 
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -100,7 +101,6 @@ def test_each_methods_loss_falls(tiny, method):
 
 def at_start(concept, tiny, cfg):
     """The effective vectors after 0 steps (for ours the projection of the init, else the init)."""
-    from dataclasses import replace
 
     return train_tokens([concept], tiny.clip, tiny, replace(cfg, steps=0), progress=False)[0].vectors
 
@@ -222,7 +222,6 @@ def test_auto_caption_and_multi_token_parent(tiny):
 
 # ----- batched training
 def test_batched_training_equals_separate_training(tiny):
-    from dataclasses import replace
 
     cfg = config("ours", steps=4, lambda_ce=1.0)
     a = prepare_concept("a", "dress", RED, tiny.clip, tiny, cfg, negatives=GREY, seed=11)
@@ -289,8 +288,42 @@ def test_on_step_sees_every_step_and_changes_nothing(tiny):
     assert last.loss == pytest.approx(weighted(cfg, last.l_sd, last.l_ce), rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ["ours", "batex", "ti"])
+def test_on_step_snapshot_is_the_token_of_a_shorter_training(tiny, method):
+    # a snapshot at step k of a 5-step run is what a k-step run returns (constant lr, per-step draws): one run
+    # gives a whole convergence curve (benchmarks/token_quality.py)
+    cfg, concept = prepared(tiny, method, steps=5, lambda_ce=1.0 if method == "ours" else 0.0)
+    snapshots = {}
+    train_tokens(
+        [concept], tiny.clip, tiny, cfg, progress=False, on_step=lambda r: snapshots.update({r.step: r.vectors()})
+    )
+    for k in (2, 5):
+        short = train_tokens([concept], tiny.clip, tiny, replace(cfg, steps=k), progress=False)[0]
+        assert snapshots[k].shape == (1, concept.n_vectors, WIDTH)
+        torch.testing.assert_close(snapshots[k][0], short.vectors, atol=1e-6, rtol=0)
+    assert not torch.allclose(snapshots[2], snapshots[5])  # the steps between moved it
+
+
+def test_subspace_rank_caps_the_pca_basis(tiny):
+    torch.manual_seed(0)
+    points = torch.randn(6, 16)
+    full, mean = pca_basis(points)
+    top2, mean2 = pca_basis(points, rank=2)
+    assert top2.shape == (16, 2) and torch.equal(mean, mean2)
+    torch.testing.assert_close(top2, full[:, :2])  # the two directions of largest variance
+    assert pca_basis(points, rank=50)[0].shape == (16, 5)  # a cap above the rank changes nothing
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        pca_basis(points, rank=-1)
+    cfg, concept = prepared(tiny, "ours", steps=3, subspace_rank=1)
+    assert concept.subspace.basis.shape == (WIDTH, 1)
+    trained = train_tokens([concept], tiny.clip, tiny, cfg, progress=False)[0]
+    assert subspace_residual(trained.vectors, concept.subspace.basis, concept.subspace.mean) < 1e-5
+    assert trained.constraint["dim"] == 1
+    with pytest.raises(ValueError, match="subspace_rank"):
+        token_train_config("ours", subspace_rank=-1)
+
+
 def test_on_step_returning_false_cancels_and_writes_no_token(tiny, tmp_path):
-    from dataclasses import replace
 
     from tokens.learn import LearnRequest, learn_token
 

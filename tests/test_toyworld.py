@@ -148,6 +148,33 @@ def test_a_detail_share_of_captions_names_the_details_and_share_0_draws_nothing(
     assert a.random() == b.random()
 
 
+def test_garment_share_sets_how_often_a_caption_names_the_garment(scenes):
+    """Section 4's caption lever: GARMENT_SHARE is the probability that a caption names the garment; None keeps the
+    committed stream (same draws), and every share makes the same number of draws."""
+    from benchmarks.world.captions import CAPTION_TEMPLATES, garment_templates
+
+    assert garment_templates(None) is CAPTION_TEMPLATES
+    assert sum(w for t, w in CAPTION_TEMPLATES if "{g}" in t) == pytest.approx(0.9)  # the grammar's own share
+    for share in (0.0, 0.3, 1.0):
+        weights = garment_templates(share)
+        assert sum(w for t, w in weights if "{g}" in t) == pytest.approx(share)
+        assert sum(w for _, w in weights) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        garment_templates(1.5)
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert [caption(s, a, garment_share=None) for s in scenes] == [caption(s, b) for s in scenes]
+    rng = np.random.default_rng(8)
+    never = [caption(s, rng, garment_share=0.0) for s in scenes]
+    assert not any(s.category in words(t) for s, t in zip(scenes, never))
+    always = [caption(s, rng, garment_share=1.0) for s in scenes]
+    assert all(s.category in words(t) for s, t in zip(scenes, always))
+    x, y = np.random.default_rng(9), np.random.default_rng(9)
+    for s in scenes:
+        caption(s, x, garment_share=0.3)
+        caption(s, y)
+    assert x.random() == y.random()  # no extra draw: the streams after the captions stay aligned
+
+
 def test_detail_factors_are_read_only_where_a_scene_has_the_detail(tiny_encoder, scenes):
     from benchmarks.world import evaluate
 

@@ -135,6 +135,10 @@ class TokenTrainConfig:
     # that correlated most with the given concept in the CLIP space"); drawn from our own vocabulary
     # (tokens.attributes, 375 words), not from C-GQA's attribute list
     attributes_k: int = 100
+    # r, the principal directions of the K attribute embeddings that P keeps (Sec. 4.3 gives no dimension for P);
+    # 0: every direction of non-zero variance (r = rank <= K - 1), our default: measured against 1, 2, 4, 8 in the
+    # README ("Fidelity to the papers", row d) with `python -m benchmarks.token_quality --methods ours ours+r4 ...`
+    subspace_rank: int = 0
     # ----- batex: the vocabulary basis
     batex_m: int = 576  # M nearest vocabulary embeddings (BaTex Sec. 5, Table 4: M = 576 of d = 768)
     reference_width: int = 768  # text width the paper's K and M are for (CLIP ViT-L/14)
@@ -157,8 +161,11 @@ class TokenTrainConfig:
             or self.batch_size < 1
             or self.min_images < 1
             or self.concepts_per_forward < 0
+            or self.subspace_rank < 0
         ):
-            raise ValueError("n_vectors, batch_size and min_images must be >= 1, steps and concepts_per_forward >= 0")
+            raise ValueError(
+                "n_vectors, batch_size and min_images must be >= 1, steps, concepts_per_forward and subspace_rank >= 0"
+            )
         if self.lambda_sd < 0 or self.lambda_ce < 0 or self.lambda_sd + self.lambda_ce == 0:
             raise ValueError(f"lambda_sd={self.lambda_sd}, lambda_ce={self.lambda_ce}: both >= 0 and not both 0")
         for t in self.sd_templates + (self.class_template,):
@@ -242,18 +249,23 @@ def attribute_scores(
 
 
 # ----- ours: the attribute subspace (Perera et al. Sec. 4.3, "Improving Compositionality")
-def pca_basis(points: torch.Tensor, rel_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_basis(points: torch.Tensor, rel_tol: float = 1e-5, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA of POINTS (K, width): (basis (width, r) orthonormal principal directions, mean (width,)).
-    r = the rank of the centred points: directions with singular value <= rel_tol * the largest are dropped.
+    r = the rank of the centred points (directions with singular value <= rel_tol * the largest are dropped), or
+    RANK when it is lower (RANK 0: no cap): the RANK directions of largest variance.
 
     Perera et al. Sec. 4.3: "We calculate the mean vector mu_e of the matrix e and perform Principal Component
-    Analysis to find a projection matrix P". The paper gives no dimension for P. Our choice: keep every direction
-    of non-zero variance, so P projects onto the affine hull of the K attribute embeddings (no truncation):
-    r <= K - 1, i.e. at most 99 for K = 100 on CLIP ViT-L/14 and 16 on the toy world (K = 17 at width 128). The
-    effect of this choice on retrieval has not been measured."""
+    Analysis to find a projection matrix P". The paper gives no dimension for P. Our default (RANK 0): keep every
+    direction of non-zero variance, so P projects onto the affine hull of the K attribute embeddings (no
+    truncation): r <= K - 1, i.e. at most 99 for K = 100 on CLIP ViT-L/14 and 16 on the toy world (K = 17 at width
+    128). `TokenTrainConfig.subspace_rank` caps it; the effect of the cap is measured in the README (row d)."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0 (0: every direction of non-zero variance), got {rank}")
     mean = points.mean(0)
-    _, s, vh = torch.linalg.svd((points - mean).double(), full_matrices=False)  # vh (min(K, width), width)
+    _, s, vh = torch.linalg.svd((points - mean).double(), full_matrices=False)  # vh (min(K, width), width), s desc.
     keep = s > rel_tol * s.max().clamp_min(1e-30)
+    if rank:
+        keep &= torch.arange(len(s)) < rank
     return vh[keep].T.to(points.dtype).contiguous(), mean
 
 

@@ -191,7 +191,8 @@ def prepare_concept(
         k = min(config.k_for(clip.width), len(attributes))
         scores = attribute_scores(clip, image_features, parent, attributes, config.class_template)  # (A,)
         words = tuple(attributes[i] for i in scores.argsort(descending=True)[:k].tolist())
-        u, mu = pca_basis(word_embeddings(clip, words))  # u (width, r), r = rank <= K - 1: the paper gives no dim
+        # u (width, r): r = rank <= K - 1, or config.subspace_rank when lower (the paper gives no dimension)
+        u, mu = pca_basis(word_embeddings(clip, words), rank=config.subspace_rank)
         subspace = Subspace(u, mu, words)
     elif config.method == "batex":
         basis = _vocabulary_basis(clip, init.vectors, config.m_for(clip.width))  # BaTex Algorithm 1
@@ -315,6 +316,9 @@ class StepReport:
     l_ce: float  # l_CE this step
     loss: float  # L = lambda_SD l_SD + lambda_CE l_CE this step
     seconds: float  # since the loop started: seconds / step * (steps - step) is the time left
+    # () -> (C, n_max, width) float32 on the CPU: every concept's effective token vectors now, exactly those a
+    # training of `step` steps would return (constant lr, per-step draws), so one run gives a convergence curve
+    vectors: Callable[[], torch.Tensor] = field(repr=False, compare=False)
 
 
 class TrainingCancelled(Exception):
@@ -489,6 +493,7 @@ def train_tokens(
                     l_ce=float(terms[1, active].mean()),
                     loss=float(terms[2, active].mean()),
                     seconds=time.perf_counter() - start,
+                    vectors=lambda: holder.vectors().detach().float().cpu().clone(),  # a copy: ti's IS the parameter
                 )
                 if on_step(report) is False:
                     bar.close()

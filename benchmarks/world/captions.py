@@ -199,11 +199,27 @@ def _choice(rng: np.random.Generator, weighted):
     return weighted[int(rng.choice(len(weighted), p=weights / weights.sum()))][0]
 
 
-def caption(scene: Scene, rng: np.random.Generator, detail_share: float = 0.0) -> str:
+def garment_templates(share: float | None) -> tuple[tuple[str, float], ...]:
+    """CAPTION_TEMPLATES reweighted so that a caption names the garment with probability SHARE (None: as written,
+    0.9). Web captions of photos of people seldom describe the clothes; a lower share is a calibration lever of
+    issue #13, section 4 (README, "Calibration on the baselines")."""
+    if share is None:
+        return CAPTION_TEMPLATES
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"garment caption share must be in [0, 1], got {share}")
+    with_g = sum(w for t, w in CAPTION_TEMPLATES if "{g}" in t)
+    without = sum(w for t, w in CAPTION_TEMPLATES if "{g}" not in t)
+    return tuple((t, w * share / with_g if "{g}" in t else w * (1 - share) / without) for t, w in CAPTION_TEMPLATES)
+
+
+def caption(
+    scene: Scene, rng: np.random.Generator, detail_share: float = 0.0, garment_share: float | None = None
+) -> str:
     """A training caption of the scene's words (never its concept); with probability DETAIL_SHARE its garment
     phrase also names the details (`detail_phrase`). With DETAIL_SHARE 0 no extra random draw is made, so the
-    stream of captions is the one the committed models were trained on."""
-    template = _choice(rng, CAPTION_TEMPLATES)
+    stream of captions is the one the committed models were trained on. GARMENT_SHARE: the probability that the
+    caption names the garment at all (`garment_templates`; None: the grammar's 0.9), the same number of draws."""
+    template = _choice(rng, garment_templates(garment_share))
     with_colour, with_pattern = _choice(rng, GARMENT_PARTS)
     places = CONTEXT_WORDS[scene.context].places
     place = places[int(rng.integers(len(places)))]
