@@ -464,7 +464,7 @@ def demo(
     if t is not None:
         typer.echo(
             f"\ncustom token {t.token!r} for concept {t.concept} (parent {t.parent!r}), learned from its few-shot "
-            f"images {'(reused from the last run)' if t.reused else f'in {t.seconds:.0f} s'} (method ours). Rank of each caption's own image among "
+            f"images {'(reused from the last run)' if t.reused else f'in {t.seconds:.0f} s'} (method ours, caption-initialised). Rank of each caption's own image among "
             f"{result.summary.count} gallery images:"
         )
         for i, (q, target) in enumerate(zip(t.queries, t.targets)):

@@ -7,10 +7,12 @@
 3. answer text queries that name the words (garment, colour, pattern, place) of known evaluation images, and
    report the rank of each such image;
 4. write a self-contained HTML page of the results to OUT/results.html;
-5. learn a custom token (method `ours`) for one concept from its few-shot images (OUT/tokens) and answer that
-   concept's evaluation captions three ways: words only (the parent word), with the token, and with the token
-   and GAIR; report the rank of each caption's own image and write OUT/gair.html (the query visualised: the
-   image generated for each weight w, the context image, the results).
+5. learn a custom token (method `ours`, initialised from an `auto` caption: Qiu et al.'s One-Sentence
+   initialisation, the fastest to converge in `benchmarks/token_quality.py`; at 300 steps its GAIR images show
+   the concept's pink and checks where the parent-word start drew a pale garment) for one concept from its
+   few-shot images (OUT/tokens) and answer that concept's evaluation captions three ways: words only (the parent
+   word), with the token, and with the token and GAIR; report the rank of each caption's own image and write
+   OUT/gair.html (the query visualised: the image generated for each weight w, the context image, the results).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tokens.learn import LearnRequest, request_config
 from tokens.trainer import json_safe
 
 DEMO_QUERIES = 4  # queries asked by the demo: one per concept, for the first concepts
-DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours)
+DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours, caption-initialised)
 DEMO_SAMPLE_STEPS = 25  # sampler steps of the demo's negatives (the toy diffusion model's default)
 
 
@@ -131,6 +133,7 @@ def token_demo(
     # 8 negatives at the toy model's sampler steps keep the demo within minutes on 2 CPU cores
     options = dict(
         method="ours",
+        init_caption="auto",
         steps=steps,
         seed=0,
         overwrite=True,
