@@ -602,7 +602,7 @@ def parse_args(argv=None) -> BenchConfig:
         world=a.world,
         world_seed=a.world_seed,
         world_preset=a.world_preset,
-        world_overrides=parse_overrides(a.world_set, WorldConfig),
+        world_overrides=parse_overrides(a.world_set, WorldConfig, "--world-set"),
     )
     if cfg.world_overrides and a.world != "synthetic":
         raise SystemExit("--world-set changes the synthetic world: give it with --world synthetic")

@@ -196,13 +196,15 @@ def run(args) -> list[dict]:
     class_feats = {cat: feats_of(v) for cat, v in scenes.items()}
     eval_feats = {c.pair_id: feats_of_files(by_concept[c.pair_id]) for c in plan.concepts}
     rows = []
-    # 2. the no-training reference: the concept's own words
-    ref = []
-    for c in concepts:
-        prompt = f"a person wearing {garment_phrase(c.category, c.colour, c.pattern)}."
+
+    def score(c, prompt, vectors):
+        """evaluate_prompt against the concept's negatives: the other concepts' evaluation images, other classes."""
         others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
         rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
-        ref.append(evaluate_prompt(clip, prompt, None, c, eval_feats[c.pair_id], others, class_feats[c.category], rest))
+        return evaluate_prompt(clip, prompt, vectors, c, eval_feats[c.pair_id], others, class_feats[c.category], rest)
+
+    # 2. the no-training reference: the concept's own words
+    ref = [score(c, f"a person wearing {garment_phrase(c.category, c.colour, c.pattern)}.", None) for c in concepts]
     # look-alikes: per picked concept, the unit mean few-shot feature of it and of every concept sharing its words
     fsl_images = {c.pair_id: [load_image(image_dir / im.name) for im in plan.fsl[c.pair_id]] for c in concepts}
 
@@ -274,7 +276,7 @@ def run(args) -> list[dict]:
             to_learn.append(ConceptImages(f"c{c.pair_id}", c.category, fsl_images[c.pair_id], negatives))
         snapshots = {}  # budget -> (C, n_max, width): the tokens at that step of the one training
 
-        def keep(report, snapshots=snapshots):
+        def keep(report):
             if report.step in budgets:
                 snapshots[report.step] = report.vectors()
 
@@ -295,12 +297,7 @@ def run(args) -> list[dict]:
                 # a budget past the step where training stopped (every loss non-finite): what that shorter run kept
                 at = snapshots[steps][i, : len(t.vectors)] if steps in snapshots else t.vectors
                 vectors = {t.placeholder: at.to(clip.device)}
-                prompt = fill_prompt(SCORE_TEMPLATE, t.placeholder, c.category)
-                others = np.concatenate([eval_feats[o.pair_id] for o in plan.concepts if o.pair_id != c.pair_id])
-                rest = np.concatenate([class_feats[k] for k in world.categories if k != c.category])
-                m = evaluate_prompt(
-                    clip, prompt, vectors, c, eval_feats[c.pair_id], others, class_feats[c.category], rest
-                )
+                m = score(c, fill_prompt(SCORE_TEMPLATE, t.placeholder, c.category), vectors)
                 if backbone is None:  # no diffusion model loaded (pt with rendered negatives): no generation columns
                     per.append({**m, **{k: nan for k in GEN_COLUMNS}})
                     continue

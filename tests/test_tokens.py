@@ -101,7 +101,6 @@ def test_each_methods_loss_falls(tiny, method):
 
 def at_start(concept, tiny, cfg):
     """The effective vectors after 0 steps (for ours the projection of the init, else the init)."""
-
     return train_tokens([concept], tiny.clip, tiny, replace(cfg, steps=0), progress=False)[0].vectors
 
 
@@ -222,7 +221,6 @@ def test_auto_caption_and_multi_token_parent(tiny):
 
 # ----- batched training
 def test_batched_training_equals_separate_training(tiny):
-
     cfg = config("ours", steps=4, lambda_ce=1.0)
     a = prepare_concept("a", "dress", RED, tiny.clip, tiny, cfg, negatives=GREY, seed=11)
     b = prepare_concept(

@@ -14,6 +14,7 @@ no concept id. Only training captions may name a garment's details, and only whe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -199,6 +200,7 @@ def _choice(rng: np.random.Generator, weighted):
     return weighted[int(rng.choice(len(weighted), p=weights / weights.sum()))][0]
 
 
+@lru_cache(maxsize=16)  # called once per training caption
 def garment_templates(share: float | None) -> tuple[tuple[str, float], ...]:
     """CAPTION_TEMPLATES reweighted so that a caption names the garment with probability SHARE (None: as written,
     0.9). Web captions of photos of people seldom describe the clothes; a lower share is a calibration lever of

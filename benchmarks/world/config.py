@@ -133,14 +133,15 @@ def world_config(preset: str = "pervl", **overrides) -> WorldConfig:
     return WorldConfig(**{**PRESETS[preset], **{k: _tuples(v) for k, v in overrides.items()}})
 
 
-def parse_overrides(items: list[str], config_class) -> dict:
-    """['FIELD=JSON', ...] -> {FIELD: value} for fields of CONFIG_CLASS (a dataclass); a bare word is a string."""
+def parse_overrides(items: list[str], config_class, flag: str = "--set") -> dict:
+    """['FIELD=JSON', ...] -> {FIELD: value} for fields of CONFIG_CLASS (a dataclass); a bare word is a string.
+    FLAG names the command-line option in the error."""
     names = {f.name for f in fields(config_class)}
     out = {}
     for item in items:
         name, sep, raw = item.partition("=")
         if not sep or name not in names:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}")
+            raise SystemExit(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}")
         try:
             out[name] = json.loads(raw)
         except json.JSONDecodeError:
