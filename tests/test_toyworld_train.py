@@ -51,3 +51,20 @@ def test_a_killed_run_resumes_without_retraining_the_clip(tmp_path, monkeypatch)
     monkeypatch.setattr(train_clip, "main", lambda *a, **k: pytest.fail("the trained CLIP was trained again"))
     train.main(argv)
     assert (tmp_path / "diffusion" / "eval.json").is_file() and not checkpoints.exists()
+
+
+def test_every_recipe_pair_names_presets_both_trainers_have():
+    """train.PRESETS pairs a CLIP recipe with a diffusion recipe; v2 is the committed recipe with only the logit
+    scale held at 100 and half of the captions naming details, in both models (issue #13, sections 3-4)."""
+    from dataclasses import asdict
+
+    from benchmarks.world.train_clip import clip_train_config
+    from benchmarks.world.train_diffusion import diffusion_train_config
+
+    for clip_preset, diffusion_preset in train.PRESETS.values():
+        clip_train_config(clip_preset), diffusion_train_config(diffusion_preset)
+    v1, v2 = asdict(clip_train_config("toyworld")), asdict(clip_train_config("toyworld-v2"))
+    assert {k for k in v1 if v1[k] != v2[k]} == {"fixed_logit_scale", "detail_caption_share"}
+    assert v2["fixed_logit_scale"] == 100.0 and v2["detail_caption_share"] == 0.5
+    d1, d2 = asdict(diffusion_train_config("toyworld")), asdict(diffusion_train_config("toyworld-v2"))
+    assert {k for k in d1 if d1[k] != d2[k]} == {"detail_caption_share"} and d2["detail_caption_share"] == 0.5

@@ -26,7 +26,11 @@ from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 WEIGHTS = TOYWORLD_WEIGHTS
 # recipe pairs: the CLIP preset and the diffusion preset trained on it
-PRESETS = {"toyworld": ("toyworld", "toyworld"), "smoke": ("smoke", "smoke")}
+PRESETS = {
+    "toyworld": ("toyworld", "toyworld"),
+    "toyworld-v2": ("toyworld-v2", "toyworld-v2"),
+    "smoke": ("smoke", "smoke"),
+}
 
 
 def _trained_as(folder: Path, config) -> bool:
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         "--preset",
         default="toyworld",
         choices=sorted(PRESETS),
-        help="toyworld: the committed models; smoke: a seconds-long twin for tests",
+        help="toyworld: the committed models; toyworld-v2: their recalibration, in training (issue #13); smoke: a "
+        "seconds-long twin for tests",
     )
     parser.add_argument(
         "--out", default=str(WEIGHTS), help="folder that receives clip/ and diffusion/ (default: the committed weights)"

@@ -158,6 +158,7 @@ class DiffusionTrainConfig:
 # Named presets are data. `toyworld`: the committed model; `smoke`: the test twin (seconds).
 DIFFUSION_TRAIN_PRESETS: dict[str, dict] = {
     "toyworld": {},
+    "toyworld-v2": {"detail_caption_share": 0.5},  # on the CLIP of train_clip's preset of that name (README)
     "smoke": {
         "clip": "tiny-random",
         "image_size": 32,
