@@ -23,6 +23,14 @@ Every embedding is L2-normalised, so a cosine is a dot product. What each number
     vs a look-alike's     to unit(mean f(shots)) of another concept of its group (same category, colour and pattern,
       shots               other unnamed details): the hard negative the mean-of-shots query must beat.
 
+Below the table, whether the CLIP sees the concepts' unnamed details at all (issue #13, section 3), on held-out scenes
+whose garment has both a trim and an emblem:
+  linear probe            held-out accuracy of a ridge least-squares read-out of each factor (trim colour, emblem
+                          shape, garment colour, category) from the image embeddings: 2/3 of the images fit it,
+                          1/3 test it. What the image embedding carries, whatever the text tower knows.
+  detail-swap cosine      mean cos(g(t), g(t')) where t' is t with one named detail changed (captions.detail_negative),
+                          beside t' with the garment's colour changed instead: 1.000 = the text tower ignores it.
+
 Each cosine is reported as mean, standard deviation and the number of pairs. Beside each number: the published
 figure for CLIP ViT-B/32 and ViT-L/14 where a source was found and read (PUBLISHED in this file, each with its
 paper, section and figure), otherwise "not found". The published figures are on MSCOCO photographs and captions; ours on the toy world's rendered scenes.
@@ -45,7 +53,9 @@ import numpy as np
 
 from benchmarks.pervl import sample_shots
 from benchmarks.world import plan_split, render_scene, sample_training_pair, world_config
-from benchmarks.world.evaluate import HELD_OUT_SEED
+from benchmarks.world.captions import detail_negative, detail_phrase, garment_phrase
+from benchmarks.world.evaluate import HELD_OUT_SEED, held_out_scenes, render_scenes
+from benchmarks.world.garments import detail_colours
 from retrieval.composed import insert_concept
 from retrieval.models.encoders import ClipEncoder
 
@@ -61,6 +71,7 @@ class GeometryConfig:
     n_pairs: int = 256  # random (scene, training caption) pairs
     n_concepts: int = 16  # the test split's first concepts (all of their few-shot and evaluation images)
     shots: int = 5  # few-shot images per concept behind the mean-of-shots query (pervl.py's default)
+    probe_scenes: int = 600  # held-out scenes (with a trim and an emblem) behind the detail probe
     device: str = "cpu"
 
 
@@ -170,6 +181,55 @@ def geometry(images: np.ndarray, texts: np.ndarray, concepts: Sequence[ConceptFe
     }
 
 
+# ----- does the CLIP see the unnamed details? (section 3)
+PROBE_FACTORS = ("trim_colour", "emblem", "colour", "category")
+
+
+def linear_probe(features: np.ndarray, labels: Sequence[str], fit_share: float = 2 / 3, ridge: float = 1e-2) -> float:
+    """Held-out accuracy of a ridge least-squares read-out (one-hot targets) of LABELS from FEATURES (n, d), fitted
+    on the first FIT_SHARE of the rows and tested on the rest."""
+    classes = sorted(set(labels))
+    y = np.array([classes.index(v) for v in labels])
+    x = np.asarray(features, dtype=np.float64)
+    n = int(len(y) * fit_share)
+    if n < 1 or n >= len(y):
+        raise ValueError(f"need rows both to fit and to test the probe, got {len(y)} rows")
+    w = np.linalg.solve(x[:n].T @ x[:n] + ridge * np.eye(x.shape[1]), x[:n].T @ np.eye(len(classes))[y[:n]])
+    return float(((x[n:] @ w).argmax(1) == y[n:]).mean())
+
+
+def detail_probe(encoder: ClipEncoder, world, n_scenes: int = 600) -> dict:
+    """{"probe": {factor: {"accuracy", "chance"}}, "detail_swap": summary, "colour_swap": summary, "scenes": n}
+    on held-out scenes (GEOMETRY_SEED's stream) whose garment has a trim and an emblem."""
+    scenes, rng = [], np.random.default_rng([GEOMETRY_SEED, 1])
+    for scene in held_out_scenes(world, 20 * n_scenes, seed=GEOMETRY_SEED):
+        if scene.details.trim and scene.details.emblem:
+            scenes.append(scene)
+        if len(scenes) == n_scenes:
+            break
+    features = encoder.encode_pil(render_scenes(scenes, world))
+    probe = {}
+    for factor in PROBE_FACTORS:
+        labels = [getattr(s.details if factor in ("trim_colour", "emblem") else s, factor) for s in scenes]
+        probe[factor] = {"accuracy": linear_probe(features, labels), "chance": 1 / len(set(labels))}
+    texts, detail_swaps, colour_swaps = [], [], []
+    for s in scenes[:128]:
+        text = f"a person wearing {garment_phrase(s.category, s.colour, s.pattern)} {detail_phrase(s.details)}."
+        other = str(rng.choice([c for c in detail_colours(world, s.colour) if c != s.colour]))
+        texts.append(text)
+        detail_swaps.append(detail_negative(text, s.details, s.colour, rng, world))
+        colour_swaps.append(
+            text.replace(garment_phrase(s.category, s.colour, s.pattern), garment_phrase(s.category, other, s.pattern))
+        )
+    t, d, c = (encoder.encode_texts(x) for x in (texts, detail_swaps, colour_swaps))
+    return {
+        "probe": probe,
+        "detail_swap": summary(row_cosines(t, d)),
+        "colour_swap": summary(row_cosines(t, c)),
+        "scenes": len(scenes),
+    }
+
+
 # ----- what each number is called, and what real CLIP measures (only figures whose source was read)
 STATISTICS: dict[str, str] = {
     "modality_gap": "modality gap ‖mean image − mean text‖",
@@ -267,18 +327,20 @@ def embed_world(config: GeometryConfig, encoder: ClipEncoder) -> tuple[np.ndarra
 def measure(config: GeometryConfig, encoder: ClipEncoder | None = None) -> dict:
     """{"config", "statistics": {key: {"value", "sd", "n"}}, "images", "seconds"}; loads config.model unless given
     an encoder."""
-    if config.n_pairs < 2 or config.n_concepts < 1 or config.shots < 1:
+    if config.n_pairs < 2 or config.n_concepts < 1 or config.shots < 1 or config.probe_scenes < 3:
         raise ValueError(
-            f"need n_pairs >= 2, n_concepts >= 1 and shots >= 1, got {config.n_pairs}, {config.n_concepts}, "
-            f"{config.shots}"
+            f"need n_pairs >= 2, n_concepts >= 1, shots >= 1 and probe_scenes >= 3, got {config.n_pairs}, "
+            f"{config.n_concepts}, {config.shots}, {config.probe_scenes}"
         )
     start = time.perf_counter()
     encoder = encoder or ClipEncoder.from_spec(config.model, device=config.device, precision="fp32")
     images, texts, concepts = embed_world(config, encoder)
+    details = detail_probe(encoder, world_config(config.world_preset, seed=config.world_seed), config.probe_scenes)
     n_concept_images = sum(len(c.shots) + len(c.others) + len(c.queries) for c in concepts)
     return {
         "config": {**asdict(config), "model": encoder.spec},
         "statistics": geometry(images, texts, concepts),
+        "details": details,
         "images": {"pairs": len(images), "concepts": len(concepts), "concept_images": n_concept_images},
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -311,6 +373,16 @@ def markdown(result: dict) -> str:
                 cells.append(f"{pub.value} [{len(sources)}]")
         lines.append(f"| {label} | {_cell(result['statistics'][key])} | {cells[0]} | {cells[1]} |")
     lines += ["", *sources, FOOTNOTE, ""]
+    det = result["details"]
+    probe = ", ".join(
+        f"{f.replace('_', ' ')} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for f, v in det["probe"].items()
+    )
+    lines += [
+        f"Unnamed details, {det['scenes']} held-out scenes with a trim and an emblem. Linear probe of the image "
+        f"embeddings: {probe}. Text tower, caption vs the same with one detail changed: cos "
+        f"{_cell(det['detail_swap'])}; with the garment's colour changed instead: {_cell(det['colour_swap'])}.",
+        "",
+    ]
     lines.append(
         f"World seed {cfg['world_seed']} ({cfg['world_preset']}), {imgs['pairs']} random scene-caption pairs, "
         f"{imgs['concepts']} concepts of the test split ({imgs['concept_images']} images, {cfg['shots']} shots each "
@@ -334,6 +406,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concepts", type=int, default=d.n_concepts, help="the test split's first N concepts (default %(default)s)"
     )
     p.add_argument("--shots", type=int, default=d.shots, help="shots behind the shot mean (default %(default)s)")
+    p.add_argument(
+        "--probe-scenes",
+        type=int,
+        default=d.probe_scenes,
+        help="held-out scenes with a trim and an emblem behind the detail probe (default %(default)s)",
+    )
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     return p.parse_args(argv)
@@ -348,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_pairs=a.n,
         n_concepts=a.concepts,
         shots=a.shots,
+        probe_scenes=a.probe_scenes,
         device=a.device,
     )
     result = measure(config)

@@ -23,7 +23,7 @@ from benchmarks.world import (
     world_config,
     write_split,
 )
-from benchmarks.world.captions import CONTEXT_WORDS, detail_phrase, detailed_caption, short_caption
+from benchmarks.world.captions import CONTEXT_WORDS, detail_negative, detail_phrase, detailed_caption, short_caption
 from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, Details
 
 CONFIG = WorldConfig()
@@ -173,6 +173,33 @@ def test_garment_share_sets_how_often_a_caption_names_the_garment(scenes):
         caption(s, x, garment_share=0.3)
         caption(s, y)
     assert x.random() == y.random()  # no extra draw: the streams after the captions stay aligned
+
+
+def test_a_detail_negative_changes_exactly_one_named_detail(scenes):
+    """NegCLIP-style hard negatives (train_clip's detail_negatives): the caption with the trim's colour or the
+    emblem's shape changed, everything else the same; none for a caption that names no detail."""
+    world = world_config("tiny")
+    rng = np.random.default_rng(0)
+    made = 0
+    for scene in scenes:
+        text = caption(scene, np.random.default_rng(1), detail_share=1.0)
+        negative = detail_negative(text, scene.details, scene.colour, rng, world)
+        phrase = detail_phrase(scene.details)
+        if not phrase or phrase not in text:
+            assert negative is None
+            continue
+        made += 1
+        head, tail = text.split(phrase)
+        assert negative.startswith(head) and negative.endswith(tail) and negative != text
+        changed = negative[len(head) : len(negative) - len(tail)]
+        d = scene.details
+        trims = {c for c in world.colour_rgb if c != d.trim_colour} if d.trim else set()
+        emblems = {e for e in world.emblems if e != d.emblem} if d.emblem else set()
+        options = {detail_phrase(dataclasses.replace(d, trim_colour=c)) for c in trims}
+        options |= {detail_phrase(dataclasses.replace(d, emblem=e)) for e in emblems}
+        assert changed in options, (phrase, changed)
+    assert made >= 3
+    assert detail_negative("a person on a beach.", Details("collar", "white"), "red", rng, world) is None
 
 
 def test_detail_factors_are_read_only_where_a_scene_has_the_detail(tiny_encoder, scenes):

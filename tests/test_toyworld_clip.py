@@ -2,10 +2,12 @@
 committed `toyworld` model loaded through the same path users take (`load_clip("toyworld")`)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.world import evaluate, world_config
 from benchmarks.world.checkpoint import CheckpointMismatch
@@ -81,6 +83,37 @@ def test_fixed_logit_scale_is_held_and_saved_with_the_model():
     for bad in (-1.0, 101.0):
         with pytest.raises(ValueError, match="fixed_logit_scale"):
             clip_train_config("smoke", fixed_logit_scale=bad)
+
+
+def test_hard_negative_loss_is_clip_loss_without_negatives_and_raises_with_a_confusable_one():
+    from open_clip.loss import ClipLoss
+
+    from benchmarks.world.train_clip import clip_loss_with_negatives
+
+    gen = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(6, 16, generator=gen), dim=-1)
+    texts = F.normalize(images + 0.5 * torch.randn(6, 16, generator=gen), dim=-1)
+    scale = torch.tensor(30.0)
+    plain = clip_loss_with_negatives(images, texts, texts[:0], scale)
+    assert plain.item() == pytest.approx(ClipLoss()(images, texts, scale).item(), rel=1e-6)
+    # a negative caption as close to image 0 as its own caption makes image 0's choice harder: the loss rises
+    assert clip_loss_with_negatives(images, texts, texts[:1], scale).item() > plain.item()
+
+
+def test_detail_negatives_are_seeded_and_train():
+    from benchmarks.world.train_clip import hard_negatives, render_pairs
+
+    config = clip_train_config("smoke", steps=2, detail_caption_share=1.0, detail_negatives=True)
+    world = world_config(config.world_preset)
+    _, captions, words = render_pairs(config.pairs, config.seed, world, 0, 1.0)
+    index, ids = hard_negatives(captions, words, config, world)
+    again, ids_again = hard_negatives(captions, words, config, world)
+    assert torch.equal(index, again) and torch.equal(ids, ids_again)
+    assert 0 < int((index >= 0).sum()) == len(ids) <= len(captions)
+    off, _ = hard_negatives(captions, words, clip_train_config("smoke", detail_caption_share=1.0), world)
+    assert bool((off == -1).all())
+    result = train_clip(config, device="cpu", progress=False)
+    assert all(math.isfinite(e["loss"]) for e in result.log if "loss" in e)
 
 
 def test_set_overrides_parse_json_and_refuse_unknown_fields():

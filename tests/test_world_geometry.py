@@ -98,7 +98,7 @@ def test_geometry_and_published_table_agree():
 
 
 def test_tiny_world_run_is_reproducible(tiny_encoder):
-    config = wg.GeometryConfig(model="tiny-random", world_preset="tiny", n_pairs=8, n_concepts=3)
+    config = wg.GeometryConfig(model="tiny-random", world_preset="tiny", n_pairs=8, n_concepts=3, probe_scenes=12)
     first, again = wg.measure(config, tiny_encoder), wg.measure(config, tiny_encoder)
     assert first["statistics"] == again["statistics"]  # exact: same seeds, same arithmetic
     stats = first["statistics"]
@@ -106,14 +106,46 @@ def test_tiny_world_run_is_reproducible(tiny_encoder):
     for key, stat in stats.items():
         if key != "modality_gap":
             assert stat["n"] > 0 and abs(stat["value"]) <= 1.0 + 1e-9, key
-    other_seed = wg.measure(wg.GeometryConfig(world_preset="tiny", n_pairs=8, n_concepts=3, world_seed=1), tiny_encoder)
+    assert first["details"] == again["details"] and first["details"]["scenes"] == 12
+    assert set(first["details"]["probe"]) == set(wg.PROBE_FACTORS)
+    assert all(0 <= v["accuracy"] <= 1 and 0 < v["chance"] < 1 for v in first["details"]["probe"].values())
+    assert first["details"]["detail_swap"]["n"] == first["details"]["colour_swap"]["n"] == 12
+    other_seed = wg.measure(
+        wg.GeometryConfig(world_preset="tiny", n_pairs=8, n_concepts=3, world_seed=1, probe_scenes=12), tiny_encoder
+    )
     assert other_seed["statistics"]["modality_gap"] != stats["modality_gap"]
     table = wg.markdown(first)
     assert all(label in table for label in wg.STATISTICS.values()) and "not found" in table and "0.82 [1]" in table
+    assert "Linear probe of the image embeddings: trim colour" in table
+
+
+def test_linear_probe_reads_what_the_features_carry():
+    rng = np.random.default_rng(0)
+    labels = [str(v) for v in rng.integers(0, 4, 300)]
+    carried = np.eye(4)[[int(v) for v in labels]] + 0.05 * rng.normal(size=(300, 4))
+    noise = rng.normal(size=(300, 4))
+    assert wg.linear_probe(np.hstack([carried, noise]), labels) == 1.0
+    assert wg.linear_probe(noise, labels) < 0.45  # chance 0.25
+    with pytest.raises(ValueError, match="fit and to test"):
+        wg.linear_probe(noise[:1], labels[:1])
 
 
 def test_cli_json(capsys):
-    result = wg.main(["--model", "tiny-random", "--world-preset", "tiny", "--n", "4", "--concepts", "2", "--json"])
+    result = wg.main(
+        [
+            "--model",
+            "tiny-random",
+            "--world-preset",
+            "tiny",
+            "--n",
+            "4",
+            "--concepts",
+            "2",
+            "--probe-scenes",
+            "6",
+            "--json",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["statistics"] == json.loads(json.dumps(result["statistics"]))
     assert printed["published"]["modality_gap"]["ViT-B/32"]["value"] == "0.82"

@@ -13,12 +13,13 @@ no concept id. Only training captions may name a garment's details, and only whe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 
-from benchmarks.world.garments import Details
+from benchmarks.world.config import WorldConfig
+from benchmarks.world.garments import Details, detail_colours
 from benchmarks.world.scene import Scene
 from benchmarks.world.vocabulary import CONTEXTS, POSES, require_entries
 
@@ -193,6 +194,26 @@ def detail_phrase(details: Details) -> str:
     if details.emblem:
         parts.append(f"{_a(f'{details.emblem_colour} {details.emblem}')} {EMBLEM_SPOT_WORDS[details.emblem_at]}")
     return f"with {' and '.join(parts)}" if parts else ""
+
+
+def detail_negative(
+    text: str, details: Details, colour: str, rng: np.random.Generator, world: WorldConfig
+) -> str | None:
+    """A hard-negative caption for the CLIP's training: TEXT with one of the details it names changed (the trim's
+    colour, or the emblem's shape), so that only the details tell it from TEXT; None when TEXT names none. The
+    NegCLIP recipe (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words",
+    Fig. 3: targeted negative captions added to the batch), for words a random batch never needs (README)."""
+    phrase = detail_phrase(details)
+    if not phrase or phrase not in text:
+        return None
+    changes = []
+    if details.trim:
+        other = [c for c in detail_colours(world, colour) if c != details.trim_colour]
+        changes.append(replace(details, trim_colour=str(rng.choice(other))))
+    if details.emblem:
+        other = [e for e in world.emblems if e != details.emblem]
+        changes.append(replace(details, emblem=str(rng.choice(other))))
+    return text.replace(phrase, detail_phrase(changes[int(rng.integers(len(changes)))]))
 
 
 def _choice(rng: np.random.Generator, weighted):

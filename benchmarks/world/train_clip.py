@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.world import evaluate
-from benchmarks.world.captions import caption
+from benchmarks.world.captions import caption, detail_negative
 from benchmarks.world.checkpoint import default_folder, load_checkpoint, save_checkpoint
 from benchmarks.world.config import WorldConfig, parse_overrides, world_config
 from benchmarks.world.render import render_scene
@@ -81,6 +81,10 @@ class ClipTrainConfig:
     # probability that a caption names the garment at all (captions.garment_templates); None: the grammar's 0.9,
     # as the committed model was trained. A calibration lever (issue #13, section 4): web captions seldom do
     garment_caption_share: float | None = None
+    # NegCLIP hard negatives (captions.detail_negative): each caption that names details brings a copy with one detail
+    # changed into its batch, scored against its image only. A random batch of 128 never needs the detail words
+    # (its captions differ in context, garment and pose already), so without these the CLIP learns none (README)
+    detail_negatives: bool = False
     # ----- optimisation (AdamW, linear warmup then cosine decay to 0, as in open_clip's training/scheduler.py)
     steps: int = 1000  # optimizer steps
     batch_size: int = 128  # pairs per step; the contrastive loss sees batch_size - 1 negatives
@@ -192,6 +196,7 @@ def _render_chunk(
                 "colour": scene.colour,
                 "pattern": scene.pattern,
                 "pose": scene.pose,
+                "details": scene.details,
             }
         )
     return np.stack(images), captions, words
@@ -221,6 +226,37 @@ def render_pairs(
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             chunks = list(pool.map(_render_chunk, tasks))
     return np.concatenate([c[0] for c in chunks]), [x for c in chunks for x in c[1]], [x for c in chunks for x in c[2]]
+
+
+def hard_negatives(
+    captions: list[str], words: list[dict], config: ClipTrainConfig, world: WorldConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) each pair's row in the (M, L) token ids of the hard-negative captions (-1: none), seeded by the config.
+    Empty (every row -1, M = 0) unless config.detail_negatives."""
+    index = torch.full((len(captions),), -1, dtype=torch.long)
+    if not config.detail_negatives:
+        return index, torch.zeros((0, 1), dtype=torch.long)
+    rng = np.random.default_rng([config.seed, 0x4E4547])  # a stream of its own: the pairs' draws are unchanged
+    texts = []
+    for i, (text, w) in enumerate(zip(captions, words)):
+        negative = detail_negative(text, w["details"], w["colour"], rng, world)
+        if negative is not None:
+            index[i] = len(texts)
+            texts.append(negative)
+    return index, (tokenize_captions(texts) if texts else torch.zeros((0, 1), dtype=torch.long))
+
+
+def clip_loss_with_negatives(
+    image_features: torch.Tensor, text_features: torch.Tensor, negative_features: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over B matching pairs (B, d), whose image-to-text side also ranks the M hard-negative
+    captions (M, d) among each image's candidates (NegCLIP, Yuksekgonul et al. 2023, Fig. 3); with M = 0 it is
+    open_clip's ClipLoss."""
+    labels = torch.arange(len(image_features), device=image_features.device)
+    candidates = torch.cat([text_features, negative_features])  # (B + M, d)
+    per_image = scale * image_features @ candidates.T  # (B, B + M)
+    per_text = scale * text_features @ image_features.T  # (B, B)
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
 
 def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -375,12 +411,13 @@ def train_clip(
     )
     images = torch.from_numpy(images)  # (N, 64, 64, 3) uint8
     ids = tokenize_captions(captions)  # (N, L) int64
+    negative_of, negative_ids = hard_negatives(captions, words, config, world)  # (N,) row in (M, L), -1: none
 
     # 2. model; the token rows the captions use become one small trained parameter
     model = build_model(config).to(device).train()
     table = model.token_embedding.weight
     table.requires_grad_(False)
-    used = torch.unique(ids)  # (n_used,) sorted token ids, pad 0 included
+    used = torch.unique(torch.cat([ids.flatten(), negative_ids.flatten()]))  # (n_used,) sorted ids, pad 0 included
     remap = torch.full((table.shape[0],), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
     remap = remap.to(device)
@@ -438,7 +475,20 @@ def train_clip(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             image_features = F.normalize(model.encode_image(pixels), dim=-1)  # (B, embed_dim)
             text_features = F.normalize(encode_text_prefix(model, text, rows, remap), dim=-1)  # (B, embed_dim)
-            loss = loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
+            if config.detail_negatives:
+                rows_of = negative_of[idx]
+                rows_of = rows_of[rows_of >= 0]  # this batch's hard negatives
+                if len(rows_of):
+                    negative = negative_ids[rows_of]
+                    negative = negative[:, : int((negative != 0).sum(1).max())].to(device)  # (M_b, L)
+                    negative_features = F.normalize(encode_text_prefix(model, negative, rows, remap), dim=-1)
+                else:
+                    negative_features = text_features[:0]
+                loss = clip_loss_with_negatives(
+                    image_features.float(), text_features.float(), negative_features.float(), model.logit_scale.exp()
+                )
+            else:
+                loss = loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
         # 4.4 backward, clip, step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
