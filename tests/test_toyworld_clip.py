@@ -246,3 +246,15 @@ def test_committed_toyworld_clip_reads_the_world(committed_report):
 @pytest.mark.parametrize("factor", ["context", "category", "colour", "pattern"])
 def test_committed_toyworld_clip_reaches_target(committed_report, factor):
     assert committed_report[factor] >= TARGET, committed_report
+
+
+def test_detail_capacity_check_trains_supervised_heads_on_the_image_tower():
+    from benchmarks.world import detail_capacity
+
+    log = detail_capacity.run(steps=3, train_scenes=12, test_scenes=6, batch_size=4, clip_preset="smoke", every=1)
+    assert [e["step"] for e in log] == [0, 1, 2]
+    assert all(0.0 <= e[f] <= 1.0 for e in log for f in detail_capacity.FACTORS)
+    assert all(math.isfinite(e["loss"]) for e in log)
+    world = world_config(clip_train_config("smoke").world_preset)
+    scenes = detail_capacity.detailed_scenes(world, 5, detail_capacity.TEST_SEED)
+    assert len(scenes) == 5 and all(s.details.trim and s.details.emblem for s in scenes)
