@@ -258,3 +258,20 @@ def test_detail_capacity_check_trains_supervised_heads_on_the_image_tower():
     world = world_config(clip_train_config("smoke").world_preset)
     scenes = detail_capacity.detailed_scenes(world, 5, detail_capacity.TEST_SEED)
     assert len(scenes) == 5 and all(s.details.trim and s.details.emblem for s in scenes)
+
+
+def test_init_from_starts_from_a_saved_clip(tmp_path):
+    from benchmarks.world.train_clip import save_trained
+
+    first = train_clip(clip_train_config("smoke", steps=2), device="cpu", progress=False)
+    folder = save_trained(first, clip_train_config("smoke", steps=2), tmp_path / "first", command="test")
+    # zero learning rate: the fine-tuned weights are exactly the saved ones (BatchNorm's running statistics still
+    # move with the step's batch, as in any training step)
+    tuned = train_clip(clip_train_config("smoke", steps=1, lr=0.0, init_from=str(folder)), device="cpu", progress=False)
+    from safetensors.torch import load_file
+
+    saved, now = load_file(str(folder / "open_clip_model.safetensors")), dict(tuned.model.named_parameters())
+    assert now.keys() <= saved.keys() and all(torch.equal(saved[k].float(), now[k].float()) for k in now)
+    assert not torch.equal(now["visual.conv1.weight"], build_model(clip_train_config("smoke")).visual.conv1.weight)
+    with pytest.raises(FileNotFoundError):
+        train_clip(clip_train_config("smoke", init_from=str(tmp_path / "none")), device="cpu", progress=False)

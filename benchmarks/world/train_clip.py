@@ -85,6 +85,9 @@ class ClipTrainConfig:
     # changed into its batch, scored against its image only. A random batch of 128 never needs the detail words
     # (its captions differ in context, garment and pose already), so without these the CLIP learns none (README)
     detail_negatives: bool = False
+    # a CLIP folder (open_clip_model.safetensors, same model_cfg) to start from instead of the seeded initialisation:
+    # fine-tuning, as NegCLIP fine-tunes a trained CLIP. "" (default): from scratch
+    init_from: str = ""
     # ----- optimisation (AdamW, linear warmup then cosine decay to 0, as in open_clip's training/scheduler.py)
     steps: int = 1000  # optimizer steps
     batch_size: int = 128  # pairs per step; the contrastive loss sees batch_size - 1 negatives
@@ -414,7 +417,12 @@ def train_clip(
     negative_of, negative_ids = hard_negatives(captions, words, config, world)  # (N,) row in (M, L), -1: none
 
     # 2. model; the token rows the captions use become one small trained parameter
-    model = build_model(config).to(device).train()
+    model = build_model(config)
+    if config.init_from:
+        from safetensors.torch import load_file  # tensors only: nothing is unpickled
+
+        model.load_state_dict(load_file(str(Path(config.init_from) / "open_clip_model.safetensors")))
+    model = model.to(device).train()
     table = model.token_embedding.weight
     table.requires_grad_(False)
     used = torch.unique(torch.cat([ids.flatten(), negative_ids.flatten()]))  # (n_used,) sorted ids, pad 0 included
