@@ -54,7 +54,7 @@ import numpy as np
 from benchmarks.pervl import sample_shots
 from benchmarks.world import plan_split, render_scene, sample_training_pair, world_config
 from benchmarks.world.captions import detail_negative, detail_phrase, garment_phrase
-from benchmarks.world.evaluate import HELD_OUT_SEED, held_out_scenes, render_scenes
+from benchmarks.world.evaluate import HELD_OUT_SEED, detailed_scenes, factor_value, render_scenes
 from benchmarks.world.garments import detail_colours
 from retrieval.composed import insert_concept
 from retrieval.models.encoders import ClipEncoder
@@ -201,16 +201,11 @@ def linear_probe(features: np.ndarray, labels: Sequence[str], fit_share: float =
 def detail_probe(encoder: ClipEncoder, world, n_scenes: int = 600) -> dict:
     """{"probe": {factor: {"accuracy", "chance"}}, "detail_swap": summary, "colour_swap": summary, "scenes": n}
     on held-out scenes (GEOMETRY_SEED's stream) whose garment has a trim and an emblem."""
-    scenes, rng = [], np.random.default_rng([GEOMETRY_SEED, 1])
-    for scene in held_out_scenes(world, 20 * n_scenes, seed=GEOMETRY_SEED):
-        if scene.details.trim and scene.details.emblem:
-            scenes.append(scene)
-        if len(scenes) == n_scenes:
-            break
+    scenes, rng = detailed_scenes(world, n_scenes, GEOMETRY_SEED), np.random.default_rng([GEOMETRY_SEED, 1])
     features = encoder.encode_pil(render_scenes(scenes, world))
     probe = {}
     for factor in PROBE_FACTORS:
-        labels = [getattr(s.details if factor in ("trim_colour", "emblem") else s, factor) for s in scenes]
+        labels = [factor_value(s, factor) for s in scenes]
         probe[factor] = {"accuracy": linear_probe(features, labels), "chance": 1 / len(set(labels))}
     texts, detail_swaps, colour_swaps = [], [], []
     for s in scenes[:128]:

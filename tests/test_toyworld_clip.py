@@ -256,7 +256,7 @@ def test_detail_capacity_check_trains_supervised_heads_on_the_image_tower():
     assert all(0.0 <= e[f] <= 1.0 for e in log for f in detail_capacity.FACTORS)
     assert all(math.isfinite(e["loss"]) for e in log)
     world = world_config(clip_train_config("smoke").world_preset)
-    scenes = detail_capacity.detailed_scenes(world, 5, detail_capacity.TEST_SEED)
+    scenes = evaluate.detailed_scenes(world, 5, detail_capacity.TEST_SEED)
     assert len(scenes) == 5 and all(s.details.trim and s.details.emblem for s in scenes)
 
 

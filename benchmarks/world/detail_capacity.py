@@ -21,33 +21,26 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.world import evaluate, world_config
-from benchmarks.world.scene import Scene, sample_scene
+from benchmarks.world.evaluate import detailed_scenes, factor_value
+from benchmarks.world.scene import Scene
 from benchmarks.world.train_clip import build_model, clip_train_config, to_pixels
 
 FACTORS = ("trim_colour", "emblem", "colour")  # the two details, and the garment's colour as the control
 TRAIN_SEED, TEST_SEED = 12345, 54321  # scene streams of their own (training pairs use small integer seeds)
 
 
+def factor_classes(world) -> dict[str, list[str]]:
+    """Each factor's classes, in the world's order."""
+    colours = [c for c, _ in world.colours]
+    return {"trim_colour": colours, "emblem": list(world.emblems), "colour": colours}
+
+
 def labelled(scenes: list[Scene], world) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(N, H, W, 3) uint8 renders and, per factor, (N,) class indices."""
-    classes = {"trim_colour": [c for c, _ in world.colours], "emblem": list(world.emblems)}
-    classes["colour"] = classes["trim_colour"]
+    classes = factor_classes(world)
     images = np.stack([np.asarray(im, dtype=np.uint8) for im in evaluate.render_scenes(scenes, world)])
-    labels = {
-        f: torch.tensor([classes[f].index(getattr(s.details if f != "colour" else s, f)) for s in scenes])
-        for f in FACTORS
-    }
+    labels = {f: torch.tensor([classes[f].index(factor_value(s, f)) for s in scenes]) for f in FACTORS}
     return torch.from_numpy(images), labels
-
-
-def detailed_scenes(world, n: int, seed: int) -> list[Scene]:
-    """The first N scenes of the stream SEED whose garment has both a trim and an emblem."""
-    out, rng = [], np.random.default_rng(seed)
-    while len(out) < n:
-        scene = sample_scene(rng, world)
-        if scene.details.trim and scene.details.emblem:
-            out.append(scene)
-    return out
 
 
 def run(
@@ -65,8 +58,8 @@ def run(
     x, y = labelled(detailed_scenes(world, train_scenes, TRAIN_SEED), world)
     xt, yt = labelled(detailed_scenes(world, test_scenes, TEST_SEED), world)
     visual = build_model(config).visual  # seeded like the CLIP's own initialisation
-    sizes = {"trim_colour": len(world.colours), "emblem": len(world.emblems), "colour": len(world.colours)}
-    heads = torch.nn.ModuleDict({f: torch.nn.Linear(config.model_cfg["embed_dim"], sizes[f]) for f in FACTORS})
+    classes = factor_classes(world)
+    heads = torch.nn.ModuleDict({f: torch.nn.Linear(config.model_cfg["embed_dim"], len(classes[f])) for f in FACTORS})
     optimizer = torch.optim.AdamW([*visual.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
 
@@ -111,8 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(a.threads)
     start = time.time()
     log = run(a.steps, a.train_scenes, a.test_scenes)
-    world = world_config()
-    chance = {"trim_colour": 1 / len(world.colours), "emblem": 1 / len(world.emblems), "colour": 1 / len(world.colours)}
+    chance = {f: 1 / len(c) for f, c in factor_classes(world_config(clip_train_config().world_preset)).items()}
     print("| step | loss | " + " | ".join(f"{f} (chance {chance[f]:.2f})" for f in FACTORS) + " |")
     print("|" + "---|" * (2 + len(FACTORS)))
     for e in log:

@@ -149,17 +149,33 @@ def zero_shot_report(
     image_features = encoder.encode_pil(list(images))  # (n, dim), encoded once for all factors
     report = {}
     for factor in factors:
-        truth = [getattr(s.details, factor) if factor in DETAIL_FACTORS else getattr(s, factor) for s in scenes]
+        truth = [factor_value(s, factor) for s in scenes]
         rows = [i for i, t in enumerate(truth) if t is not None]
         predicted = _predict(image_features[rows], encoder, factor, config) if rows else []
         report[factor] = float(np.mean([p == truth[i] for p, i in zip(predicted, rows)])) if rows else float("nan")
     return report
 
 
+def factor_value(scene: Scene, factor: str) -> str | None:
+    """The scene's word for FACTOR: a detail factor (DETAIL_FACTORS) from its garment's details (None: no such
+    detail), any other from the scene itself."""
+    return getattr(scene.details, factor) if factor in DETAIL_FACTORS else getattr(scene, factor)
+
+
 def held_out_scenes(config: WorldConfig, n: int, seed: int = HELD_OUT_SEED) -> list[Scene]:
     """N random scenes from a stream no training pair is drawn from (see HELD_OUT_SEED)."""
     rng = np.random.default_rng(seed)
     return [sample_scene(rng, config) for _ in range(n)]
+
+
+def detailed_scenes(config: WorldConfig, n: int, seed: int) -> list[Scene]:
+    """The first N scenes of the stream SEED whose garment has both a trim and an emblem (the detail probes)."""
+    out, rng = [], np.random.default_rng(seed)
+    while len(out) < n:
+        scene = sample_scene(rng, config)
+        if scene.details.trim and scene.details.emblem:
+            out.append(scene)
+    return out
 
 
 def render_scenes(scenes: Sequence[Scene], config: WorldConfig) -> list[Image.Image]:
