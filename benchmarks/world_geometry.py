@@ -25,9 +25,11 @@ Every embedding is L2-normalised, so a cosine is a dot product. What each number
 
 Below the table, whether the CLIP sees the concepts' unnamed details at all (issue #13, section 3), on held-out scenes
 whose garment has both a trim and an emblem:
-  linear probe            held-out accuracy of a ridge least-squares read-out of each factor (trim colour, emblem
-                          shape, garment colour, category) from the image embeddings: 2/3 of the images fit it,
-                          1/3 test it. What the image embedding carries, whatever the text tower knows.
+  linear probe            held-out accuracy of a ridge least-squares read-out of each factor (every field of the
+                          details: where the trim runs and its colour, the emblem's shape, spot and colour; then the
+                          garment's colour and category) from the image embeddings: 2/3 of the images fit it, 1/3
+                          test it; chance is the tested third's majority class. What the image embedding carries,
+                          whatever the text tower knows.
   detail-swap cosine      mean cos(g(t), g(t')) where t' is t with one named detail changed (captions.detail_negative),
                           beside t' with the garment's colour changed instead: 1.000 = the text tower ignores it.
 
@@ -46,6 +48,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -55,7 +58,7 @@ from benchmarks.pervl import sample_shots
 from benchmarks.world import plan_split, render_scene, sample_training_pair, world_config
 from benchmarks.world.captions import detail_negative, detail_phrase, garment_phrase
 from benchmarks.world.evaluate import HELD_OUT_SEED, detailed_scenes, factor_value, render_scenes
-from benchmarks.world.garments import detail_colours
+from benchmarks.world.garments import DETAIL_FIELDS, detail_colours
 from retrieval.composed import insert_concept
 from retrieval.models.encoders import ClipEncoder
 
@@ -182,7 +185,10 @@ def geometry(images: np.ndarray, texts: np.ndarray, concepts: Sequence[ConceptFe
 
 
 # ----- does the CLIP see the unnamed details? (section 3)
-PROBE_FACTORS = ("trim_colour", "emblem", "colour", "category")
+# every field of the details (where the trim runs, its colour; the emblem's shape, spot and colour: look-alike
+# concepts differ in two of them), then the garment's colour and category as controls
+PROBE_FACTORS = (*DETAIL_FIELDS, "colour", "category")
+PROBE_FIT_SHARE = 2 / 3  # of the probe's rows fit the read-out, the rest test it
 
 
 def linear_probe(features: np.ndarray, labels: Sequence[str], fit_share: float = 2 / 3, ridge: float = 1e-2) -> float:
@@ -206,13 +212,17 @@ def detail_probe(encoder: ClipEncoder, world, n_scenes: int = 600) -> dict:
     probe = {}
     for factor in PROBE_FACTORS:
         labels = [factor_value(s, factor) for s in scenes]
-        probe[factor] = {"accuracy": linear_probe(features, labels), "chance": 1 / len(set(labels))}
+        tested = labels[int(len(labels) * PROBE_FIT_SHARE) :]
+        probe[factor] = {
+            "accuracy": linear_probe(features, labels, PROBE_FIT_SHARE),
+            "chance": max(Counter(tested).values()) / len(tested),  # always naming the tested rows' majority class
+        }
     texts, detail_swaps, colour_swaps = [], [], []
     for s in scenes[:128]:
         text = f"a person wearing {garment_phrase(s.category, s.colour, s.pattern)} {detail_phrase(s.details)}."
         other = str(rng.choice([c for c in detail_colours(world, s.colour) if c != s.colour]))
         texts.append(text)
-        detail_swaps.append(detail_negative(text, s.details, s.colour, rng, world))
+        detail_swaps.append(detail_negative(text, s.details, s.colour, rng, world)[0])
         colour_swaps.append(
             text.replace(garment_phrase(s.category, s.colour, s.pattern), garment_phrase(s.category, other, s.pattern))
         )

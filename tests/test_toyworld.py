@@ -175,6 +175,24 @@ def test_garment_share_sets_how_often_a_caption_names_the_garment(scenes):
     assert x.random() == y.random()  # no extra draw: the streams after the captions stay aligned
 
 
+def test_detail_sizes_are_world_fields_that_draw_larger_details(scenes):
+    """trim_width and emblem_size (fractions of the figure's height) draw larger details and nothing else: the
+    renders of a garment without details do not change; out-of-range values are refused."""
+    bold = world_config("bold-details")
+    assert bold.trim_width > CONFIG.trim_width and bold.emblem_size > CONFIG.emblem_size
+    plain = next(s for s in scenes if s.details.trim is None and s.details.emblem is None)
+    assert np.array_equal(np.asarray(render_scene(plain, CONFIG)), np.asarray(render_scene(plain, bold)))
+    for field, other in (("trim", "emblem"), ("emblem", "trim")):
+        scene = next(s for s in scenes if getattr(s.details, field) and not getattr(s.details, other))
+        bare = np.asarray(render_scene(dataclasses.replace(scene, details=Details()), CONFIG))
+        small = (np.asarray(render_scene(scene, CONFIG)) != bare).any(-1).sum()
+        large = (np.asarray(render_scene(scene, bold)) != bare).any(-1).sum()
+        assert large > 1.3 * small > 0, (field, small, large)
+    for bad in ({"emblem_size": 0.0}, {"trim_width": 0.3}):
+        with pytest.raises(ValueError, match="fraction of the figure"):
+            world_config(**bad)
+
+
 def test_a_detail_negative_changes_exactly_one_named_detail(scenes):
     """NegCLIP-style hard negatives (train_clip's detail_negatives): the caption with the trim's colour or the
     emblem's shape changed, everything else the same; none for a caption that names no detail."""
@@ -183,12 +201,14 @@ def test_a_detail_negative_changes_exactly_one_named_detail(scenes):
     made = 0
     for scene in scenes:
         text = caption(scene, np.random.default_rng(1), detail_share=1.0)
-        negative = detail_negative(text, scene.details, scene.colour, rng, world)
+        made_one = detail_negative(text, scene.details, scene.colour, rng, world)
         phrase = detail_phrase(scene.details)
         if not phrase or phrase not in text:
-            assert negative is None
+            assert made_one is None
             continue
         made += 1
+        negative, details = made_one
+        assert negative == text.replace(phrase, detail_phrase(details))  # the text says what the details are
         head, tail = text.split(phrase)
         assert negative.startswith(head) and negative.endswith(tail) and negative != text
         changed = negative[len(head) : len(negative) - len(tail)]
@@ -200,6 +220,36 @@ def test_a_detail_negative_changes_exactly_one_named_detail(scenes):
         assert changed in options, (phrase, changed)
     assert made >= 3
     assert detail_negative("a person on a beach.", Details("collar", "white"), "red", rng, world) is None
+
+
+def test_a_detail_negative_may_change_any_named_detail_field(scenes):
+    """With every field changeable (where the trim runs, its colour, the emblem's shape, spot and colour), each
+    negative differs from its details in exactly one field, its text says so, and over the scenes every field
+    changes at least once; a trim move without the garment's category is refused."""
+    from benchmarks.world.garments import DETAIL_FIELDS
+
+    world = world_config("tiny")
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(20):
+        for scene in scenes:
+            text = caption(scene, np.random.default_rng(1), detail_share=1.0)
+            made = detail_negative(text, scene.details, scene.colour, rng, world, scene.category, DETAIL_FIELDS)
+            if made is None:
+                assert detail_phrase(scene.details) not in text or not detail_phrase(scene.details)
+                continue
+            negative, details = made
+            changed = [f for f in DETAIL_FIELDS if getattr(details, f) != getattr(scene.details, f)]
+            assert len(changed) == 1 and details.differences(scene.details) == 1
+            assert negative == text.replace(detail_phrase(scene.details), detail_phrase(details))
+            seen.update(changed)
+    assert seen == set(DETAIL_FIELDS), seen
+    with_trim = next(s for s in scenes if s.details.trim)
+    text = caption(with_trim, np.random.default_rng(1), detail_share=1.0)
+    with pytest.raises(ValueError, match="category"):
+        detail_negative(text, with_trim.details, with_trim.colour, rng, world, None, ("trim",))
+    with pytest.raises(ValueError, match="unknown detail fields"):
+        detail_negative(text, with_trim.details, with_trim.colour, rng, world, None, ("sleeves",))
 
 
 def test_detail_factors_are_read_only_where_a_scene_has_the_detail(tiny_encoder, scenes):

@@ -116,6 +116,68 @@ def test_detail_negatives_are_seeded_and_train():
     assert all(math.isfinite(e["loss"]) for e in result.log if "loss" in e)
 
 
+def test_detail_twins_are_the_same_scene_with_one_detail_changed_and_train():
+    """TripletCLIP-style twins (train_clip's detail_twins): for each caption naming details, the same scene rendered
+    with one detail changed, captioned with the change; seeded; they join their pair's batch and the loss stays
+    finite. The twin differs from its pair's render only in a few pixels (where the detail is drawn)."""
+    from dataclasses import replace
+
+    from benchmarks.world.captions import detail_phrase
+    from benchmarks.world.render import render_scene
+    from benchmarks.world.train_clip import detail_twins, render_pairs
+
+    config = clip_train_config("smoke", steps=2, detail_caption_share=1.0, detail_twins=True)
+    world = world_config(config.world_preset)
+    images, captions, words = render_pairs(config.pairs, config.seed, world, 0, 1.0)
+    index, twin_images, twin_ids = detail_twins(captions, words, config, world)
+    again = detail_twins(captions, words, config, world)
+    assert torch.equal(index, again[0]) and torch.equal(twin_images, again[1]) and torch.equal(twin_ids, again[2])
+    made = (index >= 0).nonzero().flatten().tolist()
+    assert 0 < len(made) == len(twin_images) == len(twin_ids) <= len(captions)
+    for i in made:
+        twin = twin_images[index[i]].numpy()
+        changed = (twin != images[i]).any(-1).mean()
+        assert 0 < changed < 0.1, changed  # a trim band or an emblem, not the scene
+        text = captions[i]
+        assert detail_phrase(words[i]["details"]) in text
+        decoded = tokenize_captions([text])[0]
+        assert not torch.equal(twin_ids[index[i]][: len(decoded)], decoded)  # the twin's caption differs
+    no_details = [i for i in range(len(captions)) if not detail_phrase(words[i]["details"])]
+    assert all(index[i] == -1 for i in no_details)
+    # a twin is exactly render_scene of the scene with the changed details
+    i = made[0]
+    scene = words[i]["scene"]
+    assert any(
+        np.array_equal(twin_images[index[i]].numpy(), np.asarray(render_scene(replace(scene, details=d), world)))
+        for d in [
+            replace(scene.details, trim_colour=c) for c in world.colour_names
+        ] + [replace(scene.details, emblem=e) for e in world.emblems]
+    )
+    off = detail_twins(captions, words, clip_train_config("smoke", detail_caption_share=1.0), world)
+    assert bool((off[0] == -1).all()) and len(off[1]) == 0
+    result = train_clip(config, device="cpu", progress=False)
+    assert all(math.isfinite(e["loss"]) for e in result.log if "loss" in e)
+    assert result.images_per_second > 0
+
+
+def test_padded_token_ids_give_the_same_text_features():
+    """concat_token_ids pads the shorter captions with zeros; the prefix text tower is causal and pools at the
+    end-of-text token, so the features do not change (what lets twins join a batch of another length)."""
+    from benchmarks.world.train_clip import concat_token_ids
+
+    config = clip_train_config("smoke")
+    model = build_model(config).eval()
+    short, long = tokenize_captions(["a red dress."]), tokenize_captions(["a person wearing a blue striped skirt."])
+    both = concat_token_ids(short, long)
+    assert both.shape == (2, long.shape[1]) and torch.equal(both[1], long[0])
+    rows = model.token_embedding.weight.detach()
+    remap = torch.arange(rows.shape[0])
+    with torch.no_grad():
+        alone = encode_text_prefix(model, short, rows, remap)
+        padded = encode_text_prefix(model, both, rows, remap)[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
 def test_set_overrides_parse_json_and_refuse_unknown_fields():
     from benchmarks.world.config import parse_overrides
     from benchmarks.world.train_clip import ClipTrainConfig

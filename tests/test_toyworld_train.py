@@ -68,3 +68,22 @@ def test_every_recipe_pair_names_presets_both_trainers_have():
     assert v2["fixed_logit_scale"] == 100.0 and v2["detail_caption_share"] == 0.5
     d1, d2 = asdict(diffusion_train_config("toyworld")), asdict(diffusion_train_config("toyworld-v2"))
     assert {k for k in d1 if d1[k] != d2[k]} == {"detail_caption_share"} and d2["detail_caption_share"] == 0.5
+
+
+def test_a_clip_written_before_a_config_field_existed_still_counts_as_trained(tmp_path):
+    """A rerun skips a trained CLIP whose train_config.json predates a field (the field's default is what that
+    training did), and retrains it when the preset sets the new field, or the folder names a field now gone."""
+    from dataclasses import asdict
+
+    from benchmarks.world.train_clip import clip_train_config
+
+    config = clip_train_config("smoke")
+    written = json.loads(json.dumps(asdict(config), default=str))
+    del written["detail_twins"]  # as written by the code of 2026-12-06
+    (tmp_path / "train_config.json").write_text(json.dumps({"config": written}))
+    assert train._trained_as(tmp_path, config)
+    assert not train._trained_as(tmp_path, clip_train_config("smoke", detail_twins=True))
+    assert not train._trained_as(tmp_path, clip_train_config("smoke", steps=7))
+    (tmp_path / "train_config.json").write_text(json.dumps({"config": {**written, "retired_field": 1}}))
+    assert not train._trained_as(tmp_path, config)
+    assert not train._trained_as(tmp_path / "absent", config)

@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 from benchmarks.world.config import WorldConfig
-from benchmarks.world.garments import Details, detail_colours
+from benchmarks.world.garments import DETAIL_FIELDS, EMBLEM_SPOTS, GARMENTS, Details, detail_colours
 from benchmarks.world.scene import Scene
 from benchmarks.world.vocabulary import CONTEXTS, POSES, require_entries
 
@@ -197,23 +197,45 @@ def detail_phrase(details: Details) -> str:
 
 
 def detail_negative(
-    text: str, details: Details, colour: str, rng: np.random.Generator, world: WorldConfig
-) -> str | None:
-    """A hard-negative caption for the CLIP's training: TEXT with one of the details it names changed (the trim's
-    colour, or the emblem's shape), so that only the details tell it from TEXT; None when TEXT names none. The
-    NegCLIP recipe (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words",
-    Fig. 3: targeted negative captions added to the batch), for words a random batch never needs (README)."""
+    text: str,
+    details: Details,
+    colour: str,
+    rng: np.random.Generator,
+    world: WorldConfig,
+    category: str | None = None,
+    changeable: tuple[str, ...] = ("trim_colour", "emblem"),
+) -> tuple[str, Details] | None:
+    """A hard negative for the CLIP's training: (TEXT with one of the details it names changed, the changed details),
+    so that only the details tell it from TEXT; None when TEXT names none. CHANGEABLE: the fields of Details
+    (garments.DETAIL_FIELDS) that may change, one drawn uniformly among those the garment has; where the trim runs
+    ("trim") needs the garment's CATEGORY. NegCLIP's targeted negative captions (Yuksekgonul et al. 2023, "When and
+    why vision-language models behave like bags-of-words", Fig. 3); with the changed details rendered, TripletCLIP's
+    negative image for it too (Patel et al. 2024; train_clip's detail_twins), for words a random batch never needs
+    (README)."""
+    unknown = set(changeable) - set(DETAIL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown detail fields {sorted(unknown)}; known: {DETAIL_FIELDS}")
     phrase = detail_phrase(details)
     if not phrase or phrase not in text:
         return None
-    changes = []
+    options: dict[str, list] = {}  # field -> the values it may change to, in DETAIL_FIELDS order
     if details.trim:
-        other = [c for c in detail_colours(world, colour) if c != details.trim_colour]
-        changes.append(replace(details, trim_colour=str(rng.choice(other))))
+        if category is not None:
+            options["trim"] = [t for t in GARMENTS[category].trims if t != details.trim]
+        options["trim_colour"] = [c for c in detail_colours(world, colour) if c != details.trim_colour]
     if details.emblem:
-        other = [e for e in world.emblems if e != details.emblem]
-        changes.append(replace(details, emblem=str(rng.choice(other))))
-    return text.replace(phrase, detail_phrase(changes[int(rng.integers(len(changes)))]))
+        options["emblem"] = [e for e in world.emblems if e != details.emblem]
+        options["emblem_at"] = [a for a in EMBLEM_SPOTS if a != details.emblem_at]
+        options["emblem_colour"] = [c for c in detail_colours(world, colour) if c != details.emblem_colour]
+    if "trim" in changeable and details.trim and category is None:
+        raise ValueError("changing where the trim runs needs the garment's category")
+    changes = [
+        replace(details, **{f: str(rng.choice(values))}) for f, values in options.items() if f in changeable and values
+    ]
+    if not changes:
+        return None
+    changed = changes[int(rng.integers(len(changes)))]
+    return text.replace(phrase, detail_phrase(changed)), changed
 
 
 def _choice(rng: np.random.Generator, weighted):

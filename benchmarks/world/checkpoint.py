@@ -28,6 +28,11 @@ def fingerprint(config) -> str:
     return json.dumps(asdict(config), sort_keys=True, default=str)
 
 
+def fingerprint_value(value) -> str:
+    """One field's value as `fingerprint` writes it (tuples become lists)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def default_folder(out: str | Path) -> Path:
     """Where a trainer writing the model folder OUT keeps its checkpoints unless told otherwise: OUT.checkpoints."""
     return Path(f"{Path(out)}.checkpoints")

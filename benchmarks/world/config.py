@@ -49,6 +49,10 @@ class WorldConfig:
     patterns: tuple[str, ...] = PATTERNS  # garment patterns; "plain" is solid
     poses: tuple[str, ...] = POSES  # the figure's pose; context captions name it
     emblems: tuple[str, ...] = EMBLEMS  # unnamed detail: shape printed on a concept's garment
+    # half size of an emblem / figure height: 0.05 draws ~6 px emblems at 64 px, whose shape the toy CLIP's image
+    # tower cannot resolve even with supervised heads (benchmarks.world.detail_capacity, README)
+    emblem_size: float = 0.05
+    trim_width: float = 0.05  # width of a trim band / figure height: ~3 px at 64 px
 
     # ----- jitter of every scene (uniform ranges)
     person_height: tuple[float, float] = (0.84, 0.95)  # figure height / image height
@@ -82,6 +86,9 @@ class WorldConfig:
             raise ValueError(
                 "WorldConfig.colours needs >= 3 distinct colour names (a detail colour must differ from the main one)"
             )
+        for name in ("emblem_size", "trim_width"):
+            if not 0 < getattr(self, name) <= 0.15:
+                raise ValueError(f"{name} must be in (0, 0.15] (a fraction of the figure's height), got {getattr(self, name)}")
         if self.image_size < 16 or self.supersample < 1:
             raise ValueError(
                 f"image_size must be >= 16 and supersample >= 1, got {self.image_size}, {self.supersample}"
@@ -117,6 +124,9 @@ PRESETS: dict[str, dict] = {
     # of 0.5-0.95 of the image height anywhere across. A CLIP trained on it keeps Text + avg image where it was
     # and reads garments worse
     "scale-jitter": {"person_height": (0.5, 0.95), "person_x": (0.2, 0.8)},
+    # a lever of issue #13, section 3 (in trial, README): trim bands and emblems drawn ~1.8x larger, so that a
+    # 64 px CLIP has more pixels of each detail to see
+    "bold-details": {"trim_width": 0.09, "emblem_size": 0.09},
 }
 
 

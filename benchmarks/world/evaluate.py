@@ -26,7 +26,7 @@ from PIL import Image
 
 from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS, detail_phrase, garment_phrase
 from benchmarks.world.config import WorldConfig
-from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, Details
+from benchmarks.world.garments import DETAIL_FIELDS, EMBLEM_SPOTS, GARMENTS, Details
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import Scene, sample_scene
 
@@ -157,9 +157,9 @@ def zero_shot_report(
 
 
 def factor_value(scene: Scene, factor: str) -> str | None:
-    """The scene's word for FACTOR: a detail factor (DETAIL_FACTORS) from its garment's details (None: no such
-    detail), any other from the scene itself."""
-    return getattr(scene.details, factor) if factor in DETAIL_FACTORS else getattr(scene, factor)
+    """The scene's word for FACTOR: a field of its garment's details (garments.DETAIL_FIELDS, among them
+    DETAIL_FACTORS; None: no such detail), any other from the scene itself."""
+    return getattr(scene.details, factor) if factor in DETAIL_FIELDS else getattr(scene, factor)
 
 
 def held_out_scenes(config: WorldConfig, n: int, seed: int = HELD_OUT_SEED) -> list[Scene]:

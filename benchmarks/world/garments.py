@@ -14,6 +14,8 @@ from benchmarks.world.config import RGB, WorldConfig
 from benchmarks.world.vocabulary import CATEGORIES, require_entries
 
 EMBLEM_SPOTS = ("left", "centre", "right")  # where an emblem sits, as seen in the image
+# the fields of Details: where a trim band runs and its colour; an emblem's shape, spot and colour
+DETAIL_FIELDS = ("trim", "trim_colour", "emblem", "emblem_at", "emblem_colour")
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,7 @@ class Details:
 
     def differences(self, other: "Details") -> int:
         """How many of the five fields differ: a visual distance between two garments with the same words."""
-        return sum(
-            getattr(self, f) != getattr(other, f)
-            for f in ("trim", "trim_colour", "emblem", "emblem_at", "emblem_colour")
-        )
+        return sum(getattr(self, f) != getattr(other, f) for f in DETAIL_FIELDS)
 
 
 def pattern_ink(rgb: RGB) -> RGB:

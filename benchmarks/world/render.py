@@ -42,8 +42,6 @@ BODY = dict(
     leg_w=0.072,  # limb thickness
     sleeve_w=0.07,
     trouser_w=0.09,  # clothed limb thickness
-    trim_w=0.05,  # width of a trim band
-    emblem_r=0.05,  # half size of an emblem
 )
 
 # Limb angles in degrees from straight down, positive away from the body: per side (image left, image right),
@@ -207,8 +205,8 @@ def _draw_shape(
         draw.polygon(fig.band(y0, hem_y, half0, hem_half, y0, hem_y), fill=fill)
 
 
-def _draw_trim(draw: ImageDraw.ImageDraw, fig: _Figure, shape: GarmentShape, where: str, fill) -> None:
-    t = BODY["trim_w"]
+def _draw_trim(draw: ImageDraw.ImageDraw, fig: _Figure, shape: GarmentShape, where: str, fill, t: float) -> None:
+    """A band of FILL where the trim runs, T (a fraction of the figure's height) wide."""
     if where == "hem":
         if shape.skirt is not None:
             hem_y, hem_half = shape.skirt
@@ -330,13 +328,13 @@ def render_scene(scene: Scene, config: WorldConfig) -> Image.Image:
     # 5. unnamed details: trim band, emblem
     d = scene.details
     if d.trim is not None:
-        _draw_trim(draw, fig, shape, d.trim, rgb[d.trim_colour])
+        _draw_trim(draw, fig, shape, d.trim, rgb[d.trim_colour], config.trim_width)
     if d.emblem is not None:
         if shape.leg_emblem > 0 and d.emblem_at != "centre":  # on the thigh, following the pose
             x, y = _along(fig.legs[0 if d.emblem_at == "left" else 1], 0.0, shape.leg_emblem)[-1]
         else:
             x, y = fig.p(*shape.emblem_spots[EMBLEM_SPOTS.index(d.emblem_at)])
-        _EMBLEMS[d.emblem](draw, x, y, BODY["emblem_r"] * fig.h, rgb[d.emblem_colour])
+        _EMBLEMS[d.emblem](draw, x, y, config.emblem_size * fig.h, rgb[d.emblem_colour])
 
     # 6. shoes, then the head: hair, then the face over its lower part
     for leg in fig.legs:

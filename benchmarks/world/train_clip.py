@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -39,6 +39,7 @@ from benchmarks.world import evaluate
 from benchmarks.world.captions import caption, detail_negative
 from benchmarks.world.checkpoint import default_folder, load_checkpoint, save_checkpoint
 from benchmarks.world.config import WorldConfig, parse_overrides, world_config
+from benchmarks.world.garments import DETAIL_FIELDS
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import sample_scene
 from benchmarks.world.schedule import warmup_cosine_lr
@@ -85,6 +86,14 @@ class ClipTrainConfig:
     # changed into its batch, scored against its image only. A random batch of 128 never needs the detail words
     # (its captions differ in context, garment and pose already), so without these the CLIP learns none (README)
     detail_negatives: bool = False
+    # TripletCLIP-style twins (Patel et al. 2024: a hard-negative caption *and* an image made for it): each caption that
+    # names details brings a twin pair into its batch, the same scene rendered with one detail changed
+    # (captions.detail_negative) and captioned with the change. Both pairs are positives of the batch and each is
+    # the other's hardest negative, on the image side too, where text-only negatives leave the image tower alone
+    detail_twins: bool = False
+    # the fields of garments.Details a hard negative or a twin may change (garments.DETAIL_FIELDS); the NegCLIP pilots
+    # changed the trim's colour and the emblem's shape. Look-alike concepts differ in any two of the five
+    detail_change: tuple[str, ...] = ("trim_colour", "emblem")
     # a CLIP folder (open_clip_model.safetensors, same model_cfg) to start from instead of the seeded initialisation:
     # fine-tuning, as NegCLIP fine-tunes a trained CLIP. "" (default): from scratch
     init_from: str = ""
@@ -117,6 +126,8 @@ class ClipTrainConfig:
     )  # open_clip CLIP(**model_cfg)
 
     def __post_init__(self):
+        if not self.detail_change or set(self.detail_change) - set(DETAIL_FIELDS):
+            raise ValueError(f"detail_change must name fields of {DETAIL_FIELDS}, got {self.detail_change}")
         if self.model_cfg["vision_cfg"]["image_size"] != world_config(self.world_preset).image_size:
             raise ValueError("model_cfg.vision_cfg.image_size must be the toy world's image size")
         if (
@@ -200,6 +211,7 @@ def _render_chunk(
                 "pattern": scene.pattern,
                 "pose": scene.pose,
                 "details": scene.details,
+                "scene": scene,
             }
         )
     return np.stack(images), captions, words
@@ -242,11 +254,41 @@ def hard_negatives(
     rng = np.random.default_rng([config.seed, 0x4E4547])  # a stream of its own: the pairs' draws are unchanged
     texts = []
     for i, (text, w) in enumerate(zip(captions, words)):
-        negative = detail_negative(text, w["details"], w["colour"], rng, world)
+        negative = detail_negative(text, w["details"], w["colour"], rng, world, w["category"], config.detail_change)
         if negative is not None:
             index[i] = len(texts)
-            texts.append(negative)
+            texts.append(negative[0])
     return index, (tokenize_captions(texts) if texts else torch.zeros((0, 1), dtype=torch.long))
+
+
+def detail_twins(
+    captions: list[str], words: list[dict], config: ClipTrainConfig, world: WorldConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N,) each pair's row among the twins (-1: none), the twins' (M, H, W, 3) uint8 renders and (M, L) token ids,
+    seeded by the config. A twin is the pair's scene with one named detail changed, captioned with the change
+    (`captions.detail_negative`). Empty (every row -1, M = 0) unless config.detail_twins."""
+    index = torch.full((len(captions),), -1, dtype=torch.long)
+    size = world.image_size
+    if not config.detail_twins:
+        return index, torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros((0, 1), dtype=torch.long)
+    rng = np.random.default_rng([config.seed, 0x545749])  # a stream of its own: the pairs' draws are unchanged
+    images, texts = [], []
+    for i, (text, w) in enumerate(zip(captions, words)):
+        made = detail_negative(text, w["details"], w["colour"], rng, world, w["category"], config.detail_change)
+        if made is not None:
+            index[i] = len(texts)
+            texts.append(made[0])
+            images.append(np.asarray(render_scene(replace(w["scene"], details=made[1]), world), dtype=np.uint8))
+    if not texts:
+        return index, torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros((0, 1), dtype=torch.long)
+    return index, torch.from_numpy(np.stack(images)), tokenize_captions(texts)
+
+
+def concat_token_ids(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(Na, La) and (Nb, Lb) token ids -> (Na + Nb, max(La, Lb)), zero-padded on the right (exact for the prefix
+    text tower: causal attention, pooled at the end-of-text token)."""
+    length = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(a, (0, length - a.shape[1])), F.pad(b, (0, length - b.shape[1]))])
 
 
 def clip_loss_with_negatives(
@@ -415,6 +457,7 @@ def train_clip(
     images = torch.from_numpy(images)  # (N, 64, 64, 3) uint8
     ids = tokenize_captions(captions)  # (N, L) int64
     negative_of, negative_ids = hard_negatives(captions, words, config, world)  # (N,) row in (M, L), -1: none
+    twin_of, twin_images, twin_ids = detail_twins(captions, words, config, world)  # (N,) row in (T, ...), -1: none
 
     # 2. model; the token rows the captions use become one small trained parameter
     model = build_model(config)
@@ -425,7 +468,7 @@ def train_clip(
     model = model.to(device).train()
     table = model.token_embedding.weight
     table.requires_grad_(False)
-    used = torch.unique(torch.cat([ids.flatten(), negative_ids.flatten()]))  # (n_used,) sorted ids, pad 0 included
+    used = torch.unique(torch.cat([ids.flatten(), negative_ids.flatten(), twin_ids.flatten()]))  # (n_used,) sorted ids, pad 0 included
     remap = torch.full((table.shape[0],), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
     remap = remap.to(device)
@@ -472,9 +515,14 @@ def train_clip(
     for step in bar:
         # 4.1 batch
         idx = batches[step]  # (B,) pair indices
-        pixels = to_pixels(images[idx].to(device))  # (B, 3, 64, 64)
-        text = ids[idx]
-        text = text[:, : int((text != 0).sum(1).max())].to(device)  # (B, L) trimmed to this batch's longest
+        batch_images, text = images[idx], ids[idx]
+        twins = twin_of[idx]
+        twins = twins[twins >= 0]  # this batch's twin pairs (detail_twins), appended as pairs of their own
+        if len(twins):
+            batch_images = torch.cat([batch_images, twin_images[twins]])
+            text = concat_token_ids(text, twin_ids[twins])
+        pixels = to_pixels(batch_images.to(device))  # (B + T_b, 3, 64, 64)
+        text = text[:, : int((text != 0).sum(1).max())].to(device)  # (B + T_b, L) trimmed to this batch's longest
         # 4.2 learning rate
         lr = warmup_cosine_lr(step, config.lr, config.warmup, config.steps)
         for group in optimizer.param_groups:
@@ -506,7 +554,7 @@ def train_clip(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         # 4.6 log
-        seen += len(idx)
+        seen += len(pixels)
         ips = seen / max(1e-9, time.time() - t_loop)
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
         if step % config.log_every == 0 or step == config.steps - 1:
@@ -550,7 +598,7 @@ def train_clip(
         log=log,
         eval=final,
         seconds=time.time() - t_start,
-        images_per_second=config.steps * config.batch_size / train_seconds,
+        images_per_second=seen / train_seconds,  # pairs, twins included
     )
 
 
