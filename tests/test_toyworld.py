@@ -178,7 +178,7 @@ def test_garment_share_sets_how_often_a_caption_names_the_garment(scenes):
 def test_detail_sizes_are_world_fields_that_draw_larger_details(scenes):
     """trim_width and emblem_size (fractions of the figure's height) draw larger details and nothing else: the
     renders of a garment without details do not change; out-of-range values are refused."""
-    bold = world_config("bold-details")
+    bold = world_config("pervl-v2")
     assert bold.trim_width > CONFIG.trim_width and bold.emblem_size > CONFIG.emblem_size
     plain = next(s for s in scenes if s.details.trim is None and s.details.emblem is None)
     assert np.array_equal(np.asarray(render_scene(plain, CONFIG)), np.asarray(render_scene(plain, bold)))

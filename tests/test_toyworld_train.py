@@ -54,20 +54,25 @@ def test_a_killed_run_resumes_without_retraining_the_clip(tmp_path, monkeypatch)
 
 
 def test_every_recipe_pair_names_presets_both_trainers_have():
-    """train.PRESETS pairs a CLIP recipe with a diffusion recipe; v2 is the committed recipe with only the logit
-    scale held at 100 and half of the captions naming details, in both models (issue #13, sections 3-4)."""
+    """train.PRESETS pairs a CLIP recipe with a diffusion recipe; v2 is the committed recipe with the logit scale
+    held at 100, half of the captions naming details, detail twins and the world with larger details (issue #13,
+    sections 3-4); both of its models are trained in that world."""
     from dataclasses import asdict
 
+    from benchmarks.world.garments import DETAIL_FIELDS
     from benchmarks.world.train_clip import clip_train_config
     from benchmarks.world.train_diffusion import diffusion_train_config
 
     for clip_preset, diffusion_preset in train.PRESETS.values():
         clip_train_config(clip_preset), diffusion_train_config(diffusion_preset)
     v1, v2 = asdict(clip_train_config("toyworld")), asdict(clip_train_config("toyworld-v2"))
-    assert {k for k in v1 if v1[k] != v2[k]} == {"fixed_logit_scale", "detail_caption_share"}
-    assert v2["fixed_logit_scale"] == 100.0 and v2["detail_caption_share"] == 0.5
+    changed = {"fixed_logit_scale", "detail_caption_share", "world_preset", "detail_twins", "detail_change"}
+    assert {k for k in v1 if v1[k] != v2[k]} == changed
+    assert v2["fixed_logit_scale"] == 100.0 and v2["detail_caption_share"] == 0.5 and v2["detail_twins"]
+    assert tuple(v2["detail_change"]) == DETAIL_FIELDS and v2["world_preset"] == "pervl-v2"
     d1, d2 = asdict(diffusion_train_config("toyworld")), asdict(diffusion_train_config("toyworld-v2"))
-    assert {k for k in d1 if d1[k] != d2[k]} == {"detail_caption_share"} and d2["detail_caption_share"] == 0.5
+    assert {k for k in d1 if d1[k] != d2[k]} == {"detail_caption_share", "world_preset"}
+    assert d2["detail_caption_share"] == 0.5 and d2["world_preset"] == v2["world_preset"]
 
 
 def test_a_clip_written_before_a_config_field_existed_still_counts_as_trained(tmp_path):

@@ -160,9 +160,18 @@ _TOYWORLD = {"steps": 3600, "batch_size": 128, "n_pairs": 230400, "lr": 1e-3, "w
 CLIP_PRESETS: dict[str, dict] = {
     "toyworld": _TOYWORLD,
     # v2 (issue #13, sections 3-4; in training, not committed yet): the same run with the logit scale held at 100,
-    # where real CLIPs end (modality gap 0.85 against ViT-B/32's 0.82, README), and half of the captions naming the
-    # garment's details
-    "toyworld-v2": {**_TOYWORLD, "fixed_logit_scale": 100.0, "detail_caption_share": 0.5},
+    # where real CLIPs end (modality gap 0.85 against ViT-B/32's 0.82, README), half of the captions naming the
+    # garment's details, on the world with details drawn larger, each detail caption bringing its twin (one detail
+    # field changed). 800-step pilots (README "Details"): without the twins and the larger details no detail reaches
+    # the image embeddings
+    "toyworld-v2": {
+        **_TOYWORLD,
+        "fixed_logit_scale": 100.0,
+        "detail_caption_share": 0.5,
+        "world_preset": "pervl-v2",  # details drawn 1.8x larger
+        "detail_twins": True,
+        "detail_change": DETAIL_FIELDS,
+    },
     "smoke": {
         "steps": 6,
         "batch_size": 16,

@@ -158,7 +158,8 @@ class DiffusionTrainConfig:
 # Named presets are data. `toyworld`: the committed model; `smoke`: the test twin (seconds).
 DIFFUSION_TRAIN_PRESETS: dict[str, dict] = {
     "toyworld": {},
-    "toyworld-v2": {"detail_caption_share": 0.5},  # on the CLIP of train_clip's preset of that name (README)
+    # on the CLIP of train_clip's preset of that name, in its world (README)
+    "toyworld-v2": {"detail_caption_share": 0.5, "world_preset": "pervl-v2"},
     "smoke": {
         "clip": "tiny-random",
         "image_size": 32,
