@@ -149,9 +149,8 @@ def test_detail_twins_are_the_same_scene_with_one_detail_changed_and_train():
     scene = words[i]["scene"]
     assert any(
         np.array_equal(twin_images[index[i]].numpy(), np.asarray(render_scene(replace(scene, details=d), world)))
-        for d in [
-            replace(scene.details, trim_colour=c) for c in world.colour_names
-        ] + [replace(scene.details, emblem=e) for e in world.emblems]
+        for d in [replace(scene.details, trim_colour=c) for c in world.colour_names]
+        + [replace(scene.details, emblem=e) for e in world.emblems]
     )
     off = detail_twins(captions, words, clip_train_config("smoke", detail_caption_share=1.0), world)
     assert bool((off[0] == -1).all()) and len(off[1]) == 0

@@ -88,7 +88,9 @@ class WorldConfig:
             )
         for name in ("emblem_size", "trim_width"):
             if not 0 < getattr(self, name) <= 0.15:
-                raise ValueError(f"{name} must be in (0, 0.15] (a fraction of the figure's height), got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be in (0, 0.15] (a fraction of the figure's height), got {getattr(self, name)}"
+                )
         if self.image_size < 16 or self.supersample < 1:
             raise ValueError(
                 f"image_size must be >= 16 and supersample >= 1, got {self.image_size}, {self.supersample}"

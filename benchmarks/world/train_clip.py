@@ -477,7 +477,9 @@ def train_clip(
     model = model.to(device).train()
     table = model.token_embedding.weight
     table.requires_grad_(False)
-    used = torch.unique(torch.cat([ids.flatten(), negative_ids.flatten(), twin_ids.flatten()]))  # (n_used,) sorted ids, pad 0 included
+    used = torch.unique(
+        torch.cat([ids.flatten(), negative_ids.flatten(), twin_ids.flatten()])
+    )  # (n_used,) sorted ids, pad 0 included
     remap = torch.full((table.shape[0],), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
     remap = remap.to(device)
