@@ -278,8 +278,9 @@ def detail_twins(
     (`captions.detail_negative`). Empty (every row -1, M = 0) unless config.detail_twins."""
     index = torch.full((len(captions),), -1, dtype=torch.long)
     size = world.image_size
+    none = (torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros((0, 1), dtype=torch.long))
     if not config.detail_twins:
-        return index, torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros((0, 1), dtype=torch.long)
+        return index, *none
     rng = np.random.default_rng([config.seed, 0x545749])  # a stream of its own: the pairs' draws are unchanged
     images, texts = [], []
     for i, (text, w) in enumerate(zip(captions, words)):
@@ -289,7 +290,7 @@ def detail_twins(
             texts.append(made[0])
             images.append(np.asarray(render_scene(replace(w["scene"], details=made[1]), world), dtype=np.uint8))
     if not texts:
-        return index, torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros((0, 1), dtype=torch.long)
+        return index, *none
     return index, torch.from_numpy(np.stack(images)), tokenize_captions(texts)
 
 
