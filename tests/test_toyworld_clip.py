@@ -105,12 +105,12 @@ def test_detail_negatives_are_seeded_and_train():
 
     config = clip_train_config("smoke", steps=2, detail_caption_share=1.0, detail_negatives=True)
     world = world_config(config.world_preset)
-    _, captions, words = render_pairs(config.pairs, config.seed, world, 0, 1.0)
-    index, ids = hard_negatives(captions, words, config, world)
-    again, ids_again = hard_negatives(captions, words, config, world)
+    _, captions, scenes = render_pairs(config.pairs, config.seed, world, 0, 1.0)
+    index, ids = hard_negatives(captions, scenes, config, world)
+    again, ids_again = hard_negatives(captions, scenes, config, world)
     assert torch.equal(index, again) and torch.equal(ids, ids_again)
     assert 0 < int((index >= 0).sum()) == len(ids) <= len(captions)
-    off, _ = hard_negatives(captions, words, clip_train_config("smoke", detail_caption_share=1.0), world)
+    off, _ = hard_negatives(captions, scenes, clip_train_config("smoke", detail_caption_share=1.0), world)
     assert bool((off == -1).all())
     result = train_clip(config, device="cpu", progress=False)
     assert all(math.isfinite(e["loss"]) for e in result.log if "loss" in e)
@@ -128,9 +128,9 @@ def test_detail_twins_are_the_same_scene_with_one_detail_changed_and_train():
 
     config = clip_train_config("smoke", steps=2, detail_caption_share=1.0, detail_twins=True)
     world = world_config(config.world_preset)
-    images, captions, words = render_pairs(config.pairs, config.seed, world, 0, 1.0)
-    index, twin_images, twin_ids = detail_twins(captions, words, config, world)
-    again = detail_twins(captions, words, config, world)
+    images, captions, scenes = render_pairs(config.pairs, config.seed, world, 0, 1.0)
+    index, twin_images, twin_ids = detail_twins(captions, scenes, config, world)
+    again = detail_twins(captions, scenes, config, world)
     assert torch.equal(index, again[0]) and torch.equal(twin_images, again[1]) and torch.equal(twin_ids, again[2])
     made = (index >= 0).nonzero().flatten().tolist()
     assert 0 < len(made) == len(twin_images) == len(twin_ids) <= len(captions)
@@ -139,20 +139,20 @@ def test_detail_twins_are_the_same_scene_with_one_detail_changed_and_train():
         changed = (twin != images[i]).any(-1).mean()
         assert 0 < changed < 0.1, changed  # a trim band or an emblem, not the scene
         text = captions[i]
-        assert detail_phrase(words[i]["details"]) in text
+        assert detail_phrase(scenes[i].details) in text
         decoded = tokenize_captions([text])[0]
         assert not torch.equal(twin_ids[index[i]][: len(decoded)], decoded)  # the twin's caption differs
-    no_details = [i for i in range(len(captions)) if not detail_phrase(words[i]["details"])]
+    no_details = [i for i in range(len(captions)) if not detail_phrase(scenes[i].details)]
     assert all(index[i] == -1 for i in no_details)
     # a twin is exactly render_scene of the scene with the changed details
     i = made[0]
-    scene = words[i]["scene"]
+    scene = scenes[i]
     assert any(
         np.array_equal(twin_images[index[i]].numpy(), np.asarray(render_scene(replace(scene, details=d), world)))
         for d in [replace(scene.details, trim_colour=c) for c in world.colour_names]
         + [replace(scene.details, emblem=e) for e in world.emblems]
     )
-    off = detail_twins(captions, words, clip_train_config("smoke", detail_caption_share=1.0), world)
+    off = detail_twins(captions, scenes, clip_train_config("smoke", detail_caption_share=1.0), world)
     assert bool((off[0] == -1).all()) and len(off[1]) == 0
     result = train_clip(config, device="cpu", progress=False)
     assert all(math.isfinite(e["loss"]) for e in result.log if "loss" in e)

@@ -39,9 +39,9 @@ from benchmarks.world import evaluate
 from benchmarks.world.captions import caption, detail_negative
 from benchmarks.world.checkpoint import default_folder, load_checkpoint, save_checkpoint
 from benchmarks.world.config import WorldConfig, parse_overrides, world_config
-from benchmarks.world.garments import DETAIL_FIELDS
+from benchmarks.world.garments import DETAIL_FIELDS, Details
 from benchmarks.world.render import render_scene
-from benchmarks.world.scene import sample_scene
+from benchmarks.world.scene import Scene, sample_scene
 from benchmarks.world.schedule import warmup_cosine_lr
 from retrieval.io.atomic import replace_dir
 from retrieval.models.clip import TOYWORLD_WEIGHTS
@@ -202,28 +202,18 @@ def clip_train_config(preset: str = "toyworld", **overrides) -> ClipTrainConfig:
 # ----------------------------------------------------------------------------------------------- data
 def _render_chunk(
     args: tuple[int, int, int, WorldConfig, float, float | None],
-) -> tuple[np.ndarray, list[str], list[dict]]:
-    """Pairs of chunk `index`: (n, H, W, 3) uint8 images, their captions and their scenes' words.
-    The draws are `sample_training_pair`'s (scene, render, caption), keeping the scene's words."""
+) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """Pairs of chunk `index`: (n, H, W, 3) uint8 images, their captions and their scenes.
+    The draws are `sample_training_pair`'s (scene, render, caption), keeping the scene."""
     seed, index, n, world, detail_share, garment_share = args
     rng = np.random.default_rng([seed, index])
-    images, captions, words = [], [], []
+    images, captions, scenes = [], [], []
     for _ in range(n):
         scene = sample_scene(rng, world)
         images.append(np.asarray(render_scene(scene, world), dtype=np.uint8))
         captions.append(caption(scene, rng, detail_share, garment_share))
-        words.append(
-            {
-                "context": scene.context,
-                "category": scene.category,
-                "colour": scene.colour,
-                "pattern": scene.pattern,
-                "pose": scene.pose,
-                "details": scene.details,
-                "scene": scene,
-            }
-        )
-    return np.stack(images), captions, words
+        scenes.append(scene)
+    return np.stack(images), captions, scenes
 
 
 def render_pairs(
@@ -233,8 +223,8 @@ def render_pairs(
     workers: int = 2,
     detail_share: float = 0.0,
     garment_share: float | None = None,
-) -> tuple[np.ndarray, list[str], list[dict]]:
-    """N training pairs rendered ahead of training: (N, H, W, 3) uint8, N captions and N scenes' words; DETAIL_SHARE
+) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """N training pairs rendered ahead of training: (N, H, W, 3) uint8, N captions and their N scenes; DETAIL_SHARE
     of the captions name the garment's details, GARMENT_SHARE name the garment at all (`captions.caption`).
 
     Measured on 2 busy cores: a training step costs ~10 ms per pair, rendering ~0.5 ms, so rendering everything
@@ -252,45 +242,52 @@ def render_pairs(
     return np.concatenate([c[0] for c in chunks]), [x for c in chunks for x in c[1]], [x for c in chunks for x in c[2]]
 
 
+def _detail_changes(
+    captions: list[str], scenes: list[Scene], config: ClipTrainConfig, world: WorldConfig, stream: int
+) -> tuple[torch.Tensor, list[str], list[Details]]:
+    """(N,) each pair's row among the changed captions (-1: its caption names no detail), those captions and their
+    changed details (`captions.detail_negative`, fields config.detail_change), drawn from the random stream
+    (config.seed, STREAM): a stream of its own, so the pairs' draws are unchanged."""
+    rng = np.random.default_rng([config.seed, stream])
+    index = torch.full((len(captions),), -1, dtype=torch.long)
+    texts, details = [], []
+    for i, (text, scene) in enumerate(zip(captions, scenes)):
+        made = detail_negative(text, scene.details, scene.colour, rng, world, scene.category, config.detail_change)
+        if made is not None:
+            index[i] = len(texts)
+            texts.append(made[0])
+            details.append(made[1])
+    return index, texts, details
+
+
 def hard_negatives(
-    captions: list[str], words: list[dict], config: ClipTrainConfig, world: WorldConfig
+    captions: list[str], scenes: list[Scene], config: ClipTrainConfig, world: WorldConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) each pair's row in the (M, L) token ids of the hard-negative captions (-1: none), seeded by the config.
     Empty (every row -1, M = 0) unless config.detail_negatives."""
-    index = torch.full((len(captions),), -1, dtype=torch.long)
     if not config.detail_negatives:
-        return index, torch.zeros((0, 1), dtype=torch.long)
-    rng = np.random.default_rng([config.seed, 0x4E4547])  # a stream of its own: the pairs' draws are unchanged
-    texts = []
-    for i, (text, w) in enumerate(zip(captions, words)):
-        negative = detail_negative(text, w["details"], w["colour"], rng, world, w["category"], config.detail_change)
-        if negative is not None:
-            index[i] = len(texts)
-            texts.append(negative[0])
+        return torch.full((len(captions),), -1, dtype=torch.long), torch.zeros((0, 1), dtype=torch.long)
+    index, texts, _ = _detail_changes(captions, scenes, config, world, 0x4E4547)
     return index, (tokenize_captions(texts) if texts else torch.zeros((0, 1), dtype=torch.long))
 
 
 def detail_twins(
-    captions: list[str], words: list[dict], config: ClipTrainConfig, world: WorldConfig
+    captions: list[str], scenes: list[Scene], config: ClipTrainConfig, world: WorldConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N,) each pair's row among the twins (-1: none), the twins' (M, H, W, 3) uint8 renders and (M, L) token ids,
     seeded by the config. A twin is the pair's scene with one named detail changed, captioned with the change
     (`captions.detail_negative`). Empty (every row -1, M = 0) unless config.detail_twins."""
-    index = torch.full((len(captions),), -1, dtype=torch.long)
     size = world.image_size
     none = (torch.zeros((0, size, size, 3), dtype=torch.uint8), torch.zeros((0, 1), dtype=torch.long))
     if not config.detail_twins:
-        return index, *none
-    rng = np.random.default_rng([config.seed, 0x545749])  # a stream of its own: the pairs' draws are unchanged
-    images, texts = [], []
-    for i, (text, w) in enumerate(zip(captions, words)):
-        made = detail_negative(text, w["details"], w["colour"], rng, world, w["category"], config.detail_change)
-        if made is not None:
-            index[i] = len(texts)
-            texts.append(made[0])
-            images.append(np.asarray(render_scene(replace(w["scene"], details=made[1]), world), dtype=np.uint8))
+        return torch.full((len(captions),), -1, dtype=torch.long), *none
+    index, texts, details = _detail_changes(captions, scenes, config, world, 0x545749)
     if not texts:
         return index, *none
+    rows = (index >= 0).nonzero().flatten().tolist()
+    images = [
+        np.asarray(render_scene(replace(scenes[i], details=d), world), dtype=np.uint8) for i, d in zip(rows, details)
+    ]
     return index, torch.from_numpy(np.stack(images)), tokenize_captions(texts)
 
 
@@ -456,7 +453,7 @@ def train_clip(
     world = world_config(config.world_preset)
 
     # 1. data: render all pairs, tokenize their captions
-    images, captions, words = render_pairs(
+    images, captions, scenes = render_pairs(
         config.pairs,
         config.seed,
         world,
@@ -466,8 +463,8 @@ def train_clip(
     )
     images = torch.from_numpy(images)  # (N, 64, 64, 3) uint8
     ids = tokenize_captions(captions)  # (N, L) int64
-    negative_of, negative_ids = hard_negatives(captions, words, config, world)  # (N,) row in (M, L), -1: none
-    twin_of, twin_images, twin_ids = detail_twins(captions, words, config, world)  # (N,) row in (T, ...), -1: none
+    negative_of, negative_ids = hard_negatives(captions, scenes, config, world)  # (N,) row in (M, L), -1: none
+    twin_of, twin_images, twin_ids = detail_twins(captions, scenes, config, world)  # (N,) row in (T, ...), -1: none
 
     # 2. model; the token rows the captions use become one small trained parameter
     model = build_model(config)
@@ -495,7 +492,7 @@ def train_clip(
         param_groups(model, rows, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
     )
     loss_fn = ClipLoss()
-    batches = batch_order([tuple(w[f] for f in config.group_by) for w in words], config)
+    batches = batch_order([tuple(getattr(s, f) for f in config.group_by) for s in scenes], config)
     eval_scenes = evaluate.held_out_scenes(world, config.eval_scenes)
     eval_images = evaluate.render_scenes(eval_scenes, world)
     use_amp = device.type == "cuda"
