@@ -193,6 +193,63 @@ def test_detail_sizes_are_world_fields_that_draw_larger_details(scenes):
             world_config(**bad)
 
 
+def test_views_are_off_by_default_and_drawn_at_their_shares(scenes):
+    """Back views, bags and zoom-ins (DeepFashion2's viewpoint, occlusion, zoom-in) are off in the v1 world, whose
+    random stream they leave alone; where a share is set, each occurs about that often, independently."""
+    assert all(not s.back_view and s.bag is None and s.zoom == 1.0 for s in scenes)
+    views = world_config("pervl-v2", back_view_share=0.3, bag_share=0.5, zoom_share=0.2)
+    rng = np.random.default_rng(0)
+    drawn = [sample_scene(rng, views) for _ in range(600)]
+    for share, hits in (
+        (0.3, sum(s.back_view for s in drawn)),
+        (0.5, sum(s.bag is not None for s in drawn)),
+        (0.2, sum(s.zoom > 1 for s in drawn)),
+    ):
+        assert abs(hits / len(drawn) - share) < 0.06, (share, hits)
+    assert all(views.zoom[0] <= s.zoom <= views.zoom[1] for s in drawn if s.zoom > 1)
+    assert sum(s.back_view and s.bag is not None for s in drawn) > 0  # independent draws: they combine
+    # the first scene's words and jitter are drawn before its view: the same as in the world without views
+    first = sample_scene(np.random.default_rng(0), world_config("pervl-v2"))
+    assert dataclasses.replace(drawn[0], back_view=False, bag=None, zoom=1.0, zoom_anchor=0.0) == first
+    for bad, match in (({"bag_share": 1.5}, "share"), ({"zoom": (0.8, 1.2)}, "zoom")):
+        with pytest.raises(ValueError, match=match):
+            world_config(**bad)
+
+
+def test_a_back_view_hides_the_emblem_a_bag_covers_the_garment_a_zoom_crops_the_figure(scenes):
+    """Each view changes the image as its name says: from behind the emblem (printed on the front) and the face are
+    gone but the trim stays; a bag paints its colour over the garment; zoomed in with the feet at the bottom edge,
+    the head is out of frame, and with the head at the top edge, the feet are."""
+    from benchmarks.world.scene import BAG_COLOURS, HAIR_COLOURS, SKIN_TONES, Bag
+
+    world = world_config("pervl-v2")
+    scene = next(s for s in scenes if s.details.emblem and s.details.trim and s.category == "dress")
+    back = dataclasses.replace(scene, back_view=True)
+    no_emblem = dataclasses.replace(back, details=dataclasses.replace(scene.details, emblem=None))
+    assert np.array_equal(pixels(render_scene(back, world)), pixels(render_scene(no_emblem, world)))
+    assert changed_pixels(render_scene(scene, world), render_scene(back, world)) > 0
+    no_trim = dataclasses.replace(back, details=dataclasses.replace(scene.details, trim=None))
+    assert changed_pixels(render_scene(back, world), render_scene(no_trim, world)) > 0  # the trim is still seen
+    skin = np.array(SKIN_TONES[scene.skin])
+    face_rows = slice(0, 24)  # the head of a standing figure is in the top rows of a 64 px image
+
+    def skin_pixels(image, rows):
+        return int((np.abs(pixels(image)[rows] - skin).max(-1) < 6).sum())
+
+    arms_down = dataclasses.replace(back, pose="standing", person_height=0.9)
+    assert skin_pixels(render_scene(dataclasses.replace(arms_down, back_view=False), world), face_rows) > skin_pixels(
+        render_scene(arms_down, world), face_rows
+    )
+    bagged = dataclasses.replace(scene, bag=Bag(x=0.05, y=0.45, half=0.1, colour=1))
+    bag_rgb = np.array(BAG_COLOURS[1])
+    assert int((np.abs(pixels(render_scene(bagged, world)) - bag_rgb).max(-1) < 4).sum()) > 40
+    hair = np.array(HAIR_COLOURS[scene.hair])
+    for anchor, head_seen in ((0.0, False), (1.0, True)):
+        zoomed = dataclasses.replace(scene, zoom=1.8, zoom_anchor=anchor, person_height=0.9)
+        image = pixels(render_scene(zoomed, world))
+        assert bool((np.abs(image[:8] - hair).max(-1) < 4).sum() > 3) is head_seen, anchor
+
+
 def test_a_detail_negative_changes_exactly_one_named_detail(scenes):
     """NegCLIP-style hard negatives (train_clip's detail_negatives): the caption with the trim's colour or the
     emblem's shape changed, everything else the same; none for a caption that names no detail."""

@@ -69,7 +69,7 @@ def test_every_recipe_pair_names_presets_both_trainers_have():
     changed = {"fixed_logit_scale", "detail_caption_share", "world_preset", "detail_twins", "detail_change"}
     assert {k for k in v1 if v1[k] != v2[k]} == changed
     assert v2["fixed_logit_scale"] == 100.0 and v2["detail_caption_share"] == 0.5 and v2["detail_twins"]
-    assert tuple(v2["detail_change"]) == DETAIL_FIELDS and v2["world_preset"] == "pervl-v2"
+    assert tuple(v2["detail_change"]) == DETAIL_FIELDS and v2["world_preset"] == "pervl-v2-views"
     d1, d2 = asdict(diffusion_train_config("toyworld")), asdict(diffusion_train_config("toyworld-v2"))
     assert {k for k in d1 if d1[k] != d2[k]} == {"detail_caption_share", "world_preset"}
     assert d2["detail_caption_share"] == 0.5 and d2["world_preset"] == v2["world_preset"]

@@ -60,6 +60,15 @@ class WorldConfig:
     brightness: tuple[float, float] = (0.85, 1.12)  # background brightness factor
     context_shift: float = 0.25  # background crop offset, up to this fraction of the image
 
+    # ----- how one garment's photos differ (all off by default: the v1 world). DeepFashion2 annotates every item
+    # with exactly these variations, between the shop and consumer photos of one item (Ge et al., CVPR 2019, Sec. 3:
+    # viewpoint, occlusion, zoom-in, scale); a PerVL concept's shots and evaluation images are such photos.
+    # The shares are ours (DeepFashion2's own statistics are not available here), chosen on the baselines only.
+    back_view_share: float = 0.0  # seen from behind: the emblem (printed on the front) and the face are hidden
+    bag_share: float = 0.0  # a shoulder bag hangs over part of the garment (occlusion)
+    zoom_share: float = 0.0  # framed closer (zoom-in): the figure is zoom x taller than usual, partly out of frame
+    zoom: tuple[float, float] = (1.3, 1.8)  # range of that magnification
+
     # ----- random (non-concept) scenes, as in training pairs
     detail_probability: float = 0.5  # chance that a random garment has a trim band; the same for an emblem
 
@@ -91,6 +100,11 @@ class WorldConfig:
                 raise ValueError(
                     f"{name} must be in (0, 0.15] (a fraction of the figure's height), got {getattr(self, name)}"
                 )
+        for name in ("back_view_share", "bag_share", "zoom_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.zoom[0] <= self.zoom[1] <= 3:
+            raise ValueError(f"zoom must be (min, max) with 1 <= min <= max <= 3, got {self.zoom}")
         if self.image_size < 16 or self.supersample < 1:
             raise ValueError(
                 f"image_size must be >= 16 and supersample >= 1, got {self.image_size}, {self.supersample}"
@@ -130,6 +144,14 @@ PRESETS: dict[str, dict] = {
     # 1.8x larger, so that the 64 px CLIP has enough pixels of each detail to learn it (an 800-step pilot: emblem
     # colour read from the image embeddings at 0.45 against 0.18 at the v1 sizes, chance 0.20)
     "pervl-v2": {"trim_width": 0.09, "emblem_size": 0.09},
+    # pervl-v2 and the photos of one garment differ as DeepFashion2's do (views: back, bag, zoom-in); in screening
+    "pervl-v2-views": {
+        "trim_width": 0.09,
+        "emblem_size": 0.09,
+        "back_view_share": 0.25,
+        "bag_share": 0.25,
+        "zoom_share": 0.25,
+    },
 }
 
 

@@ -17,7 +17,7 @@ from benchmarks.world import vocabulary
 from benchmarks.world.config import RGB, WorldConfig
 from benchmarks.world.contexts import context_background
 from benchmarks.world.garments import EMBLEM_SPOTS, GARMENTS, GarmentShape, pattern_ink
-from benchmarks.world.scene import HAIR_COLOURS, SKIN_TONES, Scene
+from benchmarks.world.scene import BAG_COLOURS, HAIR_COLOURS, SKIN_TONES, Scene
 
 Point = tuple[float, float]
 
@@ -92,9 +92,11 @@ class _Figure:
     """Pixel geometry of one posed figure: body points and limb polylines."""
 
     def __init__(self, scene: Scene, size: int):
-        self.h = scene.person_height * size
+        self.h = scene.person_height * scene.zoom * size
         self.cx = scene.person_x * size
-        self.top = size * (0.985 - scene.person_height)  # feet near the bottom edge
+        # feet near the bottom edge; zoomed in, zoom_anchor slides the figure down until its head is at the top
+        feet_down, head_up = size * 0.985 - self.h, size * 0.015
+        self.top = feet_down + scene.zoom_anchor * (head_up - feet_down) if scene.zoom > 1 else feet_down
         pose = POSES[scene.pose]
         self.arms = [
             self._limb(BODY["arm_root"], angles, (BODY["upper_arm"], BODY["forearm"]), side)
@@ -321,7 +323,7 @@ def render_scene(scene: Scene, config: WorldConfig) -> Image.Image:
     mask = Image.new("L", canvas.size, 0)
     _draw_shape(ImageDraw.Draw(mask), fig, shape, 255)
     canvas.paste(pattern_texture(scene.pattern, rgb[scene.colour], size), (0, 0), mask)
-    if shape.opening:
+    if shape.opening and not scene.back_view:
         dark = tuple(int(c * 0.55) for c in rgb[scene.colour])
         draw.line([fig.p(0.0, BODY["shoulder_y"]), fig.p(0.0, shape.torso_hem)], fill=dark, width=fig.w(0.018))
 
@@ -329,20 +331,32 @@ def render_scene(scene: Scene, config: WorldConfig) -> Image.Image:
     d = scene.details
     if d.trim is not None:
         _draw_trim(draw, fig, shape, d.trim, rgb[d.trim_colour], config.trim_width)
-    if d.emblem is not None:
+    if d.emblem is not None and not scene.back_view:  # printed on the front
         if shape.leg_emblem > 0 and d.emblem_at != "centre":  # on the thigh, following the pose
             x, y = _along(fig.legs[0 if d.emblem_at == "left" else 1], 0.0, shape.leg_emblem)[-1]
         else:
             x, y = fig.p(*shape.emblem_spots[EMBLEM_SPOTS.index(d.emblem_at)])
         _EMBLEMS[d.emblem](draw, x, y, config.emblem_size * fig.h, rgb[d.emblem_colour])
 
-    # 6. shoes, then the head: hair, then the face over its lower part
+    # 6. a shoulder bag over the garment: the strap from the far shoulder, then the bag
+    if scene.bag is not None:
+        b, fill = scene.bag, BAG_COLOURS[scene.bag.colour]
+        side = 1 if b.x > 0 else -1
+        draw.line(
+            [fig.p(-side * 0.07, BODY["shoulder_y"]), fig.p(b.x, b.y - 1.2 * b.half)], fill=fill, width=fig.w(0.014)
+        )
+        x0, y0 = fig.p(b.x - b.half, b.y - 1.2 * b.half)
+        x1, y1 = fig.p(b.x + b.half, b.y + 1.2 * b.half)
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=fig.w(0.02), fill=fill)
+
+    # 7. shoes, then the head: hair, then the face over its lower part (seen from behind: hair only)
     for leg in fig.legs:
         x, y = leg[-1]
         draw.ellipse((x - fig.w(0.045), y - fig.w(0.015), x + fig.w(0.045), y + fig.w(0.025)), fill=SHOE)
     hx, hy = fig.p(0.0, BODY["head_y"])
     r = BODY["head_r"] * fig.h
     draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=hair)
-    draw.ellipse((hx - 0.82 * r, hy - 0.55 * r, hx + 0.82 * r, hy + 1.02 * r), fill=skin)
+    if not scene.back_view:
+        draw.ellipse((hx - 0.82 * r, hy - 0.55 * r, hx + 0.82 * r, hy + 1.02 * r), fill=skin)
 
     return canvas.reduce(config.supersample) if config.supersample > 1 else canvas

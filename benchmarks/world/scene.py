@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,18 @@ from benchmarks.world.garments import Details, sample_details
 
 SKIN_TONES = ((238, 204, 172), (205, 155, 115), (140, 96, 66))
 HAIR_COLOURS = ((38, 28, 22), (105, 66, 36), (214, 184, 120), (20, 20, 20))
+# a bag's colours: leather and canvas tones no caption names (grey is the under-clothes', so not here)
+BAG_COLOURS = ((92, 60, 38), (38, 34, 32), (196, 164, 120), (84, 96, 70))
+
+
+@dataclass(frozen=True)
+class Bag:
+    """A shoulder bag over the garment (WorldConfig.bag_share). Body units: fractions of the figure's height."""
+
+    x: float  # centre, from the figure's centre line
+    y: float  # centre, from the top of the head
+    half: float  # half width; the height is 1.2 x the width
+    colour: int  # index into BAG_COLOURS
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,11 @@ class Scene:
     brightness: float  # background brightness factor
     skin: int  # index into SKIN_TONES
     hair: int  # index into HAIR_COLOURS
+    # ----- how this photo of the garment differs (WorldConfig's view shares); defaults: the v1 world's photo
+    back_view: bool = False  # seen from behind
+    bag: Bag | None = None  # occluding bag
+    zoom: float = 1.0  # > 1: the figure is this much taller than person_height says, partly out of frame
+    zoom_anchor: float = 0.0  # which part stays in frame when zoomed: 0 the feet (bottom edge) .. 1 the head (top)
 
     @property
     def words(self) -> tuple[str, str, str]:
@@ -64,7 +82,7 @@ def sample_scene(
     if concept is not None:
         category, colour, pattern, details = concept.category, concept.colour, concept.pattern, concept.details
     # 2. jitter
-    return Scene(
+    scene = Scene(
         context=context or drawn_context,
         category=category,
         colour=colour,
@@ -79,3 +97,19 @@ def sample_scene(
         skin=int(rng.integers(len(SKIN_TONES))),
         hair=int(rng.integers(len(HAIR_COLOURS))),
     )
+    # 3. the view; drawn only where a share is set, so worlds without views keep their random streams
+    views = {}
+    if config.back_view_share > 0:
+        views["back_view"] = bool(rng.random() < config.back_view_share)
+    if config.bag_share > 0 and rng.random() < config.bag_share:
+        side = 1 if rng.random() < 0.5 else -1
+        views["bag"] = Bag(
+            x=side * float(rng.uniform(0.02, 0.14)),
+            y=float(rng.uniform(0.38, 0.52)),
+            half=float(rng.uniform(0.07, 0.11)),
+            colour=int(rng.integers(len(BAG_COLOURS))),
+        )
+    if config.zoom_share > 0 and rng.random() < config.zoom_share:
+        views["zoom"] = float(rng.uniform(*config.zoom))
+        views["zoom_anchor"] = float(rng.uniform(0.0, 1.0))
+    return dataclasses.replace(scene, **views) if views else scene

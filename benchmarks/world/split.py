@@ -153,6 +153,9 @@ def _scene_rows(images: list[PlannedImage], role: str) -> list[dict]:
                 "emblem": d.emblem or "",
                 "emblem_at": d.emblem_at or "",
                 "emblem_colour": d.emblem_colour or "",
+                "back_view": s.back_view,
+                "bag": s.bag is not None,
+                "zoom": round(s.zoom, 3),
             }
         )
     return rows

@@ -168,7 +168,7 @@ CLIP_PRESETS: dict[str, dict] = {
         **_TOYWORLD,
         "fixed_logit_scale": 100.0,
         "detail_caption_share": 0.5,
-        "world_preset": "pervl-v2",  # details drawn 1.8x larger
+        "world_preset": "pervl-v2-views",  # details drawn 1.8x larger; photos of one garment differ in view
         "detail_twins": True,
         "detail_change": DETAIL_FIELDS,
     },

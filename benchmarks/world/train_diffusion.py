@@ -159,7 +159,7 @@ class DiffusionTrainConfig:
 DIFFUSION_TRAIN_PRESETS: dict[str, dict] = {
     "toyworld": {},
     # on the CLIP of train_clip's preset of that name, in its world (README)
-    "toyworld-v2": {"detail_caption_share": 0.5, "world_preset": "pervl-v2"},
+    "toyworld-v2": {"detail_caption_share": 0.5, "world_preset": "pervl-v2-views"},
     "smoke": {
         "clip": "tiny-random",
         "image_size": 32,
