@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.world import world_config, write_split
+from benchmarks.world import trained_world, world_config, write_split
 from benchmarks.world.captions import CONTEXT_WORDS, garment_phrase
 from retrieval import Engine, GairConfig, IndexSummary, QueryResult
 from retrieval.composed import insert_concept
@@ -76,7 +76,7 @@ def run_demo(
 ) -> DemoResult:
     out = Path(out_dir)
     # 1. the world's test split: 50 concepts, few-shot + evaluation images, PerVL files
-    paths = write_split(out / "world", world_config("pervl"), split="test")
+    paths = write_split(out / "world", world_config(trained_world(model)), split="test")
     # 2. the gallery is every image of the split; one engine (its models load once) for everything below
     engine = Engine(out / "index", tokens_dir=out / "tokens", model=model, device=device)
     summary = engine.index(paths.images, progress=progress)

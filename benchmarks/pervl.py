@@ -132,7 +132,7 @@ class BenchConfig:
     attributes: tuple[str, ...] = ("red", "old", "worn", "bright", "dark", "pink")
     world: str | None = None  # "synthetic": the toy world's split with its models
     world_seed: int = 0
-    world_preset: str = "pervl"
+    world_preset: str | None = None  # None: the world the CLIP was trained in (benchmarks.world.trained_world)
     world_overrides: dict = field(default_factory=dict)  # WorldConfig fields over the preset (--world-set)
     device: str = "auto"
     progress: bool = True
@@ -200,6 +200,10 @@ def _key(obj) -> str:
 # ----- the run
 class Benchmark:
     def __init__(self, config: BenchConfig):
+        if config.world == "synthetic" and config.world_preset is None:  # the CLIP's own world, named in the summary
+            from benchmarks.world import trained_world
+
+            config = replace(config, world_preset=trained_world(config.model))
         self.cfg = config
         self.out = Path(config.out)
         self.cache = self.out / "cache"
@@ -539,7 +543,11 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument(
         "--world-seed", type=int, default=0, help="seed of the synthetic world (another seed, another world)"
     )
-    p.add_argument("--world-preset", default="pervl", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--world-preset",
+        help="with --world synthetic: the world's preset (benchmarks.world.config.PRESETS; default: the one the CLIP "
+        "was trained in, from its train_config.json)",
+    )
     p.add_argument(
         "--world-set",
         action="append",

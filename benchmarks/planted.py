@@ -66,7 +66,16 @@ import numpy as np
 import torch
 
 from benchmarks.pervl import metrics, target_rank
-from benchmarks.world import Concept, Details, Scene, garment_phrase, render_scene, sample_scene, world_config
+from benchmarks.world import (
+    Concept,
+    Details,
+    Scene,
+    garment_phrase,
+    render_scene,
+    sample_scene,
+    trained_world,
+    world_config,
+)
 from benchmarks.world.evaluate import classify
 from retrieval import Engine
 from retrieval.composed import composed_feature
@@ -268,7 +277,7 @@ class PlantedBenchmark:
         self.engine = engine or Engine(
             tokens_dir=self.cache / "store", model=cfg.model, diffusion=cfg.diffusion, device=cfg.device
         )
-        self.world = world_config()
+        self.world = world_config(trained_world(cfg.model))
         self.planted = plant(self.world, cfg)
         self.template = query_template(cfg.model)
         self.timings: dict[str, float] = {}

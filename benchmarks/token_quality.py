@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.world import world_config, write_split
+from benchmarks.world import trained_world, world_config, write_split
 from benchmarks.world.captions import CONTEXT_WORDS, POSE_WORDS, garment_phrase
 from benchmarks.world.evaluate import classify
 from benchmarks.world.render import render_scene
@@ -171,7 +171,7 @@ def run(args) -> list[dict]:
     """The table's rows; OUT/token_quality.json is rewritten (atomically) after each method, so a long convergence
     run that is killed keeps every method it finished ("complete": false until the last)."""
     out = Path(args.out)
-    world = world_config("pervl")
+    world = world_config(trained_world(args.model))
     # 1. the world: split, picked concepts, their few-shot and evaluation images; parent/other-class scenes
     paths = write_split(out / "world", world, "test")
     plan = plan_split(world, "test")

@@ -49,13 +49,13 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
 from benchmarks.pervl import sample_shots
-from benchmarks.world import plan_split, render_scene, sample_training_pair, world_config
+from benchmarks.world import plan_split, render_scene, sample_training_pair, trained_world, world_config
 from benchmarks.world.captions import detail_negative, detail_phrase, garment_phrase
 from benchmarks.world.evaluate import HELD_OUT_SEED, detailed_scenes, factor_value, render_scenes
 from benchmarks.world.garments import DETAIL_FIELDS, detail_colours
@@ -70,7 +70,7 @@ GEOMETRY_SEED = HELD_OUT_SEED + 3
 class GeometryConfig:
     model: str = "toyworld"  # CLIP spec (retrieval.models: a preset, ARCH/PRETRAINED or a folder)
     world_seed: int = 0  # WorldConfig.seed: draws the split's concepts, and with GEOMETRY_SEED the random pairs
-    world_preset: str = "pervl"  # benchmarks.world.config.PRESETS
+    world_preset: str | None = None  # benchmarks.world.config.PRESETS; None: the one the CLIP was trained in
     n_pairs: int = 256  # random (scene, training caption) pairs
     n_concepts: int = 16  # the test split's first concepts (all of their few-shot and evaluation images)
     shots: int = 5  # few-shot images per concept behind the mean-of-shots query (pervl.py's default)
@@ -297,7 +297,7 @@ FOOTNOTE = (
 # ----- the measurement
 def embed_world(config: GeometryConfig, encoder: ClipEncoder) -> tuple[np.ndarray, np.ndarray, list[ConceptFeatures]]:
     """(images (N, d), captions (N, d), concepts): the world's scenes rendered and embedded."""
-    world = world_config(config.world_preset, seed=config.world_seed)
+    world = world_config(config.world_preset or trained_world(config.model), seed=config.world_seed)
     # 1. random (scene, training caption) pairs, from a stream of their own
     rng = np.random.default_rng([GEOMETRY_SEED, config.world_seed])
     pairs = [sample_training_pair(rng, world) for _ in range(config.n_pairs)]
@@ -338,6 +338,7 @@ def measure(config: GeometryConfig, encoder: ClipEncoder | None = None) -> dict:
             f"{config.n_concepts}, {config.shots}, {config.probe_scenes}"
         )
     start = time.perf_counter()
+    config = replace(config, world_preset=config.world_preset or trained_world(config.model))  # named in the report
     encoder = encoder or ClipEncoder.from_spec(config.model, device=config.device, precision="fp32")
     images, texts, concepts = embed_world(config, encoder)
     details = detail_probe(encoder, world_config(config.world_preset, seed=config.world_seed), config.probe_scenes)
@@ -405,7 +406,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = GeometryConfig()
     p.add_argument("--model", default=d.model, help=f"CLIP spec (default {d.model})")
     p.add_argument("--world-seed", type=int, default=d.world_seed, help="the world's seed (default %(default)s)")
-    p.add_argument("--world-preset", default=d.world_preset, help="world preset (default %(default)s)")
+    p.add_argument("--world-preset", default=d.world_preset, help="world preset (default: the CLIP's own)")
     p.add_argument("--n", type=int, default=d.n_pairs, help="random scene-caption pairs (default %(default)s)")
     p.add_argument(
         "--concepts", type=int, default=d.n_concepts, help="the test split's first N concepts (default %(default)s)"

@@ -250,6 +250,26 @@ def test_a_back_view_hides_the_emblem_a_bag_covers_the_garment_a_zoom_crops_the_
         assert bool((np.abs(image[:8] - hair).max(-1) < 4).sum() > 3) is head_seen, anchor
 
 
+def test_benchmarks_draw_the_world_a_clip_was_trained_in(tmp_path):
+    import json
+
+    from benchmarks.world import trained_world
+
+    assert trained_world("toyworld") == "pervl"  # the committed CLIP's train_config.json names it
+    assert trained_world("tiny-random") == "pervl"  # no world model: no train_config.json
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    assert trained_world(str(folder)) == "pervl"
+    (folder / "train_config.json").write_text(json.dumps({"config": {"world_preset": "pervl-v2-views"}}))
+    assert trained_world(str(folder)) == "pervl-v2-views"
+    assert trained_world(f"local-dir:{folder}") == "pervl-v2-views"
+    (folder / "train_config.json").write_text(json.dumps({"config": {"steps": 10}}))  # before the field existed
+    assert trained_world(str(folder)) == "pervl"
+    (folder / "train_config.json").write_text(json.dumps({"config": {"world_preset": "no-such-world"}}))
+    with pytest.raises(KeyError, match="no-such-world"):
+        trained_world(str(folder))
+
+
 def test_a_detail_negative_changes_exactly_one_named_detail(scenes):
     """NegCLIP-style hard negatives (train_clip's detail_negatives): the caption with the trim's colour or the
     emblem's shape changed, everything else the same; none for a caption that names no detail."""

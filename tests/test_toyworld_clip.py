@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.world import evaluate, world_config
+from benchmarks.world import evaluate, trained_world, world_config
 from benchmarks.world.checkpoint import CheckpointMismatch
 from benchmarks.world.train_clip import (
     build_model,
@@ -31,7 +31,7 @@ TARGET = 0.9
 
 @pytest.fixture(scope="module")
 def world():
-    return world_config()
+    return world_config(trained_world("toyworld"))  # the world the committed CLIP was trained in
 
 
 @pytest.fixture(scope="module")

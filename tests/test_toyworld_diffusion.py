@@ -137,9 +137,9 @@ def test_committed_toyworld_model_loads_and_generates():
 def test_committed_toyworld_model_draws_what_the_caption_says():
     """A few held-out captions (their (context, category, colour) never occurred in training), generated with the
     model's own sampler settings and read back by the toy CLIP, clear the issue's targets."""
-    from benchmarks.world import evaluate, world_config
+    from benchmarks.world import evaluate, trained_world, world_config
 
-    world = world_config()
+    world = world_config(trained_world("toyworld"))
     backbone = load_diffusion("toyworld", device="cpu")
     scenes = evaluate.held_out_scenes(world, GENERATED_SCENES)
     captions = [eval_caption(s, i) for i, s in enumerate(scenes)]

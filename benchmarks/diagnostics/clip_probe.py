@@ -15,11 +15,12 @@ import torch
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
-from benchmarks.world import render_scene, world_config
+from benchmarks.world import render_scene, trained_world, world_config
 from retrieval.models.encoders import ClipEncoder
 
-w = world_config("pervl")
-clip = ClipEncoder.from_spec(sys.argv[1] if len(sys.argv) > 1 else "toyworld", device="cpu")
+spec = sys.argv[1] if len(sys.argv) > 1 else "toyworld"
+w = world_config(trained_world(spec))
+clip = ClipEncoder.from_spec(spec, device="cpu")
 rng = np.random.default_rng(5)
 from benchmarks.world.scene import sample_scene
 

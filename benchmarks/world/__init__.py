@@ -33,7 +33,7 @@ written split: tests/test_pervl_data.py).
 
 from benchmarks.world.captions import caption, context_caption, detailed_caption, garment_phrase, short_caption
 from benchmarks.world.concepts import Concept, draw_concepts
-from benchmarks.world.config import PRESETS, WorldConfig, world_config
+from benchmarks.world.config import PRESETS, WorldConfig, trained_world, world_config
 from benchmarks.world.garments import GARMENTS, Details, sample_details
 from benchmarks.world.pairs import n_word_combinations, sample_training_pair
 from benchmarks.world.render import render_scene
@@ -64,6 +64,7 @@ __all__ = [
     "sample_training_pair",
     "scene_label",
     "short_caption",
+    "trained_world",
     "world_config",
     "write_split",
 ]

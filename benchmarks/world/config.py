@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from benchmarks.world.vocabulary import CATEGORIES, CONTEXTS, EMBLEMS, NAMES, PATTERNS, POSES
 
@@ -166,6 +167,25 @@ def world_config(preset: str = "pervl", **overrides) -> WorldConfig:
     if preset not in PRESETS:
         raise KeyError(f"unknown toy-world preset {preset!r}; known: {sorted(PRESETS)}")
     return WorldConfig(**{**PRESETS[preset], **{k: _tuples(v) for k, v in overrides.items()}})
+
+
+def trained_world(clip_spec: str) -> str:
+    """The world preset a world CLIP was trained in, read from its folder's train_config.json (train_clip writes it):
+    benchmarks draw their world with it, so that a CLIP is measured in the world it learnt and a new pair of
+    world models brings its world along. A CLIP without that file (tiny-random, a real CLIP) gets "pervl"."""
+    from retrieval.models.clip import PRESETS as CLIP_PRESETS
+    from retrieval.models.clip import parse_spec
+
+    kind, name, _ = parse_spec(clip_spec)
+    folder = CLIP_PRESETS[name].get("folder") if kind == "preset" else name if kind == "local-dir" else None
+    path = Path(folder) / "train_config.json" if folder else None
+    if path is None or not path.is_file():
+        return "pervl"
+    # train_clip's configs before the field was added trained in "pervl" (its default then and now)
+    preset = (json.loads(path.read_text()).get("config") or {}).get("world_preset", "pervl")
+    if preset not in PRESETS:
+        raise KeyError(f"{path} names world preset {preset!r}, which this code does not know; known: {sorted(PRESETS)}")
+    return preset
 
 
 def parse_overrides(items: list[str], config_class, flag: str = "--set") -> dict:
