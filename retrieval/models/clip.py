@@ -47,6 +47,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "folder": TOYWORLD_WEIGHTS / "clip",
         "train": "python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip",
     },
+    # its recalibration (issue #13), trained in the `pervl-v2-views` world; its diffusion model is not trained yet, so
+    # it has no pair (retrieval and tokens without l_SD work; generation does not). Lands as `toyworld` with its pair.
+    "toyworld-v2": {
+        "folder": TOYWORLD_WEIGHTS.parent / "toyworld-v2" / "clip",
+        "train": "python -m benchmarks.world.train_clip --preset toyworld-v2 --threads 2 --out retrieval/models/weights/toyworld-v2/clip",
+    },
 }
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.pt")
