@@ -2,6 +2,7 @@
 benchmark split that PerVL's reader reads back."""
 
 import dataclasses
+import json
 import re
 from collections import Counter
 from itertools import combinations
@@ -251,8 +252,6 @@ def test_a_back_view_hides_the_emblem_a_bag_covers_the_garment_a_zoom_crops_the_
 
 
 def test_benchmarks_draw_the_world_a_clip_was_trained_in(tmp_path):
-    import json
-
     from benchmarks.world import trained_world
 
     assert trained_world("toyworld") == "pervl"  # the committed CLIP's train_config.json names it
@@ -477,5 +476,13 @@ def test_both_splits_share_one_folder_but_not_two_worlds(tmp_path):
     assert missing_images(validation, tmp_path / "images") == []
     with pytest.raises(ValueError, match="another config"):
         write_split(tmp_path, dataclasses.replace(TINY, seed=1), "test")
+    # a folder written before WorldConfig gained a field (its default keeps the old world) is the same world
+    record_path = tmp_path / "toyworld_config.json"
+    record = json.loads(record_path.read_text())
+    del record["config"]["back_view_share"], record["config"]["zoom"]
+    record_path.write_text(json.dumps(record))
+    write_split(tmp_path, TINY, "test")
+    with pytest.raises(ValueError, match="another config"):
+        write_split(tmp_path, dataclasses.replace(TINY, back_view_share=0.5), "test")
     with pytest.raises(ValueError, match="unknown split"):
         plan_split(TINY, "train")
