@@ -61,6 +61,17 @@ def test_planted_world_is_words_only_with_look_alikes():
     assert plant(world, replace(cfg, seed=1)).garments != p.garments
 
 
+def test_planted_photos_show_the_whole_garment_unless_views_are_asked_for(engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(planted, "trained_world", lambda spec: "pervl-v2-views")  # a CLIP trained with views
+    off = PlantedBenchmark(replace(TINY, out=str(tmp_path)), engine=engine)
+    photos = off.planted.gallery + [s for shots in off.planted.shots for s in shots]
+    assert off.world.trim_width == 0.09  # the CLIP's world, its views off
+    assert not any(s.back_view or s.bag is not None or s.zoom != 1.0 for s in photos)
+    on = PlantedBenchmark(replace(TINY, out=str(tmp_path), views=True), engine=engine)
+    assert any(s.back_view for s in on.planted.gallery) and any(s.zoom > 1 for s in on.planted.gallery)
+    assert parse_args(["--views"])[0].views and not parse_args([])[0].views
+
+
 def test_rank_leaves_out_the_garments_other_right_answers():
     owner = np.array([0, 0, 1, -1, -1])
     scores = np.array([0.9, 0.5, 0.95, 0.6, 0.5])
