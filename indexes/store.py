@@ -72,6 +72,7 @@ from indexes.vector_index import (
     unit_rows,
 )
 from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_atomic, write_json
+from retrieval.models.clip import weights_id
 
 INDEX_FORMAT_VERSION = 2
 SUBFOLDERS = ("segments", "tombstones", "skipped", "quantizers", "tuning")  # a writer cleans and collects in them
@@ -163,6 +164,18 @@ def read_manifest(index_dir: str | Path) -> dict | None:
             "upgrade this program, or re-index the gallery into a new `index_dir`."
         )
     return manifest
+
+
+def _check_weights(manifest: dict, model: str, where: Path) -> None:
+    """Refuse MODEL when the weights behind its SPEC are not those the index's rows were embedded with (recorded as
+    `model_weights`; an index from before the field, or a SPEC that pins its weights, is not checked)."""
+    recorded = manifest.get("model_weights", "")
+    now = weights_id(model) if recorded else ""
+    if now and now != recorded:
+        raise IndexStoreError(
+            f"the index in {where} was built with other weights of `model={model}` (weights {recorded}, now {now}): "
+            "the model was retrained or replaced since; index the gallery again into a new `index_dir`"
+        )
 
 
 def manifest_version(manifest: dict) -> int:
@@ -303,13 +316,15 @@ class IndexStore:
         return f"{len(self.segments)} segment{'s' * (len(self.segments) != 1)}" + (f" ({what})" if what else "")
 
     def check_model(self, model: str) -> None:
-        """Refuse a query model that differs from the one the index was built with."""
+        """Refuse a query model that differs from the one the index was built with, or that has other weights behind
+        the same SPEC (a model folder retrained in place: its text embeddings do not live in the index's space)."""
         if model != self.model:
             raise IndexStoreError(
                 f"the index in {self.dir} was built with `model={self.model}`, this query uses `model={model}`: "
                 f"query with `model={self.model}`, or index the gallery again with `model={model}` into a new "
                 "`index_dir`"
             )
+        _check_weights(self.manifest, model, self.dir)
 
     def is_current(self) -> bool:
         """Whether this is still the folder's committed version."""
@@ -567,6 +582,8 @@ class IndexWriter:
                     f"the index in {self.dir} was built with `model={old['model']}`, not {model}: index into a "
                     f"new `index_dir`, or run with `model={old['model']}`"
                 )
+            if add is not None and len(add.metadata):
+                _check_weights(old, model, self.dir)
             if dim != old["dim"]:
                 raise IndexStoreError(f"rows of dim {dim} for the index in {self.dir} of dim {old['dim']}")
         if dim is None:
@@ -755,6 +772,9 @@ class IndexWriter:
             "format_version": INDEX_FORMAT_VERSION,
             "version": fields["version"],
             "model": fields["model"],
+            # the weights the rows were embedded with (retrieval.models.clip.weights_id; "": pinned by the SPEC, or
+            # unknown in a folder from before the field): set by the first commit, kept by every later one
+            "model_weights": old.get("model_weights", "") if old else weights_id(fields["model"]),
             "dim": int(fields["dim"]),
             "metric": METRIC,
             "normalization": NORMALIZATION,

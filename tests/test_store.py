@@ -19,6 +19,7 @@ from indexes.locking import IndexLockedError, WriterLock
 from indexes.store import (
     CompactionPolicy,
     IndexStore,
+    IndexStoreError,
     IndexWriter,
     Rows,
     commit_rows,
@@ -217,6 +218,34 @@ def test_policy_merges_the_lowest_full_tier_and_segments_full_of_deleted_rows():
     assert p.plan([seg("a", 5), seg("b", 8), seg("c", 40), seg("d", 1)]) == ["a", "b", "d"]
     assert p.plan([seg("c", 40), seg("e", 50), seg("f", 35)]) == ["c", "e", "f"]
     assert p.plan([seg("c", 40), seg("e", 100, dead=60)]) == ["e"]
+
+
+def test_an_index_refuses_other_weights_behind_its_model_spec(tmp_path):
+    """Rows embedded with a model folder's weights; the folder is retrained in place: queries and new rows of the
+    new weights are refused (they live in another space); an index from before the field is not checked."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text("{}")
+    (folder / "open_clip_model.safetensors").write_bytes(b"weights v1")
+    spec, idx = str(folder), tmp_path / "idx"
+    with IndexWriter(idx) as w:
+        w.commit(rows(range(5), seed=0), model=spec, gallery_root="/g", next_id=5, index_config=IndexConfig())
+    recorded = read_manifest(idx)["model_weights"]
+    assert len(recorded) == 16
+    with IndexStore(idx) as store:
+        store.check_model(spec)  # the same weights: fine
+    (folder / "open_clip_model.safetensors").write_bytes(b"weights v2, retrained")
+    with IndexStore(idx) as store, pytest.raises(IndexStoreError, match="other weights of `model="):
+        store.check_model(spec)
+    with IndexWriter(idx) as w, pytest.raises(IndexStoreError, match="index the gallery again"):
+        w.commit(rows(range(5, 8), seed=1), model=spec, gallery_root="/g", next_id=8, index_config=IndexConfig())
+    with IndexWriter(idx) as w:  # deleting rows adds no new embeddings: allowed, and the record is kept
+        w.commit(None, delete_ids=np.array([0]), model=spec, gallery_root="/g", next_id=5, index_config=IndexConfig())
+    assert read_manifest(idx)["model_weights"] == recorded
+    plain = tmp_path / "plain"
+    with IndexWriter(plain) as w:  # a SPEC that pins its weights records none
+        w.commit(rows(range(3), seed=2), model="m", gallery_root="/g", next_id=3, index_config=IndexConfig())
+    assert read_manifest(plain)["model_weights"] == ""
 
 
 def test_commits_merge_a_full_tier_automatically(tmp_path):

@@ -374,6 +374,32 @@ def make_token(name="tok", model="tiny-random", n=3, width=WIDTH, seed=0):
     return CustomToken(torch.randn(n, width), info)
 
 
+def test_a_token_of_a_model_folder_retrained_in_place_is_refused(tmp_path):
+    """The SPEC names a folder; its weights file changes (retrained, replaced): the token's vectors belong to the
+    old weights, and loading it against the new ones is refused. Tokens from before the field load unchecked."""
+    from retrieval.models.clip import weights_id
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text("{}")
+    (folder / "open_clip_model.safetensors").write_bytes(b"weights v1")
+    spec = str(folder)
+    first = weights_id(spec)
+    assert len(first) == 16 and weights_id(spec) == first  # only the file is read, nothing loads
+    assert weights_id("tiny-random") == "" and weights_id("ViT-B-32/openai") == ""  # the name pins the weights
+    assert weights_id(str(tmp_path / "no-such-folder")) == ""
+    token = make_token(model=spec)
+    token = CustomToken(token.vectors, replace(token.info, model_weights=first))
+    path = save_token_file(tmp_path / "tok.safetensors", token)
+    assert load_token_file(path, model=spec, width=WIDTH).info.model_weights == first
+    (folder / "open_clip_model.safetensors").write_bytes(b"weights v2, retrained")
+    assert weights_id(spec) not in ("", first)
+    with pytest.raises(TokenModelMismatch, match="other weights of `model=.*learn the token again"):
+        load_token_file(path, model=spec, width=WIDTH)
+    old = save_token_file(tmp_path / "old.safetensors", make_token(name="old", model=spec))  # no model_weights
+    assert load_token_file(old, model=spec, width=WIDTH).info.model_weights == ""
+
+
 def test_token_file_round_trip(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -11,6 +11,7 @@ dicts as JSON) everything needed to know where it belongs and how it was made:
 | name             | the token's name in its store; the placeholder is ``<name>``                  |
 | model            | CLIP SPEC whose input embedding space the vectors live in (retrieval.models.clip)  |
 | width            | the text width of that CLIP (= n columns of the tensor)                       |
+| model_weights    | retrieval.models.clip.weights_id(model): a model folder's weights, checked on load ("": not checked) |
 | diffusion        | diffusion SPEC trained through ("" when none: method pt)                      |
 | parent           | the parent word, e.g. "dress"                                                 |
 | method           | ours, ti, pt or batex                                                         |
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 from retrieval.io.atomic import write_atomic
+from retrieval.models.clip import weights_id
 
 FORMAT_VERSION = 1
 # The placeholder syntax, defined here once: a prompt names a token as <name>, or as * when it uses one token.
@@ -72,6 +74,9 @@ class TokenInfo:
     parent: str  # parent word
     method: str  # ours | ti | pt | batex
     diffusion: str = ""  # diffusion SPEC trained through ("" when none)
+    # retrieval.models.clip.weights_id of `model` when the token was made: catches a model folder retrained in place
+    # ("" when the SPEC pins its weights, and in files from before the field: those are not checked)
+    model_weights: str = ""
     config: dict = field(default_factory=dict)  # training config
     subspace: dict = field(default_factory=dict)  # constraint on the vectors
     init: dict = field(default_factory=dict)  # initialisation
@@ -122,12 +127,20 @@ def check_name(name: str) -> str:
 
 
 def check_model(info: TokenInfo, model: str, width: int | None = None, where: str = "") -> None:
-    """Refuse a token made for another CLIP: its vectors mean nothing in another embedding space."""
+    """Refuse a token made for another CLIP, or for other weights behind the same SPEC (a model folder retrained in
+    place): its vectors mean nothing in another embedding space."""
+    token = f"token {info.name!r}{' (' + where + ')' if where else ''}"
     if info.model != model or (width is not None and info.width != width):
         raise TokenModelMismatch(
-            f"token {info.name!r}{' (' + where + ')' if where else ''} was made for `model={info.model}` "
+            f"{token} was made for `model={info.model}` "
             f"(width {info.width}), but this run uses `model={model}`{f' (width {width})' if width is not None else ''}: "
             f"pass `model={info.model}`, or learn the token again with `model={model}`"
+        )
+    now = weights_id(model) if info.model_weights else ""
+    if now and now != info.model_weights:
+        raise TokenModelMismatch(
+            f"{token} was made with other weights of `model={model}` (weights {info.model_weights}, now {now}): the "
+            "model was retrained or replaced since; learn the token again"
         )
 
 

@@ -39,6 +39,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from retrieval.models.clip import weights_id
 from retrieval.models.diffusion import pil_to_pixels
 from retrieval.models.precision import autocast
 from tokens.attributes import ATTRIBUTES
@@ -586,6 +587,7 @@ def to_custom_token(
         parent=trained.parent,
         method=config.method,
         diffusion=diffusion or "",
+        model_weights=weights_id(model),
         config=json_safe(asdict(config)),
         subspace=trained.constraint,
         init=trained.init.describe(),

@@ -15,6 +15,8 @@ SPEC forms (`--model SPEC`):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -88,6 +90,38 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
         return "local-dir", spec, None
     name, _, pretrained = spec.partition("/")
     return "open_clip", name, pretrained or None
+
+
+def weights_id(spec: str) -> str:
+    """sha256 (16 hex digits) of the weights file behind SPEC where SPEC is a model folder (a folder, `local-dir:`,
+    or a preset that ships one, such as `toyworld`); "" where the name itself pins the weights (open_clip pretrained
+    tags, hub repos, seeded random presets) or SPEC is not loadable. Token files and index manifests record it next
+    to the SPEC, so that a folder retrained or replaced in place is refused instead of silently mixing two
+    embedding spaces under one name. ARCH/path/to/checkpoint hashes that file. Cached per file (path, size, mtime):
+    a check costs one stat."""
+    try:
+        kind, name, pretrained = parse_spec(spec)
+    except ModelLoadError:
+        return ""
+    folder = PRESETS[name].get("folder") if kind == "preset" else name if kind == "local-dir" else None
+    files = [Path(folder) / f for f in WEIGHT_FILES] if folder else []
+    if kind == "open_clip" and pretrained and os.path.isfile(pretrained):
+        files = [Path(pretrained)]
+    for path in files:
+        if path.is_file():
+            stat = path.stat()
+            return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return ""
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (16 hex digits); SIZE and MTIME_NS key the cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _build_random(model_cfg: dict, seed: int) -> torch.nn.Module:
