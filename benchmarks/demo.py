@@ -29,6 +29,7 @@ from benchmarks.world.captions import CONTEXT_WORDS, garment_phrase
 from retrieval import Engine, GairConfig, IndexSummary, QueryResult
 from retrieval.composed import insert_concept
 from retrieval.io.images import load_image
+from retrieval.models.clip import weights_id
 from tokens.learn import LearnRequest, request_config
 from tokens.trainer import json_safe
 
@@ -142,7 +143,10 @@ def token_demo(
     request = LearnRequest(name=name, images=folder, parent=parent, model=engine.model, **options)
     info = engine.tokens.info(name) if engine.tokens.exists(name) else None
     reused = (
-        info is not None and info.model == engine.model and info.config == json_safe(asdict(request_config(request)))
+        info is not None
+        and info.model == engine.model
+        and info.model_weights == weights_id(engine.model)  # not a token of the same SPEC's earlier weights
+        and info.config == json_safe(asdict(request_config(request)))
     )
     if not reused:
         engine.learn_token(name, folder, parent, progress=progress, **options)
