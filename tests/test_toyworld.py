@@ -388,6 +388,17 @@ def test_each_concepts_words_are_shared_and_details_differ():
         assert c.details.trim is None or c.details.trim in GARMENTS[c.category].trims
 
 
+def test_look_alikes_differ_in_as_many_detail_fields_as_the_world_says():
+    default = plan_split(CONFIG, "test").concepts
+    assert plan_split(dataclasses.replace(CONFIG, detail_differences=(2, 5)), "test").concepts == default  # any >= 2
+    close = plan_split(dataclasses.replace(CONFIG, detail_differences=(1, 2)), "test").concepts
+    pairs = [(a, b) for a, b in combinations(close, 2) if a.words == b.words]
+    assert pairs and all(1 <= a.details.differences(b.details) <= 2 for a, b in pairs)
+    assert max(a.details.differences(b.details) for a, b in combinations(default, 2) if a.words == b.words) > 2
+    with pytest.raises(ValueError, match="detail_differences"):
+        WorldConfig(detail_differences=(3, 2))
+
+
 def test_config_rejects_unknown_names_and_too_few_contexts():
     with pytest.raises(ValueError, match="volcano"):
         WorldConfig(contexts=("brick wall", "volcano"))

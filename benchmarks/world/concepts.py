@@ -15,7 +15,6 @@ from benchmarks.world.config import WorldConfig
 from benchmarks.world.garments import Details, sample_details
 
 CONCEPT_DETAIL_PROBABILITY = 0.8  # chance of a trim band, and of an emblem, on a concept (at least one is kept)
-MIN_DETAIL_DIFFERENCES = 2  # fields of Details in which two concepts of one group must differ
 
 
 @dataclass(frozen=True)
@@ -51,18 +50,19 @@ def draw_concepts(rng: np.random.Generator, config: WorldConfig, n: int, first_i
     for g, size in enumerate(group_sizes(rng, n, *config.group_sizes)):
         category, colour, pattern = triples[order[g % len(triples)]]  # distinct triples until all are used
         group: list[Details] = []
+        fewest, most = config.detail_differences
         for _ in range(10_000):
             if len(group) == size:
                 break
             details = sample_details(rng, config, category, colour, CONCEPT_DETAIL_PROBABILITY)
             if details.trim is None and details.emblem is None:
                 continue
-            if all(details.differences(other) >= MIN_DETAIL_DIFFERENCES for other in group):
+            if all(fewest <= details.differences(other) <= most for other in group):
                 group.append(details)
         if len(group) < size:
             raise ValueError(
-                f"cannot draw {size} {colour} {pattern} {category} concepts that differ in "
-                f"{MIN_DETAIL_DIFFERENCES} details; add colours or emblems, or lower group_sizes"
+                f"cannot draw {size} {colour} {pattern} {category} concepts that differ pairwise in "
+                f"{fewest}-{most} details; add colours or emblems, widen detail_differences, or lower group_sizes"
             )
         for details in group:
             concepts.append(Concept(str(first_id + len(concepts)), category, colour, pattern, details))

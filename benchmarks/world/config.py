@@ -76,6 +76,9 @@ class WorldConfig:
     # ----- benchmark split (PerVL-DeepFashion2 test: 50 concepts, 10-21 shots, 1-5 evaluation images each)
     n_concepts: int = 50  # concepts per split
     group_sizes: tuple[int, int] = (2, 3)  # concepts sharing one (category, colour, pattern) triple: min, max
+    # in how many of the five detail fields two concepts of one group differ: min, max. (2, 5): any two (random draws
+    # usually differ in more); a lower max makes look-alikes closer, a lever on the image-mean baseline
+    detail_differences: tuple[int, int] = (2, 5)
     shots: tuple[int, int] = (5, 10)  # few-shot images per concept: min, max
     eval_per_concept: int = 4  # evaluation images per concept, one per context
     jpeg_quality: int = 95  # quality of the written .jpg images
@@ -118,6 +121,11 @@ class WorldConfig:
         if not 2 <= self.group_sizes[0] <= self.group_sizes[1]:
             raise ValueError(
                 f"group_sizes must be (min, max) with 2 <= min <= max (hard negatives), got {self.group_sizes}"
+            )
+        if not 1 <= self.detail_differences[0] <= self.detail_differences[1] <= 5:
+            raise ValueError(
+                f"detail_differences must be (min, max) with 1 <= min <= max <= 5 (of the five detail fields), got "
+                f"{self.detail_differences}"
             )
         if self.n_concepts < self.group_sizes[0]:
             raise ValueError(f"n_concepts={self.n_concepts} is below the smallest group size {self.group_sizes[0]}")
