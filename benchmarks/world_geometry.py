@@ -296,8 +296,9 @@ FOOTNOTE = (
 
 # ----- the measurement
 def embed_world(config: GeometryConfig, encoder: ClipEncoder) -> tuple[np.ndarray, np.ndarray, list[ConceptFeatures]]:
-    """(images (N, d), captions (N, d), concepts): the world's scenes rendered and embedded."""
-    world = world_config(config.world_preset or trained_world(config.model), seed=config.world_seed)
+    """(images (N, d), captions (N, d), concepts): the world's scenes rendered and embedded (config.world_preset
+    resolved, as `measure` does)."""
+    world = world_config(config.world_preset, seed=config.world_seed)
     # 1. random (scene, training caption) pairs, from a stream of their own
     rng = np.random.default_rng([GEOMETRY_SEED, config.world_seed])
     pairs = [sample_training_pair(rng, world) for _ in range(config.n_pairs)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from benchmarks.world.vocabulary import CATEGORIES, CONTEXTS, EMBLEMS, NAMES, PATTERNS, POSES
 
@@ -181,12 +180,10 @@ def trained_world(clip_spec: str) -> str:
     """The world preset a world CLIP was trained in, read from its folder's train_config.json (train_clip writes it):
     benchmarks draw their world with it, so that a CLIP is measured in the world it learnt and a new pair of
     world models brings its world along. A CLIP without that file (tiny-random, a real CLIP) gets "pervl"."""
-    from retrieval.models.clip import PRESETS as CLIP_PRESETS
-    from retrieval.models.clip import parse_spec
+    from retrieval.models.clip import model_folder  # here: the world's modules stay free of torch at import
 
-    kind, name, _ = parse_spec(clip_spec)
-    folder = CLIP_PRESETS[name].get("folder") if kind == "preset" else name if kind == "local-dir" else None
-    path = Path(folder) / "train_config.json" if folder else None
+    folder = model_folder(clip_spec)
+    path = folder / "train_config.json" if folder else None
     if path is None or not path.is_file():
         return "pervl"
     # train_clip's configs before the field was added trained in "pervl" (its default then and now)

@@ -92,6 +92,16 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return "open_clip", name, pretrained or None
 
 
+def model_folder(spec: str) -> Path | None:
+    """The folder SPEC loads from (a folder, `local-dir:`, or a preset that ships one, such as `toyworld`); None for
+    the other kinds (open_clip names, hub repos, seeded random presets)."""
+    kind, name, _ = parse_spec(spec)
+    if kind == "preset":
+        folder = PRESETS[name].get("folder")
+        return Path(folder) if folder else None
+    return Path(name) if kind == "local-dir" else None
+
+
 def weights_id(spec: str) -> str:
     """sha256 (16 hex digits) of the weights file behind SPEC where SPEC is a model folder (a folder, `local-dir:`,
     or a preset that ships one, such as `toyworld`); "" where the name itself pins the weights (open_clip pretrained
@@ -100,11 +110,11 @@ def weights_id(spec: str) -> str:
     embedding spaces under one name. ARCH/path/to/checkpoint hashes that file. Cached per file (path, size, mtime):
     a check costs one stat."""
     try:
-        kind, name, pretrained = parse_spec(spec)
+        kind, _, pretrained = parse_spec(spec)
+        folder = model_folder(spec)
     except ModelLoadError:
         return ""
-    folder = PRESETS[name].get("folder") if kind == "preset" else name if kind == "local-dir" else None
-    files = [Path(folder) / f for f in WEIGHT_FILES] if folder else []
+    files = [folder / f for f in WEIGHT_FILES] if folder else []
     if kind == "open_clip" and pretrained and os.path.isfile(pretrained):
         files = [Path(pretrained)]
     for path in files:
