@@ -445,6 +445,8 @@ def demo(
         )
     except _user_errors() as e:
         _fail(str(e))
+    if result.started_afresh:
+        typer.echo(f"{out} held a demo made by other models (another --model, or new committed weights): rebuilt it")
     typer.echo(result.summary.format())
     for r, rank, target, concept in zip(result.results, result.target_ranks, result.targets, result.concepts):
         typer.echo(f"# {r.query}   (answer: {target}, concept {concept})")

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from benchmarks.world import trained_world, world_config, write_split
 from benchmarks.world.captions import CONTEXT_WORDS, garment_phrase
 from retrieval import Engine, GairConfig, IndexSummary, QueryResult
 from retrieval.composed import insert_concept
+from retrieval.io.atomic import write_json
 from retrieval.io.images import load_image
 from retrieval.models.clip import weights_id
 from tokens.learn import LearnRequest, request_config
@@ -36,6 +38,8 @@ from tokens.trainer import json_safe
 DEMO_QUERIES = 4  # queries asked by the demo: one per concept, for the first concepts
 DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours, caption-initialised)
 DEMO_SAMPLE_STEPS = 25  # sampler steps of the demo's negatives (the toy diffusion model's default)
+DEMO_STAMP = "demo.json"  # the models a demo folder was made by (start_afresh_if_stale)
+DEMO_ENTRIES = ("world", "index", "tokens", "results.html", "gair.html", DEMO_STAMP)  # and concept-*/
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DemoResult:
     concepts: list[str]  # the concept (pair_id) it shows
     html: Path
     token: TokenDemo | None = None
+    started_afresh: bool = False  # OUT held a demo made by other models, cleared first (start_afresh_if_stale)
 
 
 def run_demo(
@@ -76,8 +81,10 @@ def run_demo(
     tokens: bool = True,
 ) -> DemoResult:
     out = Path(out_dir)
+    world = world_config(trained_world(model))
+    afresh = start_afresh_if_stale(out, world, model)
     # 1. the world's test split: 50 concepts, few-shot + evaluation images, PerVL files
-    paths = write_split(out / "world", world_config(trained_world(model)), split="test")
+    paths = write_split(out / "world", world, split="test")
     # 2. the gallery is every image of the split; one engine (its models load once) for everything below
     engine = Engine(out / "index", tokens_dir=out / "tokens", model=model, device=device)
     summary = engine.index(paths.images, progress=progress)
@@ -107,11 +114,35 @@ def run_demo(
         targets=queries["image_name"].tolist(),
         concepts=[str(c) for c in evals["pair_id"]],
         html=html,
+        started_afresh=afresh,
     )
     # 5. a custom token for the first concept, then composed and GAIR queries
     if tokens:
         result.token = token_demo(engine, out, paths, scenes, k, token_steps, sample_steps, progress)
     return result
+
+
+def start_afresh_if_stale(out: Path, world, model: str) -> bool:
+    """Clear what an earlier demo run wrote into OUT when it was made by other models: another --model, or the same
+    SPEC whose committed weights changed (a new `toyworld` pair brings its own world, whose split, index and token
+    the old folder's would refuse: "another config", "other weights"). Everything the demo writes is derived from
+    the models and rebuilt in a minute, so the demo starts afresh instead of failing; it removes only its own
+    entries (DEMO_ENTRIES and concept-*), and only in a folder its stamp (or, from before the stamp, a toy-world
+    split) marks as a demo's. True when it cleared the folder."""
+    stamp = {"format_version": 1, "world": json_safe(asdict(world)), "model": model, "model_weights": weights_id(model)}
+    path = out / DEMO_STAMP
+    if path.is_file():
+        stale = json.loads(path.read_text()) != stamp
+    else:  # a folder from before the stamp: rebuilt once when it holds the demo's world
+        stale = (out / "world" / "toyworld_config.json").is_file()
+    if stale:
+        for entry in [out / e for e in DEMO_ENTRIES] + sorted(out.glob("concept-*")):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
+    write_json(path, stamp)
+    return stale
 
 
 def token_demo(

@@ -218,3 +218,29 @@ def test_demo_runs_end_to_end_and_reruns_incrementally(tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "indexed 0 new or changed images" in r.output and "kept 591 unchanged" in r.output
     assert "(reused from the last run)" in r.output
+
+
+def test_demo_starts_afresh_when_its_models_changed(tmp_path):
+    from benchmarks.demo import DEMO_STAMP, start_afresh_if_stale
+    from benchmarks.world import world_config
+
+    out, world = tmp_path / "demo", world_config("pervl")
+    # a demo folder from before the stamp: a toy-world split, an index, a token, pages; and a file of the user's
+    for d in ("world", "index", "tokens", "concept-1"):
+        (out / d).mkdir(parents=True)
+    (out / "world" / "toyworld_config.json").write_text("{}")
+    (out / "results.html").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    assert start_afresh_if_stale(out, world, "tiny-random")
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_STAMP, "notes.txt"]  # only the demo's own entries went
+    # the same models again: nothing is cleared
+    (out / "index").mkdir()
+    assert not start_afresh_if_stale(out, world, "tiny-random") and (out / "index").is_dir()
+    # another model, or another world: cleared
+    assert start_afresh_if_stale(out, world, "toyworld") and not (out / "index").exists()
+    (out / "index").mkdir()
+    assert start_afresh_if_stale(out, world_config("pervl-v2-views"), "toyworld") and not (out / "index").exists()
+    # a folder that never held a demo is left alone
+    other = tmp_path / "photos"
+    (other / "index").mkdir(parents=True)
+    assert not start_afresh_if_stale(other, world, "tiny-random") and (other / "index").is_dir()
