@@ -458,7 +458,7 @@ def demo(
             else f"  -> the image this caption describes is not in the top {k}"
         )
     typer.echo(
-        "Queries with the same words name look-alike concepts (same garment words, other unnamed details): words\n"
+        "Each query's words also describe its concept's look-alikes (same garment words, other unnamed details): words\n"
         "alone cannot tell them apart. Custom tokens learned from a few photos of each concept are meant to."
     )
     typer.echo(f"report: {result.html}")

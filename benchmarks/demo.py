@@ -35,7 +35,7 @@ from retrieval.models.clip import weights_id
 from tokens.learn import LearnRequest, request_config
 from tokens.trainer import json_safe
 
-DEMO_QUERIES = 4  # queries asked by the demo: one per concept, for the first concepts
+DEMO_QUERIES = 4  # queries asked by the demo: the first concepts, one evaluation image each, no caption twice
 DEMO_TOKEN_STEPS = 300  # optimiser steps of the demo's token (ours, caption-initialised)
 DEMO_SAMPLE_STEPS = 25  # sampler steps of the demo's negatives (the toy diffusion model's default)
 DEMO_STAMP = "demo.json"  # the models a demo folder was made by (start_afresh_if_stale)
@@ -92,16 +92,14 @@ def run_demo(
     #    look-alikes (same words, same place, other unnamed details) share the caption: words alone cannot
     #    single it out, which is what custom tokens are for.
     scenes = pd.read_csv(paths.scenes)
-    evals = scenes[scenes["role"] != "few-shot"].drop_duplicates("pair_id").head(DEMO_QUERIES)
-    queries = pd.DataFrame(
-        {
-            "image_name": evals["image_name"],
-            "caption": [
-                f"a person wearing {garment_phrase(r.category, r.colour, r.pattern)} {CONTEXT_WORDS[r.context].places[0]}"
-                for r in evals.itertuples()
-            ],
-        }
-    )
+    #    Each query asks other words: look-alikes' evaluation images can share a caption, asked once.
+    evals = scenes[scenes["role"] != "few-shot"].drop_duplicates("pair_id").copy()
+    evals["caption"] = [
+        f"a person wearing {garment_phrase(r.category, r.colour, r.pattern)} {CONTEXT_WORDS[r.context].places[0]}"
+        for r in evals.itertuples()
+    ]
+    evals = evals.drop_duplicates("caption").head(DEMO_QUERIES)
+    queries = evals[["image_name", "caption"]]
     results = engine.query_many(queries["caption"].tolist(), k=k)
     # gallery paths are relative to the images root, as PerVL's image_name ("train/image/000123.jpg")
     ranks = [next((h.rank for h in r.hits if h.path == t), None) for r, t in zip(results, queries["image_name"])]
