@@ -100,7 +100,7 @@ def test_world_set_overrides_the_synthetic_worlds_fields(tmp_path):
     bench = Benchmark(replace(cfg, out=str(tmp_path), concepts=0))
     split, _ = bench.load_split()
     assert len(split.pair_ids) == 12  # the overridden world was written, not the default one
-    assert bench.cfg.world_preset == "pervl"  # no --world-preset: the world the CLIP (toyworld) was trained in
+    assert bench.cfg.world_preset == "pervl-v2-views"  # no --world-preset: the world the CLIP (toyworld) learnt
     named = Benchmark(replace(parse_args(["--world", "synthetic", "--world-preset", "tiny"]), out=str(tmp_path)))
     assert named.cfg.world_preset == "tiny"
     with pytest.raises(SystemExit, match="--world synthetic"):

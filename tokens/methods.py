@@ -96,8 +96,6 @@ MODEL_DEFAULTS: dict[str, dict] = {
         "context_attributes": ("red", "pink", "white", "black"),
     },
 }
-# the recalibrated world CLIP, committed ahead of its diffusion model (retrieval.models.clip): the same grammar
-MODEL_DEFAULTS["toyworld-v2"] = MODEL_DEFAULTS["toyworld"]
 
 
 def model_defaults(model: str) -> dict:

@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.world.train", description=main.__doc__)
     parser.add_argument(
         "--preset",
-        default="toyworld",
+        default="toyworld-v2",
         choices=sorted(PRESETS),
-        help="toyworld: the committed models; toyworld-v2: their recalibration, in training (issue #13); smoke: a "
-        "seconds-long twin for tests",
+        help="toyworld-v2: the committed models (issue #13's recalibration, world pervl-v2-views); toyworld: the "
+        "first pair (world pervl); smoke: a seconds-long twin for tests",
     )
     parser.add_argument(
         "--out", default=str(WEIGHTS), help="folder that receives clip/ and diffusion/ (default: the committed weights)"

@@ -12,7 +12,7 @@ Two exact shortcuts keep it inside a CPU budget (see `train_clip`, steps 2 and 4
   parameter and written back after training; the other rows keep their initial values, as they would with any
   optimizer whose update is zero without a gradient (we also spare them weight decay).
 
-    python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip
+    python -m benchmarks.world.train_clip --preset toyworld-v2 --threads 2 --out retrieval/models/weights/toyworld/clip
 
 writes the model folder that `load_clip("toyworld")` loads, with train_config.json, train_log.json and eval.json.
 """

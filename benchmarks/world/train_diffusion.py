@@ -17,7 +17,7 @@ evaluation scenes are held out of training, so the evaluation prompts are compos
 Both stages checkpoint every `checkpoint_every` steps; a killed run started again with the same command resumes
 from the last checkpoint and ends with the same weights as an uninterrupted one.
 
-    python -m benchmarks.world.train_diffusion --preset toyworld
+    python -m benchmarks.world.train_diffusion --preset toyworld-v2
 
 writes retrieval/models/weights/toyworld/diffusion/ (what `load_diffusion("toyworld")` loads): unet/ and vae/
 (fp16), scheduler/, backbone.json (with this config), train_log.json and eval.json.

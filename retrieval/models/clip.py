@@ -44,16 +44,10 @@ TINY_MODEL_CFG: dict[str, Any] = {
 # Named presets are data: a model config built with random weights, or a folder shipped with the project.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-random": {"model_cfg": TINY_MODEL_CFG, "seed": 0},
-    # the toy world's CLIP, trained from scratch and committed; retrain: python -m benchmarks.world.train_clip
+    # the toy world's CLIP (recipe toyworld-v2, world pervl-v2-views), trained from scratch and committed
     "toyworld": {
         "folder": TOYWORLD_WEIGHTS / "clip",
-        "train": "python -m benchmarks.world.train_clip --preset toyworld --threads 2 --out retrieval/models/weights/toyworld/clip",
-    },
-    # its recalibration (issue #13), trained in the `pervl-v2-views` world; its diffusion model is not trained yet, so
-    # it has no pair (retrieval and tokens without l_SD work; generation does not). Lands as `toyworld` with its pair.
-    "toyworld-v2": {
-        "folder": TOYWORLD_WEIGHTS.parent / "toyworld-v2" / "clip",
-        "train": "python -m benchmarks.world.train_clip --preset toyworld-v2 --threads 2 --out retrieval/models/weights/toyworld-v2/clip",
+        "train": "python -m benchmarks.world.train --preset toyworld-v2 (both models: the CLIP, then its diffusion model)",
     },
 }
 

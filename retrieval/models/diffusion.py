@@ -110,7 +110,7 @@ DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
     "sd21-base": {"repo": "stabilityai/stable-diffusion-2-1-base", **SD2_TEXT},
     # its default sampler (Euler ancestral, 25 steps, guidance 4) is in the folder's backbone.json; why: the
     # `sampling` field of benchmarks/world/train_diffusion.py
-    "toyworld": {"folder": TOYWORLD_FOLDER, "how": "python -m benchmarks.world.train_diffusion --preset toyworld"},
+    "toyworld": {"folder": TOYWORLD_FOLDER, "how": "python -m benchmarks.world.train --preset toyworld-v2"},
     "tiny-random": {
         "unet_cfg": TINY_UNET_CFG,
         "scheduler_cfg": PIXEL_SCHEDULER_CFG,
