@@ -130,15 +130,18 @@ def test_the_check_fails_for_an_untrained_token(engine, tmp_path):
     assert not token["within"] and token["mrr"] < 0.5 * words["mrr"], (token, words)
 
 
-@pytest.mark.slow  # 2 x 4 prompts x 8 images generated with the world's diffusion model: ~1 min on 2 shared cores
+@pytest.mark.slow  # 300 steps of ours (l_SD) and 2 x 4 prompts x 8 generated images: ~75 s on 2 cores
 def test_tiny_planted_token_draws_the_planted_colour(engine, tmp_path):
-    """(b) on the tiny case: the diffusion model draws the planted colour from the token prompt far more often than
-    from the parent word alone or a random token. Measured here (seed 0): colour read back from 0.44 of the token's
-    images, 0.56 of the words', 0.00 of the parent's and of the random token's. Category and pattern are left
-    unasserted: the toy diffusion model barely draws patterns (the words' own images: 0.19, chance 0.25)."""
-    summary = PlantedBenchmark(replace(TINY, gen_images=8, out=str(tmp_path)), engine=engine).run()
+    """(b) on the tiny case: a token learned with the generative loss (ours) makes the diffusion model draw the
+    planted colour and pattern about as often as the words do, far more often than the parent word alone or a
+    random token. Measured here (seed 0, the committed pair): colour / pattern read back from 1.00 / 1.00 of ours'
+    images, 1.00 / 1.00 of the words', 0.06 / 0.00 of the parent's, 0.06 / 0.06 of the random token's. (pt, which
+    has no generative loss, drew the colour from 0.25 of its images: a retrieval token, not asserted here.)"""
+    summary = PlantedBenchmark(replace(TINY, methods=("ours",), gen_images=8, out=str(tmp_path)), engine=engine).run()
     gen = {name: r["generation"] for name, r in summary["rows"].items()}
     assert gen["words"]["colour"] >= 0.4, gen["words"]  # the reference draws the colour at all
-    assert gen["pt"]["colour"] >= gen["parent"]["colour"] + 0.25, gen
-    assert gen["pt"]["colour"] >= gen["random"]["colour"] + 0.25, gen
-    assert set(gen["pt"]) >= {"category", "colour", "pattern", "all", "ratio", "within", "per_garment_all"}
+    for word in ("colour", "pattern"):
+        assert gen["ours"][word] >= 0.9 * gen["words"][word], (word, gen)
+        assert gen["ours"][word] >= gen["parent"][word] + 0.5, (word, gen)
+        assert gen["ours"][word] >= gen["random"][word] + 0.5, (word, gen)
+    assert set(gen["ours"]) >= {"category", "colour", "pattern", "all", "ratio", "within", "per_garment_all"}
