@@ -268,7 +268,9 @@ def test_saved_folder_is_fp16_and_loads_as_fp32(tmp_path, smoke_run):
 
 def test_missing_preset_folder_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "toyworld", {**PRESETS["toyworld"], "folder": tmp_path / "no-such-folder"})
-    with pytest.raises(ModelLoadError, match="is missing; train it: python -m benchmarks.world.train --preset toyworld-v2"):
+    with pytest.raises(
+        ModelLoadError, match="is missing; train it: python -m benchmarks.world.train --preset toyworld-v2"
+    ):
         load_clip("toyworld")
 
 
