@@ -31,7 +31,7 @@ TINY = PlantedConfig(
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """The toy world's CLIP, loaded once (its diffusion model never loads here)."""
+    """The toy world's CLIP, loaded once (its diffusion model loads only for the slow generation test)."""
     return Engine(tokens_dir=tmp_path_factory.mktemp("store"), model="toyworld", device="cpu")
 
 
