@@ -72,7 +72,7 @@ from indexes.vector_index import (
     unit_rows,
 )
 from retrieval.io.atomic import atomic_dir, remove_stale_temporaries, write_atomic, write_json
-from retrieval.models.clip import weights_id
+from retrieval.models.clip import weights_changed, weights_id
 
 INDEX_FORMAT_VERSION = 2
 SUBFOLDERS = ("segments", "tombstones", "skipped", "quantizers", "tuning")  # a writer cleans and collects in them
@@ -170,8 +170,8 @@ def _check_weights(manifest: dict, model: str, where: Path) -> None:
     """Refuse MODEL when the weights behind its SPEC are not those the index's rows were embedded with (recorded as
     `model_weights`; an index from before the field, or a SPEC that pins its weights, is not checked)."""
     recorded = manifest.get("model_weights", "")
-    now = weights_id(model) if recorded else ""
-    if now and now != recorded:
+    now = weights_changed(model, recorded)
+    if now:
         raise IndexStoreError(
             f"the index in {where} was built with other weights of `model={model}` (weights {recorded}, now {now}): "
             "the model was retrained or replaced since; index the gallery again into a new `index_dir`"

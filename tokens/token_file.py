@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from retrieval.io.atomic import write_atomic
-from retrieval.models.clip import weights_id
+from retrieval.models.clip import weights_changed
 
 FORMAT_VERSION = 1
 # The placeholder syntax, defined here once: a prompt names a token as <name>, or as * when it uses one token.
@@ -136,8 +136,8 @@ def check_model(info: TokenInfo, model: str, width: int | None = None, where: st
             f"(width {info.width}), but this run uses `model={model}`{f' (width {width})' if width is not None else ''}: "
             f"pass `model={info.model}`, or learn the token again with `model={model}`"
         )
-    now = weights_id(model) if info.model_weights else ""
-    if now and now != info.model_weights:
+    now = weights_changed(model, info.model_weights)
+    if now:
         raise TokenModelMismatch(
             f"{token} was made with other weights of `model={model}` (weights {info.model_weights}, now {now}): the "
             "model was retrained or replaced since; learn the token again"

@@ -118,6 +118,14 @@ def weights_id(spec: str) -> str:
     return ""
 
 
+def weights_changed(spec: str, recorded: str) -> str:
+    """The weights id now behind SPEC when it differs from RECORDED (a model folder retrained or replaced in place);
+    "" when they match, or when nothing was recorded (a file from before the field, or a SPEC that pins its weights).
+    The one check behind token files' and index manifests' `model_weights`."""
+    now = weights_id(spec) if recorded else ""
+    return now if now and now != recorded else ""
+
+
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file's bytes (16 hex digits); SIZE and MTIME_NS key the cache."""
