@@ -13,7 +13,7 @@ say (`benchmarks.world.vocabulary`); colours are free (name, RGB) pairs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from benchmarks.world.vocabulary import CATEGORIES, CONTEXTS, EMBLEMS, NAMES, PATTERNS, POSES
 
@@ -207,3 +207,26 @@ def parse_overrides(items: list[str], config_class, flag: str = "--set") -> dict
         except json.JSONDecodeError:
             out[name] = raw
     return out
+
+
+def written_as(written: dict, config) -> bool:
+    """Whether WRITTEN, a config record read back from JSON (a dataclass's fields, as a model folder's
+    train_config.json or a world folder's toyworld_config.json hold them), describes CONFIG, a dataclass. A field
+    the class gained after the record was written counts as set to its default, which is what the record's run did
+    then (fields are added with defaults that keep the old world or recipe); a field the class no longer knows
+    makes it another config. The one rule behind "is this folder the same world / the same recipe"."""
+
+    def as_json(value):
+        return json.loads(json.dumps(value, default=str))
+
+    wanted = as_json(asdict(config))
+    if set(written) - set(wanted):
+        return False
+    defaults = as_json(
+        {
+            f.name: f.default if f.default is not MISSING else f.default_factory()
+            for f in fields(config)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
+    )
+    return all(written[k] == v if k in written else k in defaults and defaults[k] == v for k, v in wanted.items())

@@ -31,7 +31,7 @@ import pandas as pd
 
 from benchmarks.world.captions import context_caption, detailed_caption, short_caption
 from benchmarks.world.concepts import Concept, draw_concepts
-from benchmarks.world.config import WorldConfig
+from benchmarks.world.config import WorldConfig, written_as
 from benchmarks.world.render import render_scene
 from benchmarks.world.scene import Scene, sample_scene
 from retrieval.io.atomic import write_atomic
@@ -123,14 +123,13 @@ def plan_split(config: WorldConfig, split: str = "test") -> SplitPlan:
 def _check_same_world(root: Path, config: WorldConfig) -> dict:
     """The folder's config record; an error if the folder was written from another config. A field WorldConfig gained
     after the folder was written counts as set to its default, which is what drew that world (fields are added
-    with defaults that keep the old world: the view shares, say), so such a folder is the same world."""
+    with defaults that keep the old world: the view shares, say), so such a folder is the same world
+    (`config.written_as`)."""
     record = {"format_version": FORMAT_VERSION, "config": json.loads(json.dumps(dataclasses.asdict(config)))}
     path = root / "toyworld_config.json"
     if path.exists():
         existing = json.loads(path.read_text())
-        defaults = json.loads(json.dumps(dataclasses.asdict(WorldConfig())))
-        written = {**defaults, **existing.get("config", {})}
-        if existing.get("format_version") != FORMAT_VERSION or written != record["config"]:
+        if existing.get("format_version") != FORMAT_VERSION or not written_as(existing.get("config", {}), config):
             raise ValueError(
                 f"{root} holds a toy-world split of another config ({path}); write to an empty folder "
                 f"or use the same WorldConfig"

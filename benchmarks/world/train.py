@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from benchmarks.world import train_clip, train_diffusion
-from benchmarks.world.checkpoint import default_folder, fingerprint, fingerprint_value
+from benchmarks.world.checkpoint import default_folder
+from benchmarks.world.config import written_as
 from retrieval.models.clip import TOYWORLD_WEIGHTS
 
 WEIGHTS = TOYWORLD_WEIGHTS
@@ -35,18 +35,10 @@ PRESETS = {
 
 
 def _trained_as(folder: Path, config) -> bool:
-    """Whether FOLDER holds a CLIP trained under CONFIG (its train_config.json). A field the config class gained after
-    the folder was written counts as set to its default, which is what the training did then (fields are added
-    with defaults that keep the old recipe)."""
+    """Whether FOLDER holds a CLIP trained under CONFIG (its train_config.json; a field the config class gained
+    since counts as its default: `config.written_as`)."""
     path = folder / "train_config.json"
-    if not path.is_file():
-        return False
-    written = json.loads(path.read_text()).get("config") or {}
-    wanted = json.loads(fingerprint(config))
-    defaults = {f.name: json.loads(fingerprint_value(f.default)) for f in fields(config) if f.default is not MISSING}
-    if set(written) - set(wanted):
-        return False  # a field this code no longer knows
-    return all(written[k] == v if k in written else k in defaults and defaults[k] == v for k, v in wanted.items())
+    return path.is_file() and written_as(json.loads(path.read_text()).get("config") or {}, config)
 
 
 def main(argv: list[str] | None = None) -> None:
