@@ -385,13 +385,13 @@ READER_LOOP = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from indexes.store import IndexStore, read_manifest
     from indexes.vector_index import exact_search
-    idx, seconds = sys.argv[1], float(sys.argv[2])
-    import time
+    idx, stop = sys.argv[1], sys.argv[2]
+    import os, time
     q = np.random.default_rng(1).normal(size=(4, {dim})).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     t, n, versions, errors = time.time(), 0, set(), []
     store = None
-    while time.time() - t < seconds:
+    while not os.path.exists(stop) and time.time() - t < 120:  # until the test has written and compacted
         try:
             if store is None or not store.is_current():
                 store = IndexStore(idx)   # the previous one is unpinned when dropped
@@ -402,6 +402,8 @@ READER_LOOP = textwrap.dedent(
                 errors.append(f"version {{store.version}}: inconsistent answer")
             versions.add(store.version)
             n += 1
+            if n == 1:
+                print("ready", flush=True)  # querying: the test starts writing only now (imports are slow under load)
         except Exception as e:
             errors.append(repr(e))
     print(json.dumps({{"queries": n, "versions": sorted(versions), "errors": errors[:5]}}))
@@ -414,8 +416,9 @@ def test_a_reader_loop_sees_only_whole_versions_while_a_writer_commits_and_compa
     add(idx, rows(range(200), seed=0))
     script = tmp_path / "reader.py"
     script.write_text(READER_LOOP.format(root=ROOT, dim=DIM))
-    reader = subprocess.Popen([sys.executable, str(script), str(idx), "6"], stdout=subprocess.PIPE, text=True)
-    time.sleep(2.0)  # the reader is querying
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, str(script), str(idx), str(stop)], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"  # the reader is querying
     policy = CompactionPolicy(merge_factor=3, min_rows=50)
     for i in range(8):
         r = rows(range(200 + 10 * i, 210 + 10 * i), seed=10 + i)
@@ -429,6 +432,8 @@ def test_a_reader_loop_sees_only_whole_versions_while_a_writer_commits_and_compa
                 index_config=IndexConfig(),
             )
     compact(idx, full=True)
+    time.sleep(0.5)  # a few queries on the compacted version
+    stop.touch()
     out = json.loads(reader.communicate(timeout=60)[0])
     assert out["errors"] == [] and out["queries"] > 10
     assert len(out["versions"]) >= 2  # it switched while the writer committed
