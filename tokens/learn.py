@@ -81,24 +81,7 @@ def learn_tokens(
             f"method {config.method} has no classification loss (l_CE), but {', '.join(given)} "
             "came with `negatives`: leave them out"
         )
-    prepared = []
-    for i, c in enumerate(concepts):
-        # 1. negatives of l_CE: the concept's own, or sampled for "image of a <parent>" (Perera et al. Sec. 4.2, x')
-        negatives = c.negatives
-        if config.uses_ce and negatives is None:
-            prompt = fill_prompt(config.class_template, "", c.parent)
-            negatives = sampled_negatives(
-                backbone,
-                prompt,
-                config.n_negatives,
-                config.seed,
-                config.negative_steps,
-                config.negative_guidance,
-                negatives_dir,
-            ).images
-        # 2. what training reuses every step, computed once
-        seed = config.seed + i if c.seed is None else c.seed
-        prepared.append(prepare_concept(c.name, c.parent, c.images, clip, backbone, config, negatives, seed=seed))
+    prepared = prepare_concepts(clip, backbone, config, concepts, negatives_dir)
     # 3. one batched loop for all of them
     trained = train_tokens(prepared, clip, backbone, config, progress=progress, on_step=on_step)
     # 4. the tokens with their metadata
@@ -294,3 +277,29 @@ def concept_folders(root: str | Path) -> list[Path]:
     if has_images(root):
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and has_images(p))
+
+
+def prepare_concepts(
+    clip, backbone, config: TokenTrainConfig, concepts: Sequence[ConceptImages], negatives_dir: str | Path | None
+) -> list:
+    """Steps 1-2 of `learn_tokens`: each concept's negatives (its own, or sampled and cached in NEGATIVES_DIR) and
+    what training reuses every step (`tokens.trainer.prepare_concept`), in the order of CONCEPTS."""
+    prepared = []
+    for i, c in enumerate(concepts):
+        # 1. negatives of l_CE: the concept's own, or sampled for "image of a <parent>" (Perera et al. Sec. 4.2, x')
+        negatives = c.negatives
+        if config.uses_ce and negatives is None:
+            prompt = fill_prompt(config.class_template, "", c.parent)
+            negatives = sampled_negatives(
+                backbone,
+                prompt,
+                config.n_negatives,
+                config.seed,
+                config.negative_steps,
+                config.negative_guidance,
+                negatives_dir,
+            ).images
+        # 2. what training reuses every step, computed once
+        seed = config.seed + i if c.seed is None else c.seed
+        prepared.append(prepare_concept(c.name, c.parent, c.images, clip, backbone, config, negatives, seed=seed))
+    return prepared

@@ -23,10 +23,9 @@ from benchmarks.pervl import Benchmark, parse_args, sample_shots
 from benchmarks.pervl_data import fsl_image_path
 from retrieval.io.images import load_image
 from retrieval.models.precision import autocast
-from tokens.methods import fill_prompt
-from tokens.negatives import sampled_negatives
+from tokens.learn import ConceptImages, prepare_concepts
 from tokens.token_file import load_token_file
-from tokens.trainer import _trainable, class_data, draw_sd_batch, prepare_concept, step_losses
+from tokens.trainer import _trainable, class_data, draw_sd_batch, step_losses
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp/runs/pervl50"
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -36,21 +35,29 @@ b = Benchmark(parse_args(["--world", "synthetic", "--seeds", "0", "--out", OUT, 
 split, images = b.load_split()
 clip, backbone = b.models(True)
 config = b.train_config("ours", 0)
-config = dataclasses.replace(config, negative_steps=b.cfg.negative_steps or backbone.sampling["steps"])
-concepts = []
-for i, pair_id in enumerate(split.pair_ids[:N]):
-    parent = b.parent_of(split, pair_id)
-    shots = [load_image(fsl_image_path(images, n)) for n in sample_shots(split.fsl_train[pair_id], 5, 0, pair_id)]
-    negatives = sampled_negatives(
-        backbone,
-        fill_prompt(config.class_template, "", parent),
-        config.n_negatives,
-        config.seed,
-        config.negative_steps,
-        backbone.sampling["guidance_scale"],
-        Path(OUT) / "cache" / "negatives",
-    ).images
-    concepts.append(prepare_concept(f"c{pair_id}", parent, shots, clip, backbone, config, negatives, seed=i))
+config = dataclasses.replace(  # negatives sampled the diffusion model's own way, as the benchmark's (its cache)
+    config,
+    negative_steps=b.cfg.negative_steps or backbone.sampling["steps"],
+    negative_guidance=backbone.sampling["guidance_scale"],
+)
+concepts = prepare_concepts(
+    clip,
+    backbone,
+    config,
+    [
+        ConceptImages(
+            f"c{pair_id}",
+            b.parent_of(split, pair_id),
+            [
+                load_image(fsl_image_path(images, n))
+                for n in sample_shots(split.fsl_train[pair_id], b.cfg.shots, 0, pair_id)
+            ],
+            seed=i,  # the benchmark's seed-0 concept seeds
+        )
+        for i, pair_id in enumerate(split.pair_ids[:N])
+    ],
+    Path(OUT) / "cache" / "negatives",
+)
 ce = class_data(concepts, clip, config)
 T = backbone.scheduler.config.num_train_timesteps
 mixed = lambda: autocast(clip.device, backbone.precision)  # noqa: E731
