@@ -122,6 +122,7 @@ class BenchConfig:
     steps: dict = field(default_factory=dict)  # method -> optimiser steps; missing: the method's default
     vectors: int = 10
     lr: float = 5e-4
+    lambda_ce: float | None = None  # ours' weight of l_CE (Perera et al. Sec. 4.2); None: the paper's 1e-5 (Sec. 5)
     n_negatives: int = 16
     negative_steps: int | None = None  # None: the diffusion model's default sampler steps
     sd_templates: tuple[str, ...] | None = None  # None: the token trainer's defaults
@@ -272,6 +273,8 @@ class Benchmark:
         over = {"lr": cfg.lr, "n_vectors": cfg.vectors, "seed": seed, "n_negatives": cfg.n_negatives, "min_images": 1}
         if method in cfg.steps:
             over["steps"] = cfg.steps[method]
+        if method == "ours" and cfg.lambda_ce is not None:
+            over["lambda_ce"] = cfg.lambda_ce
         if cfg.sd_templates:
             over["sd_templates"] = tuple(cfg.sd_templates)
         if cfg.class_template:
@@ -283,7 +286,9 @@ class Benchmark:
         per (method, seed)."""
 
         config = self.train_config(method, seed)
-        folder = self.cache / "tokens" / f"{method}-seed{seed}"
+        # a lambda_CE other than the paper's gets its own folder, so that one cache holds an ablation's tokens
+        weight = f"-lambda_ce{config.lambda_ce:g}" if method == "ours" and self.cfg.lambda_ce is not None else ""
+        folder = self.cache / "tokens" / f"{method}{weight}-seed{seed}"
         key = json.loads(
             json.dumps(
                 {  # as it reads back from key.json
@@ -414,6 +419,8 @@ class Benchmark:
         }
         if method != "text":
             relevant["steps"] = cfg["steps"].get(TOKEN_METHOD.get(method, ""), None)
+        if TOKEN_METHOD.get(method) == "ours" and cfg["lambda_ce"] is not None:  # None: keys made before the option
+            relevant["lambda_ce"] = cfg["lambda_ce"]
         if method.endswith("+gair"):
             relevant.update({k: cfg[k] for k in ("gair_weights", "gair_steps", "gair_guidance", "attributes")})
         key = _key(
@@ -576,6 +583,12 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument(
         "--steps", type=int, help="optimiser steps for every token method (default: the method's; see profiles)"
     )
+    p.add_argument(
+        "--lambda-ce",
+        type=float,
+        help="ours' weight of the classification loss l_CE (default: the paper's 1e-5, Perera et al. Sec. 5); for an "
+        "ablation, one value per run: each keeps its own tokens and ranks in --out's cache",
+    )
     p.add_argument("--concepts", type=int, help="only the first N concepts (default all; --quick 10)")
     p.add_argument("--attributes", help="GAIR context words, comma-separated (default: " + PAPER_ATTRIBUTES_NOTE + ")")
     p.add_argument(
@@ -630,9 +643,11 @@ def parse_args(argv=None) -> BenchConfig:
     cfg = replace(cfg, methods=methods)
     if a.seeds:
         cfg = replace(cfg, seeds=tuple(a.seeds))
-    for name in ("model", "diffusion", "parent", "concepts", "gair_steps"):
+    for name in ("model", "diffusion", "parent", "concepts", "gair_steps", "lambda_ce"):
         if getattr(a, name) is not None:
             cfg = replace(cfg, **{name: getattr(a, name)})
+    if a.lambda_ce is not None and not a.lambda_ce >= 0:
+        p.error(f"--lambda-ce {a.lambda_ce}: give a weight >= 0")
     if a.steps is not None:
         cfg = replace(cfg, steps={m: a.steps for m in ("pt", "ti", "batex", "ours")})
     if a.attributes:
@@ -652,7 +667,9 @@ def main(argv=None) -> dict:
     diffusion = cfg.diffusion if set(cfg.methods) - {"text", "text+image"} else "not used"
     print(
         f"\n{s['concepts']} concepts, {s['queries']} queries, gallery {s['gallery']} images; seeds "
-        f"{list(cfg.seeds)}; model {cfg.model}, diffusion {diffusion}; {time.perf_counter() - t0:.0f} s. "
+        f"{list(cfg.seeds)}; model {cfg.model}, diffusion {diffusion}"
+        + ("" if cfg.lambda_ce is None else f"; ours' lambda_CE {cfg.lambda_ce:g}")
+        + f"; {time.perf_counter() - t0:.0f} s. "
         f"Outputs in {cfg.out}/ (summary.json, ranks.csv, ranks.parquet)."
     )
     return summary

@@ -87,18 +87,19 @@ def crash(number: int, shard, *, at: int, marker: str, how: str) -> None:
 
 
 # ----- embedding
+@pytest.fixture(scope="class")  # outside the class: a class-scoped fixture as a method is deprecated (pytest 9)
+def embedder(local_ray, mixed_gallery, tmp_path_factory):
+    """TestKeptActors' kept embedder, its actors started by a first run (an actor joins the pool once started: a
+    test on a pool still starting could find all the work done by the first actor up)."""
+    with RayEmbedder(keep_actors=True) as e:
+        index_gallery(mixed_gallery, tmp_path_factory.mktemp("warm") / "idx", TINY, progress=False, embedder=e)
+        assert e.wait_ready(timeout=600) == 2  # on a loaded machine the 2nd can still be importing torch
+        yield e
+
+
 class TestKeptActors:
     """The embedding tests that share one embedder whose 2 actors (1 CPU each) are kept between them (actors take
     seconds to start: torch imports in each); released at the end of the class, so later tests get the CPUs."""
-
-    @pytest.fixture(scope="class")
-    def embedder(self, local_ray, mixed_gallery, tmp_path_factory):
-        """The kept embedder, its actors started by a first run (an actor joins the pool once started: a test on
-        a pool still starting could find all the work done by the first actor up)."""
-        with RayEmbedder(keep_actors=True) as e:
-            index_gallery(mixed_gallery, tmp_path_factory.mktemp("warm") / "idx", TINY, progress=False, embedder=e)
-            assert e.wait_ready(timeout=600) == 2  # on a loaded machine the 2nd can still be importing torch
-            yield e
 
     @pytest.fixture
     def hooked(self, embedder):

@@ -184,3 +184,15 @@ def test_quick_synthetic_profile_gives_a_complete_table_and_resumes(tmp_path, mo
     monkeypatch.setattr("retrieval.gair.run_gair", lambda *a, **k: pytest.fail("generated again"))
     again = pervl.main(args)
     assert {m: r["mrr"] for m, r in again["methods"].items()} == {m: r["mrr"] for m, r in summary["methods"].items()}
+
+    # --lambda-ce (an ablation of ours' loss balance): its own tokens and ranks beside the paper's, which stay cached
+    monkeypatch.undo()
+    paper_key = (tmp_path / "cache" / "tokens" / "ours-seed0" / "key.json").read_text()
+    ablated = pervl.main(args + ["--methods", "ours", "--lambda-ce", "0.5"])
+    assert "ours' lambda_CE 0.5" in capsys.readouterr().out and ablated["config"]["lambda_ce"] == 0.5
+    folder = tmp_path / "cache" / "tokens" / "ours-lambda_ce0.5-seed0"
+    assert json.loads((folder / "key.json").read_text())["config"]["lambda_ce"] == 0.5
+    assert (tmp_path / "cache" / "tokens" / "ours-seed0" / "key.json").read_text() == paper_key
+    assert len(list((tmp_path / "cache" / "ranks").glob("ours-seed0-*.parquet"))) == 2  # one per lambda_CE
+    with pytest.raises(SystemExit):
+        parse_args(args + ["--lambda-ce", "-1"])
