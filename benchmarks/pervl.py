@@ -186,6 +186,23 @@ def metrics(ranks) -> dict[str, float]:
     }
 
 
+def paired_mrr_difference(ranks_a, ranks_b, concepts, draws: int = 5000, seed: int = 0) -> dict[str, float]:
+    """MRR(a) - MRR(b) (x100) over the same queries, with a 95% interval from a bootstrap that resamples CONCEPTS
+    (a concept's queries share its token and its shots, so they are not independent draws): one seed's table can
+    then say whether two rows differ. Queries are matched by position; `concepts` gives each query's concept."""
+    a, b = (1.0 / np.asarray(r, dtype=np.float64) for r in (ranks_a, ranks_b))
+    groups = np.asarray(concepts)
+    if not (a.shape == b.shape == groups.shape) or a.size == 0:
+        raise ValueError(f"ranks {a.shape}, {b.shape} and concepts {groups.shape}: one equal, non-empty length")
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=a - b, minlength=len(ids))  # per concept: sum of reciprocal-rank changes
+    counts = np.bincount(inverse, minlength=len(ids))
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(draws, len(ids)))  # concepts with replacement
+    boot = sums[pick].sum(1) / counts[pick].sum(1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(100 * (a - b).mean()), "low": float(100 * low), "high": float(100 * high)}
+
+
 def sample_shots(names: list[str], k: int, seed: int, pair_id: str) -> list[str]:
     """K of a concept's few-shot image names, drawn without replacement (all when fewer), in list order."""
     if len(names) <= k:

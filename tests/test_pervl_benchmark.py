@@ -54,6 +54,32 @@ def test_mrr_and_recall_on_hand_computed_ranks():
         metrics([])
 
 
+def test_paired_difference_resamples_concepts(tmp_path, capsys):
+    from benchmarks.diagnostics import paired
+
+    same = pervl.paired_mrr_difference([1, 2, 3], [1, 2, 3], ["a", "a", "b"])
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    shift = pervl.paired_mrr_difference([1, 1, 1, 1], [2, 2, 2, 2], ["a", "a", "b", "c"])
+    assert shift == pytest.approx({"diff": 50.0, "low": 50.0, "high": 50.0})
+    # concept a gains 1 - 1/4 on both its queries, b loses 1/2 - 1: mean (0.75 + 0.75 - 0.5) / 3
+    a, b, groups = [1, 1, 2], [4, 4, 1], ["a", "a", "b"]
+    out = pervl.paired_mrr_difference(a, b, groups, draws=2000)
+    assert out["diff"] == pytest.approx(100 / 3) and out["low"] < out["diff"] < out["high"]
+    assert out["low"] == pytest.approx(-50.0) and out["high"] == pytest.approx(75.0)  # all-b and all-a resamples
+    assert pervl.paired_mrr_difference(a, b, groups, draws=2000) == out  # seeded
+    with pytest.raises(ValueError, match="equal"):
+        pervl.paired_mrr_difference([1, 2], [1], ["a", "a"])
+
+    rows = lambda m, r: pd.DataFrame(  # noqa: E731
+        {"method": m, "seed": 0, "pair_id": groups, "image_name": ["x1", "x2", "x3"], "rank": r}
+    )
+    pd.concat([rows("ours", a), rows("pt", b)]).to_parquet(tmp_path / "ranks.parquet")
+    got = paired.main([f"{tmp_path}/ranks.parquet:ours", f"{tmp_path}/ranks.parquet:pt", "--draws", "2000"])
+    assert got == out and "= +33.3" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2 \\(method, seed\\) pairs"):
+        paired.main([f"{tmp_path}/ranks.parquet", f"{tmp_path}/ranks.parquet:pt"])
+
+
 def test_shots_are_seeded_subsets():
     names = [f"{i}.jpg" for i in range(12)]
     a = sample_shots(names, 5, 0, "7")
