@@ -62,7 +62,7 @@ from retrieval.io.atomic import write_atomic, write_json, write_npy, write_parqu
 from retrieval.io.images import load_image
 from retrieval.models import DEFAULT_MODEL
 from tokens.learn import ConceptImages, learn_tokens
-from tokens.methods import MODEL_DEFAULTS, token_train_config
+from tokens.methods import METHOD_DEFAULTS, MODEL_DEFAULTS, token_train_config
 from tokens.token_file import load_token_file, save_token_file
 
 FORMAT_VERSION = 1
@@ -665,6 +665,8 @@ def parse_args(argv=None) -> BenchConfig:
             cfg = replace(cfg, **{name: getattr(a, name)})
     if a.lambda_ce is not None and not a.lambda_ce >= 0:
         p.error(f"--lambda-ce {a.lambda_ce}: give a weight >= 0")
+    if a.lambda_ce == METHOD_DEFAULTS["ours"]["lambda_ce"]:  # the paper's: the default's tokens and ranks, not new ones
+        cfg = replace(cfg, lambda_ce=None)
     if a.steps is not None:
         cfg = replace(cfg, steps={m: a.steps for m in ("pt", "ti", "batex", "ours")})
     if a.attributes:

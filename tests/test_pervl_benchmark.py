@@ -222,3 +222,4 @@ def test_quick_synthetic_profile_gives_a_complete_table_and_resumes(tmp_path, mo
     assert len(list((tmp_path / "cache" / "ranks").glob("ours-seed0-*.parquet"))) == 2  # one per lambda_CE
     with pytest.raises(SystemExit):
         parse_args(args + ["--lambda-ce", "-1"])
+    assert parse_args(args + ["--lambda-ce", "1e-5"]).lambda_ce is None  # the paper's value: the default's cache
