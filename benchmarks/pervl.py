@@ -285,13 +285,18 @@ class Benchmark:
         return feats
 
     # 3. tokens
+    def ablated_lambda_ce(self, method: str) -> float | None:
+        """--lambda-ce where it applies (ours and ours+gair's tokens); None: the paper's weight, and the cache names
+        and keys made before the option."""
+        return self.cfg.lambda_ce if TOKEN_METHOD.get(method) == "ours" else None
+
     def train_config(self, method: str, seed: int):
         cfg = self.cfg
         over = {"lr": cfg.lr, "n_vectors": cfg.vectors, "seed": seed, "n_negatives": cfg.n_negatives, "min_images": 1}
         if method in cfg.steps:
             over["steps"] = cfg.steps[method]
-        if method == "ours" and cfg.lambda_ce is not None:
-            over["lambda_ce"] = cfg.lambda_ce
+        if self.ablated_lambda_ce(method) is not None:
+            over["lambda_ce"] = self.ablated_lambda_ce(method)
         if cfg.sd_templates:
             over["sd_templates"] = tuple(cfg.sd_templates)
         if cfg.class_template:
@@ -304,7 +309,7 @@ class Benchmark:
 
         config = self.train_config(method, seed)
         # a lambda_CE other than the paper's gets its own folder, so that one cache holds an ablation's tokens
-        weight = f"-lambda_ce{config.lambda_ce:g}" if method == "ours" and self.cfg.lambda_ce is not None else ""
+        weight = "" if self.ablated_lambda_ce(method) is None else f"-lambda_ce{config.lambda_ce:g}"
         folder = self.cache / "tokens" / f"{method}{weight}-seed{seed}"
         key = json.loads(
             json.dumps(
@@ -436,8 +441,8 @@ class Benchmark:
         }
         if method != "text":
             relevant["steps"] = cfg["steps"].get(TOKEN_METHOD.get(method, ""), None)
-        if TOKEN_METHOD.get(method) == "ours" and cfg["lambda_ce"] is not None:  # None: keys made before the option
-            relevant["lambda_ce"] = cfg["lambda_ce"]
+        if self.ablated_lambda_ce(method) is not None:
+            relevant["lambda_ce"] = self.ablated_lambda_ce(method)
         if method.endswith("+gair"):
             relevant.update({k: cfg[k] for k in ("gair_weights", "gair_steps", "gair_guidance", "attributes")})
         key = _key(
