@@ -28,6 +28,8 @@ Everything expensive is cached under `--out/cache` by a key of what made it (gal
 per method and seed; per-query ranks per method and seed; GAIR context images), so an interrupted run resumes.
 Outputs: the markdown table on stdout, `ranks.csv` and `ranks.parquet` (one row per method, seed and query) and
 `summary.json` ({"config", "methods": {NAME: {"mrr", "mrr_std", "n_queries", ...}}, ...}, MRR x100) in `--out`.
+`--merge RUN [RUN ...]` makes one table (and those three files) from several runs' outputs of one protocol, e.g.
+seeds run in different sessions (`merge_runs`).
 
 Defaults for real data are the papers' (Perera et al. Sec. 5: 20000 steps, lr 5e-4, batch 4, 10 vectors,
 lambda_CE 1e-5; BaTex 500 steps), except GAIR's weights W: Algorithm 1 writes only "W <- [w_0, ..., w_N]" and the
@@ -45,6 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):  # `python benchmarks/pervl.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -500,62 +503,138 @@ class Benchmark:
 
     # 6. outputs
     def summarise(self, ranks: pd.DataFrame, split: PervlSplit, seconds: float) -> dict:
-        methods = {}
-        for method in self.cfg.methods:
-            per_seed = [metrics(g["rank"]) for _, g in ranks[ranks["method"] == method].groupby("seed")]
-            row = {}
-            for k in ("mrr", "r1", "r5", "r10"):
-                values = np.array([m[k] for m in per_seed])
-                row[k] = float(values.mean())
-                row[f"{k}_std"] = float(values.std(ddof=0))
-            sub = ranks[ranks["method"] == method]
-            row.update(
-                n_queries=int(len(sub) // len(self.cfg.seeds)),
-                seeds=list(self.cfg.seeds),
-                seconds=float(sub.groupby("seed")["seconds"].first().sum()),
-                name=METHOD_NAMES[method],
-                paper_mrr=PAPER_TABLE4.get(method),
-            )
-            if method.endswith("+gair"):
-                row["gair_w_mean"] = float(sub["gair_w"].mean())
-            methods[method] = row
-        cfg = asdict(self.cfg)
-        return {
-            "format_version": FORMAT_VERSION,
-            "config": cfg,
-            "split": {
-                "name": split.split,
-                "concepts": len(split.pair_ids),
-                "queries": len(split.queries),
-                "gallery": len(self.gallery_names),
-            },
-            "methods": methods,
-            "not_reproduced": {
-                k: {"name": n, "reason": r, "paper_mrr": PAPER_TABLE4[k]} for k, (n, r) in NOT_REPRODUCED.items()
-            },
-            "paper_table4": PAPER_TABLE4,
-            "seconds": seconds,
-            "timings": self.timings,
-            "tie_rule": "rank = 1 + other gallery images scoring >= the answer",
+        split_record = {
+            "name": split.split,
+            "concepts": len(split.pair_ids),
+            "queries": len(split.queries),
+            "gallery": len(self.gallery_names),
         }
+        return summary_record(
+            asdict(self.cfg), split_record, method_rows(ranks, self.cfg.methods), seconds, self.timings
+        )
 
     def write(self, ranks: pd.DataFrame, summary: dict) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_parquet(self.out / "ranks.parquet", ranks)
-        write_atomic(self.out / "ranks.csv", lambda p: ranks.to_csv(p, index=False), suffix=".csv")
-        write_json(self.out / "summary.json", summary)
+        write_outputs(self.out, ranks, summary)
+
+
+# ----- the table from rank rows: one run's, or several runs' merged (`--merge`)
+def method_rows(ranks: pd.DataFrame, methods: Sequence[str]) -> dict[str, dict]:
+    """{method: MRR, R@k (mean and std over the method's seeds, x100), n_queries, seeds, ...} from rank rows (one per
+    method, seed and query). Each method's seeds are those its rows hold, so a merged table may give methods
+    different seeds; every seed of a method must rank the same number of queries."""
+    rows = {}
+    for method in methods:
+        sub = ranks[ranks["method"] == method]
+        if sub.empty:
+            raise ValueError(f"no ranks for method {method!r}")
+        counts = sub.groupby("seed").size()
+        if counts.nunique() != 1:
+            raise ValueError(f"{method}: seeds rank different numbers of queries ({counts.to_dict()})")
+        per_seed = [metrics(g["rank"]) for _, g in sub.groupby("seed")]
+        row = {}
+        for k in ("mrr", "r1", "r5", "r10"):
+            values = np.array([m[k] for m in per_seed])
+            row[k] = float(values.mean())
+            row[f"{k}_std"] = float(values.std(ddof=0))
+        row.update(
+            n_queries=int(counts.iloc[0]),
+            seeds=[int(x) for x in counts.index],
+            seconds=float(sub.groupby("seed")["seconds"].first().sum()),
+            name=METHOD_NAMES[method],
+            paper_mrr=PAPER_TABLE4.get(method),
+        )
+        if method.endswith("+gair"):
+            row["gair_w_mean"] = float(sub["gair_w"].mean())
+        rows[method] = row
+    return rows
+
+
+def summary_record(config: dict, split: dict, methods: dict, seconds: float, timings: dict, **extra) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "split": split,
+        "methods": methods,
+        "not_reproduced": {
+            k: {"name": n, "reason": r, "paper_mrr": PAPER_TABLE4[k]} for k, (n, r) in NOT_REPRODUCED.items()
+        },
+        "paper_table4": PAPER_TABLE4,
+        "seconds": seconds,
+        "timings": timings,
+        "tie_rule": "rank = 1 + other gallery images scoring >= the answer",
+        **extra,
+    }
+
+
+# config fields that may differ between runs merged into one table: which rows and seeds a run computed, and how
+MERGE_FREE = ("seeds", "methods", "out", "device", "progress", "engine", "address")
+
+
+def merge_runs(runs: Sequence[str | Path], out: str | Path) -> dict:
+    """One table from several runs' outputs (their `--out` folders: summary.json and ranks.parquet), e.g. seeds or
+    methods computed in different sessions. The runs must share the protocol (every config field but MERGE_FREE's)
+    and the split; a (method, seed) that two runs both hold must have the same ranks there (the same tokens), and
+    is counted once. Writes summary.json, ranks.parquet and ranks.csv to `out`, as a run does."""
+    frames, protocol, split, seconds = [], None, None, 0.0
+    for run in map(Path, runs):
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            frame = pd.read_parquet(run / "ranks.parquet")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{run}: not a benchmark output (summary.json and ranks.parquet): {e}") from e
+        if summary.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{run}: summary format {summary.get('format_version')}, this script reads {FORMAT_VERSION}"
+            )
+        mine = {k: v for k, v in summary["config"].items() if k not in MERGE_FREE}
+        if protocol is None:
+            protocol, split, first = mine, summary["split"], run
+        elif mine != protocol or summary["split"] != split:
+            fields = sorted(k for k in set(mine) | set(protocol) if mine.get(k) != protocol.get(k))
+            raise ValueError(f"{run} and {first} ran different protocols (fields {fields or ['split']}): not one table")
+        frames.append(frame.assign(_run=str(run)))
+        seconds += float(summary.get("seconds", 0.0))
+    if not frames:
+        raise ValueError("give at least one run to merge")
+    ranks = pd.concat(frames, ignore_index=True)
+    kept = []
+    for (method, seed), group in ranks.groupby(["method", "seed"], sort=False):
+        copies = [g.sort_values("image_name")["rank"].to_numpy() for _, g in group.groupby("_run", sort=False)]
+        if any(not np.array_equal(c, copies[0]) for c in copies[1:]):
+            raise ValueError(f"{method} seed {seed}: runs {sorted(set(group['_run']))} rank it differently")
+        kept.append(group[group["_run"] == group["_run"].iloc[0]])
+    ranks = pd.concat(kept, ignore_index=True).drop(columns="_run")
+    methods = [m for m in METHODS if m in set(ranks["method"])]
+    config = {**protocol, "methods": methods, "seeds": sorted({int(s) for s in ranks["seed"]}), "out": str(out)}
+    summary = summary_record(
+        config, split, method_rows(ranks, methods), seconds, {}, merged_from=[str(r) for r in runs]
+    )
+    write_outputs(Path(out), ranks, summary)
+    return summary
+
+
+def write_outputs(out: Path, ranks: pd.DataFrame, summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(out / "ranks.parquet", ranks)
+    write_atomic(out / "ranks.csv", lambda p: ranks.to_csv(p, index=False), suffix=".csv")
+    write_json(out / "summary.json", summary)
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| method | MRR | R@1 | R@5 | R@10 | queries | paper MRR (Table 4) |", "|---|---|---|---|---|---|---|"]
+    """The table: MRR as mean +- std over the method's seeds (the seeds column says how many)."""
+    lines = [
+        "| method | MRR | R@1 | R@5 | R@10 | seeds | queries | paper MRR (Table 4) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in summary["methods"].values():
         paper = "-" if m["paper_mrr"] is None else f"{m['paper_mrr']:.1f}"
+        mrr = f"{m['mrr']:.1f}" + (f" ± {m['mrr_std']:.1f}" if len(m["seeds"]) > 1 else "")
         lines.append(
-            f"| {m['name']} | {m['mrr']:.1f} ± {m['mrr_std']:.1f} | {m['r1']:.1f} | {m['r5']:.1f} | "
-            f"{m['r10']:.1f} | {m['n_queries']} | {paper} |"
+            f"| {m['name']} | {mrr} | {m['r1']:.1f} | {m['r5']:.1f} | {m['r10']:.1f} | {len(m['seeds'])} | "
+            f"{m['n_queries']} | {paper} |"
         )
     for m in summary["not_reproduced"].values():
-        lines.append(f"| {m['name']} | not reproduced: {m['reason']} | | | | | {m['paper_mrr']:.1f} |")
+        lines.append(f"| {m['name']} | not reproduced: {m['reason']} | | | | | | {m['paper_mrr']:.1f} |")
     return "\n".join(lines)
 
 
@@ -620,6 +699,13 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--gair-steps", type=int, help="GAIR sampler steps (default: the diffusion model's)")
     p.add_argument("--quick", action="store_true", help="10 concepts, 1 seed, fewer steps: minutes on 2 CPU cores")
     p.add_argument("--out", default="out/pervl", help="results and caches (default out/pervl)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RUN",
+        help="print and write (to --out) one table from earlier runs' --out folders, e.g. seeds or methods run in "
+        "different sessions; they must share the protocol. Takes no other option but --out",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (none either when stderr is not a terminal)"
@@ -682,6 +768,24 @@ def parse_args(argv=None) -> BenchConfig:
 
 
 def main(argv=None) -> dict:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--merge", nargs="+")
+    pre.add_argument("--out", default="out/pervl")
+    merge, rest = pre.parse_known_args(argv)
+    if merge.merge:
+        if rest:
+            raise SystemExit(f"--merge takes no option but --out (got {' '.join(rest)})")
+        try:
+            summary = merge_runs(merge.merge, merge.out)
+        except ValueError as e:
+            raise SystemExit(f"--merge: {e}") from e
+        print(markdown(summary))
+        s = summary["split"]
+        print(
+            f"\n{s['concepts']} concepts, {s['queries']} queries, gallery {s['gallery']} images; merged from "
+            f"{', '.join(summary['merged_from'])}. Outputs in {merge.out}/ (summary.json, ranks.csv, ranks.parquet)."
+        )
+        return summary
     cfg = parse_args(argv)
     t0 = time.perf_counter()
     summary = Benchmark(cfg).run()

@@ -80,6 +80,65 @@ def test_paired_difference_resamples_concepts(tmp_path, capsys):
         paired.main([f"{tmp_path}/ranks.parquet", f"{tmp_path}/ranks.parquet:pt"])
 
 
+def _fake_run(folder: Path, rows: dict, **config) -> Path:
+    """A run's outputs as pervl writes them: {(method, seed): ranks of queries q1..qN}."""
+    frames = [
+        pd.DataFrame(
+            {
+                "method": m,
+                "seed": seed,
+                "pair_id": ["1", "1", "2"][: len(r)],
+                "image_name": [f"q{i}" for i in range(len(r))],
+                "rank": r,
+                "seconds": 1.0,
+                "gair_w": np.nan,
+            }
+        )
+        for (m, seed), r in rows.items()
+    ]
+    ranks = pd.concat(frames, ignore_index=True)
+    cfg = {**json.loads(json.dumps(pervl.asdict(BenchConfig(world="synthetic", out=str(folder))))), **config}
+    split = {"name": "test", "concepts": 2, "queries": 3, "gallery": 3}
+    methods = [m for m in pervl.METHODS if m in set(ranks["method"])]
+    summary = pervl.summary_record(cfg, split, pervl.method_rows(ranks, methods), 5.0, {})
+    pervl.write_outputs(folder, ranks, summary)
+    return folder
+
+
+def test_merge_makes_one_table_from_runs_of_one_protocol(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", {("text", 0): [1, 2, 4], ("pt", 0): [1, 1, 2]}, seeds=[0])
+    # another session: two more seeds of pt, and text's seed 0 again (the same ranks: counted once)
+    b = _fake_run(tmp_path / "b", {("pt", 1): [2, 2, 2], ("pt", 2): [1, 4, 4], ("text", 0): [1, 2, 4]}, seeds=[1, 2])
+    got = pervl.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    pt, text = got["methods"]["pt"], got["methods"]["text"]
+    per_seed = [100 * np.mean([1, 1, 0.5]), 100 * np.mean([0.5, 0.5, 0.5]), 100 * np.mean([1, 0.25, 0.25])]
+    assert pt["seeds"] == [0, 1, 2] and pt["mrr"] == pytest.approx(np.mean(per_seed))
+    assert pt["mrr_std"] == pytest.approx(np.std(per_seed)) and pt["n_queries"] == 3
+    assert text["seeds"] == [0] and text["mrr"] == pytest.approx(100 * np.mean([1, 0.5, 0.25]))
+    assert list(got["methods"]) == ["text", "pt"] and got["config"]["seeds"] == [0, 1, 2]
+    table = capsys.readouterr().out
+    assert f"| Prompt tuning | {pt['mrr']:.1f} ± {pt['mrr_std']:.1f} |" in table
+    assert f"| Text only | {text['mrr']:.1f} | 33.3 |" in table and "merged from" in table  # one seed: no +-
+    saved = pd.read_parquet(tmp_path / "m" / "ranks.parquet")
+    assert len(saved) == 4 * 3 and json.loads((tmp_path / "m" / "summary.json").read_text())["merged_from"] == [
+        str(a),
+        str(b),
+    ]
+
+    # refused: another protocol (the field named), a (method, seed) two runs rank differently, a folder of no run
+    c = _fake_run(tmp_path / "c", {("ti", 0): [1, 1, 1]}, steps={"ti": 50})
+    with pytest.raises(SystemExit, match="fields \\['steps'\\]"):
+        pervl.main(["--merge", str(a), str(c), "--out", str(tmp_path / "m2")])
+    d = _fake_run(tmp_path / "d", {("pt", 0): [3, 3, 3]})
+    with pytest.raises(SystemExit, match="pt seed 0: runs .* rank it differently"):
+        pervl.main(["--merge", str(a), str(d), "--out", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit, match="not a benchmark output"):
+        pervl.main(["--merge", str(a), str(tmp_path), "--out", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit, match="no option but --out"):
+        pervl.main(["--merge", str(a), "--seeds", "0"])
+    assert not (tmp_path / "m2").exists()  # nothing written by a refused merge
+
+
 def test_shots_are_seeded_subsets():
     names = [f"{i}.jpg" for i in range(12)]
     a = sample_shots(names, 5, 0, "7")
