@@ -110,6 +110,33 @@ def test_deleted_ids_are_gone_from_every_lookup(three_segments):
         assert 7 not in set(store.metadata["id"]) and len(store.metadata) == store.count
 
 
+# ---------------------------------------------------------------- permissions
+def test_an_index_is_readable_by_whom_the_umask_allows_and_a_replaced_file_keeps_its_mode(tmp_path):
+    """Atomic writes go through private temporaries (0600 files, 0700 folders); the index they leave has the
+    permissions plain writes would: a server under another account can read an index a batch job wrote."""
+    from retrieval.io.atomic import atomic_dir, process_umask, write_json
+
+    old = os.umask(0o022)
+    try:
+        assert process_umask() == 0o022
+        idx = tmp_path / "idx"
+        add(idx, rows(range(20), seed=0))
+        add(idx, rows(range(20, 30), seed=1))
+        modes = {str(p.relative_to(idx)): p.stat().st_mode & 0o777 for p in [idx, *idx.rglob("*")]}
+        assert len(modes) > 5 and modes == {name: 0o755 if (idx / name).is_dir() else 0o644 for name in modes}, modes
+        config = tmp_path / "config.json"
+        write_json(config, {"a": 1})
+        os.chmod(config, 0o640)
+        write_json(config, {"a": 2})  # replaced: the mode its owner gave it stays
+        assert config.stat().st_mode & 0o777 == 0o640 and json.loads(config.read_text()) == {"a": 2}
+        os.umask(0o077)
+        with atomic_dir(tmp_path / "private") as d:
+            (d / "x").write_text("x")
+        assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
+
+
 # ---------------------------------------------------------------- commits write only the change
 def _files(idx: Path) -> dict[str, tuple[int, int]]:
     return {

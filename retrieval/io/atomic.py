@@ -1,6 +1,9 @@
 """Atomic writes: write a temporary file in the destination folder, fsync, then rename over the target.
 
 A crash (even SIGKILL) at any moment leaves either the old file or the new one, never a torn file.
+The result has the permissions a plain write would give it: a new file or folder those of the process's umask
+(tempfile makes its temporaries private, 0600 and 0700, which would lock other accounts out of a shared index or
+token folder), a replaced file the mode it had.
 """
 
 from __future__ import annotations
@@ -28,6 +31,27 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """The process's umask: from /proc where Linux shows it, else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(target: Path, new: int) -> int:
+    """The mode a plain write to `target` would leave: its current one if it exists, else `new` less the umask."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return new & ~process_umask()
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success fsync it and rename it to `target`."""
@@ -40,6 +64,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(target, 0o666))  # after the fsync: a read-only mode would refuse the "rb+"
         os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:
@@ -77,6 +102,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~process_umask())
         fsync_dir(tmp)
         os.rename(tmp, target)
         fsync_dir(target.parent)
