@@ -498,7 +498,7 @@ class Benchmark:
                 frames.append(self.ranks(method, seed, split, images, gallery))
         ranks = pd.concat(frames, ignore_index=True)
         summary = self.summarise(ranks, split, time.perf_counter() - t0)
-        self.write(ranks, summary)
+        write_outputs(self.out, ranks, summary)
         return summary
 
     # 6. outputs
@@ -512,9 +512,6 @@ class Benchmark:
         return summary_record(
             asdict(self.cfg), split_record, method_rows(ranks, self.cfg.methods), seconds, self.timings
         )
-
-    def write(self, ranks: pd.DataFrame, summary: dict) -> None:
-        write_outputs(self.out, ranks, summary)
 
 
 # ----- the table from rank rows: one run's, or several runs' merged (`--merge`)
@@ -597,13 +594,13 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> dict:
     if not frames:
         raise ValueError("give at least one run to merge")
     ranks = pd.concat(frames, ignore_index=True)
-    kept = []
-    for (method, seed), group in ranks.groupby(["method", "seed"], sort=False):
-        copies = [g.sort_values("image_name")["rank"].to_numpy() for _, g in group.groupby("_run", sort=False)]
-        if any(not np.array_equal(c, copies[0]) for c in copies[1:]):
-            raise ValueError(f"{method} seed {seed}: runs {sorted(set(group['_run']))} rank it differently")
-        kept.append(group[group["_run"] == group["_run"].iloc[0]])
-    ranks = pd.concat(kept, ignore_index=True).drop(columns="_run")
+    query = ["method", "seed", "image_name"]
+    clash = ranks.groupby(query)["rank"].transform("nunique") > 1
+    if clash.any():
+        method, seed = ranks.loc[clash, ["method", "seed"]].iloc[0]
+        runs_of = sorted(set(ranks.loc[clash & (ranks["method"] == method) & (ranks["seed"] == seed), "_run"]))
+        raise ValueError(f"{method} seed {seed}: runs {runs_of} rank it differently")
+    ranks = ranks.drop_duplicates(query).drop(columns="_run").reset_index(drop=True)
     methods = [m for m in METHODS if m in set(ranks["method"])]
     config = {**protocol, "methods": methods, "seeds": sorted({int(s) for s in ranks["seed"]}), "out": str(out)}
     summary = summary_record(
